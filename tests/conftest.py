@@ -1,0 +1,31 @@
+"""Test set-up shared by every test file.
+
+Without a GPU the Triton kernels must run in the interpreter, and Triton decides that when a kernel is decorated,
+so TRITON_INTERPRET is set here, before anything imports vitkern. GPU tests carry ``@pytest.mark.gpu`` and are
+skipped with a stated reason when CUDA is unavailable; ``@pytest.mark.slow`` sweeps run only in the GPU suite or
+with VITKERN_RUN_SLOW=1.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = os.environ.get("VITKERN_RUN_SLOW") == "1" or HAS_CUDA
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible: torch.cuda.is_available() is False)")
+    skip_interp = pytest.mark.skip(reason="Triton interpreter tests need TRITON_INTERPRET=1 (set automatically without a GPU)")
+    skip_slow = pytest.mark.skip(reason="slow sweep: runs in the GPU suite or with VITKERN_RUN_SLOW=1")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not INTERPRETED:
+            item.add_marker(skip_interp)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)

@@ -1,0 +1,296 @@
+"""LayerNorm (+ fused residual add): parity of every backend against a float64 reference, forward and gradients.
+
+Tolerance: vitkern.testing's rule, err <= 2 x (PyTorch's error in the same dtype) + atol(dtype) x scale, both
+measured against F.layer_norm in float64 on the same inputs (see vitkern/testing/numerics.py).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkern
+from vitkern.testing import check_forward_backward, poison_outputs, randn, seed_for
+
+WIDTHS = [192, 384, 768, 1000, 1280]
+ROWS = [1, 3, 197 * 2]
+
+
+def reference(x, weight=None, bias=None, residual=None, eps=1e-5):
+    """What the op computes, in plain PyTorch (run in float64 for the oracle, in x's dtype for the baseline)."""
+    if residual is not None:
+        s = x + residual
+        return F.layer_norm(s, s.shape[-1:], weight, bias, eps), s
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def vitkern_ln(x, weight=None, bias=None, residual=None, eps=1e-5):
+    return vitkern.functional.layer_norm(x, x.shape[-1:], weight, bias, eps, residual=residual)
+
+
+def make_inputs(rows, width, dtype, device, residual, seed, affine=True, param_dtype=None, mean=0.0):
+    param_dtype = param_dtype or dtype
+    return {
+        "x": randn((rows, width), dtype=dtype, device=device, seed=seed, mean=mean),
+        "weight": randn((width,), dtype=param_dtype, device=device, seed=seed + 1, mean=1.0, scale=0.5) if affine else None,
+        "bias": randn((width,), dtype=param_dtype, device=device, seed=seed + 2) if affine else None,
+        "residual": randn((rows, width), dtype=dtype, device=device, seed=seed + 3) if residual else None,
+    }
+
+
+def grad_names(inputs):
+    return [k for k, v in inputs.items() if v is not None]
+
+
+def run_parity(backend, rows, width, dtype, device, residual, **kw):
+    seed = seed_for("ln", backend, rows, width, dtype, residual, tuple(sorted(kw.items())))
+    inputs = make_inputs(rows, width, dtype, device, residual, seed, **kw)
+    with vitkern.use_backend(backend, op="layer_norm"):
+        return check_forward_backward(vitkern_ln, reference, inputs, grad_names(inputs), seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------- CPU interpreter
+@pytest.mark.interpreter
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_interpreter_parity(dtype, width, rows, residual):
+    run_parity("triton", rows, width, dtype, "cpu", residual)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("affine", ["no_affine", "weight_only", "fp32_params"])
+def test_triton_interpreter_param_variants(affine):
+    seed = seed_for("ln-variants", affine)
+    if affine == "no_affine":
+        inputs = make_inputs(5, 384, torch.float16, "cpu", True, seed, affine=False)
+    elif affine == "weight_only":
+        inputs = make_inputs(5, 384, torch.float32, "cpu", False, seed)
+        inputs["bias"] = None
+    else:  # fp16 activations with fp32 parameters (mixed precision); output stays fp16
+        inputs = make_inputs(5, 384, torch.float16, "cpu", True, seed, param_dtype=torch.float32)
+    with vitkern.use_backend("triton", op="layer_norm"):
+        check_forward_backward(vitkern_ln, reference, inputs, grad_names(inputs), seed=seed)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("layout", ["column_slice", "transposed", "3d_batch_slice"])
+def test_triton_interpreter_non_contiguous(layout):
+    """Strided inputs: views are built inside the function so the gradient lands on the leaf."""
+    width, seed = 192, seed_for("ln-strided", layout)
+    big = randn((6, 2 * width) if layout != "transposed" else (width, 6), dtype=torch.float32, device="cpu", seed=seed)
+    if layout == "3d_batch_slice":
+        big = randn((4, 3, width), dtype=torch.float32, device="cpu", seed=seed)
+    view = {
+        "column_slice": lambda t: t[:, ::2],
+        "transposed": lambda t: t.t(),
+        "3d_batch_slice": lambda t: t[::2],
+    }[layout]
+    params = make_inputs(1, width, torch.float32, "cpu", False, seed + 7)
+    inputs = {"x": big, "weight": params["weight"], "bias": params["bias"], "residual": torch.randn_like(big)}
+
+    def kernel(x, weight, bias, residual):
+        return vitkern_ln(view(x), weight, bias, view(residual))
+
+    def ref(x, weight, bias, residual):
+        return reference(view(x), weight, bias, view(residual))
+
+    with vitkern.use_backend("triton", op="layer_norm"):
+        check_forward_backward(kernel, ref, inputs, ["x", "weight", "bias", "residual"], seed=seed)
+
+
+@pytest.mark.interpreter
+def test_triton_interpreter_large_mean_is_stable():
+    """|mean|/std = 100: a one-pass E[x^2]-E[x]^2 variance would lose most digits here; the two-pass one does not."""
+    run_parity("triton", 7, 768, torch.float32, "cpu", False, mean=100.0)
+
+
+@pytest.mark.interpreter
+def test_triton_weight_grad_is_deterministic():
+    seed = seed_for("ln-det")
+    x = randn((394, 768), dtype=torch.float32, device="cpu", seed=seed).requires_grad_()
+    w = randn((768,), dtype=torch.float32, device="cpu", seed=seed + 1).requires_grad_()
+    dy = randn((394, 768), dtype=torch.float32, device="cpu", seed=seed + 2)
+    with vitkern.use_backend("triton", op="layer_norm"):
+        grads = [torch.autograd.grad(vitkern_ln(x, w), (x, w), dy) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_reference_backend_parity(dtype, residual):
+    run_parity("reference", 394, 768, dtype, "cpu", residual)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("rows", [1, 3, 394, 256 * 197])
+@pytest.mark.parametrize("width", WIDTHS + [1024, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_triton_gpu_parity(dtype, width, rows, residual):
+    run_parity("triton", rows, width, dtype, "cuda", residual)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_gpu_mixed_params_and_large_mean(dtype):
+    run_parity("triton", 4096, 768, dtype, "cuda", True, param_dtype=torch.float32)
+    run_parity("triton", 4096, 1280, dtype, "cuda", False, mean=100.0)
+
+
+@pytest.mark.gpu
+def test_gpu_default_dispatch_is_triton_and_wide_rows_fall_back():
+    x = torch.randn(8, 768, device="cuda", dtype=torch.bfloat16)
+    assert vitkern.explain("layer_norm", x, 768).backend_name in ("triton", "cuda")
+    wide = torch.randn(4, 16384, device="cuda", dtype=torch.bfloat16)
+    choice = vitkern.explain("layer_norm", wide, 16384)
+    assert choice.backend_name == "reference" and "16384" in str(choice)
+    torch.testing.assert_close(vitkern_ln(wide), F.layer_norm(wide, (16384,)), atol=3e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_triton_gpu_fuzz():
+    g = torch.Generator().manual_seed(1234)
+    for _ in range(40):
+        rows = int(torch.randint(1, 5000, (1,), generator=g))
+        width = int(torch.randint(1, 8193, (1,), generator=g))
+        dtype = [torch.bfloat16, torch.float16, torch.float32][int(torch.randint(0, 3, (1,), generator=g))]
+        residual = bool(torch.randint(0, 2, (1,), generator=g))
+        run_parity("triton", rows, width, dtype, "cuda", residual)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_and_cuda_graph():
+    m = vitkern.nn.LayerNorm(768, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(394, 768, device="cuda", dtype=torch.bfloat16)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+    static_x = x.clone()
+    m(static_x)  # autotune before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = m(static_x)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(static_y, m(static_x), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch, modules
+def test_cpu_default_is_reference_and_explain_lists_triton():
+    x = torch.randn(3, 192)
+    choice = vitkern.explain(vitkern.functional.layer_norm, x, 192)
+    assert choice.backend_name == "reference"
+    assert "triton" in str(choice)
+
+
+def test_forced_backend_that_rejects_raises_with_reason():
+    x = torch.randn(2, 3, dtype=torch.float64)  # fp64: reference only
+    with vitkern.use_backend("triton", op="layer_norm"), pytest.raises(vitkern.BackendError, match="dtype"):
+        vitkern_ln(x)
+    with vitkern.use_backend("triton", op="layer_norm", strict=False):
+        assert vitkern.explain("layer_norm", x, 3).backend_name == "reference"
+    with pytest.raises(ValueError, match="no backend 'nope'"):
+        with vitkern.use_backend("nope", op="layer_norm"):
+            pass
+
+
+def test_env_var_forces_backend(monkeypatch):
+    x = torch.randn(2, 8, dtype=torch.float64)
+    monkeypatch.setenv("VITKERN_BACKEND", "layer_norm=triton")
+    with pytest.raises(vitkern.BackendError, match=r"\$VITKERN_BACKEND"):
+        vitkern_ln(x)
+    monkeypatch.setenv("VITKERN_BACKEND", "attention=triton")  # another op: layer_norm dispatches as usual
+    assert vitkern.explain("layer_norm", x, 8).backend_name == "reference"
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: vitkern_ln(torch.arange(6).view(2, 3)), TypeError, "x has dtype torch.int64"),
+        (lambda: vitkern.functional.layer_norm(torch.randn(2, 3), 4), ValueError, "trailing dims"),
+        (lambda: vitkern.functional.layer_norm(torch.randn(2, 3), (0,)), ValueError, "normalized_shape"),
+        (lambda: vitkern.functional.layer_norm(torch.randn(2, 3), 3, torch.randn(4)), ValueError, "weight has shape"),
+        (lambda: vitkern.functional.layer_norm(torch.randn(2, 3), 3, torch.randn(3, device="meta")), ValueError,
+         "weight is on meta"),
+        (lambda: vitkern_ln(torch.randn(2, 3), residual=torch.randn(2, 3, dtype=torch.float64)), TypeError,
+         "residual has dtype"),
+        (lambda: vitkern_ln(torch.randn(2, 3), residual=torch.randn(3, 3)), ValueError, "residual has shape"),
+        (lambda: vitkern_ln(torch.randn(2, 3), eps=-1.0), ValueError, "eps must be a positive"),
+        (lambda: vitkern.functional.layer_norm([1.0, 2.0], 2), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_errors_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_module_is_drop_in_for_torch_layernorm(affine, bias):
+    ref = torch.nn.LayerNorm((4, 48), eps=1e-6, elementwise_affine=affine, bias=bias)
+    if affine:
+        torch.nn.init.normal_(ref.weight)
+        if bias:
+            torch.nn.init.normal_(ref.bias)
+    mine = vitkern.nn.LayerNorm((4, 48), eps=1e-6, elementwise_affine=affine, bias=bias)
+    assert isinstance(mine, torch.nn.LayerNorm)
+    assert mine.state_dict().keys() == ref.state_dict().keys()
+    mine.load_state_dict(ref.state_dict())
+    ref.load_state_dict(mine.state_dict())
+    x = torch.randn(2, 5, 4, 48)
+    torch.testing.assert_close(mine(x), ref(x))
+    shared = vitkern.nn.LayerNorm.from_torch(ref)
+    torch.testing.assert_close(shared(x), ref(x))
+    if affine:
+        assert shared.weight is ref.weight
+    y, s = mine(x, residual=x)
+    torch.testing.assert_close(s, 2 * x)
+    torch.testing.assert_close(y, ref(2 * x))
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schema, fake (meta) kernels, autograd registration and dispatch consistency."""
+    x, r = torch.randn(5, 64), torch.randn(5, 64)
+    w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_fwd.default, (x.requires_grad_(), w, b, r, 1e-5))
+    y, s, mean, rstd = torch.ops.vitkern.layer_norm_fwd(x.detach(), w.detach(), b.detach(), r, 1e-5)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, dy, s, w.detach(), mean, rstd, True, True))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_torch_compile_fullgraph_no_graph_breaks(backend):
+    """The module traces as one graph (custom op + fake impl + autograd), forward and backward."""
+
+    class PreNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = vitkern.nn.LayerNorm(64)
+            self.fc = torch.nn.Linear(64, 64)
+
+        def forward(self, x, r):
+            y, s = self.norm(x, residual=r)
+            return self.fc(y) + s
+
+    torch._dynamo.reset()
+    model = PreNorm()
+    x, r = torch.randn(3, 5, 64, requires_grad=True), torch.randn(3, 5, 64)
+    with vitkern.use_backend(backend, op="layer_norm"):
+        eager = model(x, r)
+        (gx_eager,) = torch.autograd.grad(eager.sum(), x)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = compiled(x, r)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(gx, gx_eager)
+
+
+@pytest.mark.interpreter
+def test_poisoned_outputs_are_all_written():
+    x = randn((13, 1000), dtype=torch.float16, device="cpu", seed=seed_for("poison"))
+    with vitkern.use_backend("triton", op="layer_norm"), poison_outputs():
+        y, s = vitkern_ln(x, residual=x)
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()

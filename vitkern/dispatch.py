@@ -1,0 +1,260 @@
+"""Backend registry and per-call dispatch (xformers-style).
+
+Every op family (``layer_norm``, later ``attention``, ``window_attention``, ``mlp``, ``patch_embed``) registers
+backends. A backend declares what it supports by returning the reasons it *cannot* run a given problem; the
+dispatcher picks, per call, the most preferred backend with no reasons, and :func:`explain` shows the choice and
+every rejection. Forcing a backend (``VITKERN_BACKEND`` or :func:`use_backend`) is strict: if the forced backend
+rejects the call the error lists its reasons instead of silently running something else.
+
+Dispatch runs inside the custom ops at run time, so torch.compile sees one opaque op and the choice (including
+forcing by context manager) still applies to compiled code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+log = logging.getLogger("vitkern.dispatch")
+
+ENV_BACKEND = "VITKERN_BACKEND"  # "triton" (all ops) or "layer_norm=triton,attention=reference"
+FORWARD, BACKWARD = "forward", "backward"
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot run this call, or no backend can."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What a backend needs to know to accept or reject one call (no tensors, hashable)."""
+
+    op: str
+    direction: str  # FORWARD or BACKWARD
+    device: str  # "cuda" / "cpu"
+    dtype: torch.dtype
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # (argument name, shape)
+    attrs: tuple[tuple[str, Any], ...] = ()  # op-specific: eps, head_dim, window, strides ok, ...
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return dict(self.shapes)[name]
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return dict(self.attrs).get(name, default)
+
+    def describe(self) -> str:
+        shapes = ", ".join(f"{k}={tuple(v)}" for k, v in self.shapes)
+        attrs = ", ".join(f"{k}={v}" for k, v in self.attrs)
+        return f"{self.op} {self.direction} [{self.device}, {str(self.dtype).replace('torch.', '')}, {shapes}" + (
+            f", {attrs}]" if attrs else "]"
+        )
+
+
+class Backend:
+    """Base class. Subclasses set ``name`` and implement ``reject_reasons`` and the op's entry points."""
+
+    name: str = "?"
+    # Default order on CUDA (lower runs first); on CPU the reference path always comes first.
+    cuda_rank: int = 100
+
+    def availability(self) -> str | None:
+        """Why this backend cannot run at all in this process (None if it can)."""
+        return None
+
+    def reject_reasons(self, problem: Problem) -> list[str]:
+        """Why this backend cannot run ``problem`` (empty list = supported)."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class Choice:
+    problem: Problem
+    backend: Backend | None
+    why: str
+    rejected: dict[str, list[str]]
+    considered: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"vitkern.{self.problem.describe()}"]
+        lines.append(f"  -> {self.backend.name if self.backend else 'NONE'}: {self.why}")
+        for name in self.considered:
+            if self.backend is not None and name == self.backend.name:
+                continue
+            reasons = self.rejected.get(name)
+            lines.append(f"     {name}: " + ("rejected: " + "; ".join(reasons) if reasons else "supported, lower preference"))
+        return "\n".join(lines)
+
+    @property
+    def backend_name(self) -> str | None:
+        return self.backend.name if self.backend else None
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+_DESCRIBERS: dict[str, Callable[..., Problem]] = {}
+_forced: contextvars.ContextVar[tuple[tuple[str | None, str, bool], ...]] = contextvars.ContextVar(
+    "vitkern_forced_backends", default=()
+)
+_choice_cache: dict[tuple, Choice] = {}
+
+
+def register_backend(op: str, backend: Backend) -> Backend:
+    _REGISTRY.setdefault(op, {})[backend.name] = backend
+    _choice_cache.clear()
+    return backend
+
+
+def register_describer(op: str, describe: Callable[..., Problem]) -> None:
+    """``describe(*args, **kwargs)`` maps the functional op's arguments to a forward Problem (used by explain)."""
+    _DESCRIBERS[op] = describe
+
+
+def backends(op: str) -> dict[str, Backend]:
+    _ensure_ops_loaded()
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown vitkern op {op!r}; known ops: {sorted(_REGISTRY)}")
+    return _REGISTRY[op]
+
+
+def ops() -> list[str]:
+    _ensure_ops_loaded()
+    return sorted(_REGISTRY)
+
+
+def _ensure_ops_loaded() -> None:
+    import vitkern.functional  # noqa: F401  (registers every op family's backends and describers)
+
+
+def _env_forced() -> tuple[tuple[str | None, str, bool], ...]:
+    spec = os.environ.get(ENV_BACKEND, "").strip()
+    if not spec:
+        return ()
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if "=" in item:
+            op, name = (s.strip() for s in item.split("=", 1))
+            out.append((op, name, True))
+        elif item:
+            out.append((None, item, True))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def use_backend(name: str, op: str | None = None, strict: bool = True) -> Iterator[None]:
+    """Force backend ``name`` for ``op`` (or every op) inside the block.
+
+    strict=True: a call the backend rejects raises :class:`BackendError` with its reasons.
+    strict=False: prefer ``name`` where it is supported, otherwise dispatch as usual.
+    """
+    if op is not None:
+        known = backends(op)
+        if name not in known:
+            raise ValueError(f"use_backend: op {op!r} has no backend {name!r}; it has {sorted(known)}")
+    token = _forced.set(_forced.get() + ((op, name, strict),))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _forced_for(op: str) -> tuple[str, bool, str] | None:
+    # innermost context manager wins over outer ones, which win over the environment
+    for source, entries in (("use_backend()", reversed(_forced.get())), (f"${ENV_BACKEND}", reversed(_env_forced()))):
+        for f_op, name, strict in entries:
+            if f_op is None or f_op == op:
+                return name, strict, source
+    return None
+
+
+def _order(op: str, device: str) -> list[Backend]:
+    table = backends(op)
+    ranked = sorted(table.values(), key=lambda b: (b.cuda_rank if device == "cuda" else (0 if b.name == "reference" else b.cuda_rank)))
+    return ranked
+
+
+def select(problem: Problem) -> Choice:
+    """Pick the backend for one call. Cached per (problem, forcing) so the hot path is a dict lookup."""
+    forced = _forced_for(problem.op)
+    key = (problem, forced)
+    choice = _choice_cache.get(key)
+    if choice is not None:
+        return choice
+    order = _order(problem.op, problem.device)
+    rejected: dict[str, list[str]] = {}
+    for b in order:
+        reason = b.availability()
+        rejected[b.name] = [reason] if reason else b.reject_reasons(problem)
+    considered = [b.name for b in order]
+    chosen: Backend | None = None
+    if forced is not None:
+        name, strict, source = forced
+        table = backends(problem.op)
+        if name not in table:
+            if strict:
+                raise BackendError(f"{source} forces backend {name!r}, but op {problem.op!r} has only {sorted(table)}")
+        elif not rejected[name]:
+            chosen, why = table[name], f"forced by {source}"
+        elif strict:
+            raise BackendError(
+                f"{source} forces backend {name!r} for {problem.describe()}, which it rejects: "
+                + "; ".join(rejected[name])
+            )
+    if chosen is None:
+        for b in order:
+            if not rejected[b.name]:
+                chosen = b
+                pref = " > ".join(considered)
+                why = f"first supported backend in preference order ({pref}) for device {problem.device}"
+                if forced is not None:
+                    why += f"; {forced[2]} prefers {forced[0]!r} (not strict) but it rejected this call"
+                break
+    if chosen is None:
+        details = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected.items())
+        raise BackendError(f"no vitkern backend can run {problem.describe()}: {details}")
+    choice = Choice(problem, chosen, why, {n: r for n, r in rejected.items() if r}, considered)
+    if len(_choice_cache) > 4096:
+        _choice_cache.clear()
+    _choice_cache[key] = choice
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s", choice)
+    return choice
+
+
+def explain(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Choice:
+    """Which backend would run ``op(*args, **kwargs)`` and why the others were rejected.
+
+    ``op`` is an op name (``"layer_norm"``) or a vitkern functional (``vitkern.functional.layer_norm``);
+    the arguments are the functional's.
+    """
+    _ensure_ops_loaded()
+    name = getattr(op, "__vitkern_op__", op)
+    if name not in _DESCRIBERS:
+        raise KeyError(f"explain: unknown op {op!r}; known ops: {sorted(_DESCRIBERS)}")
+    return select(_DESCRIBERS[name](*args, **kwargs))
+
+
+def tensor_problem(
+    op: str,
+    direction: str,
+    tensors: Sequence[tuple[str, torch.Tensor | None]],
+    attrs: Sequence[tuple[str, Any]] = (),
+) -> Problem:
+    """Build a Problem from named tensors: device and dtype come from the first one."""
+    first = tensors[0][1]
+    assert first is not None
+    if first.device.type == "cuda":  # the capability check needs the device
+        attrs = tuple(attrs) + (("device_index", first.device.index),)
+    return Problem(
+        op=op,
+        direction=direction,
+        device=first.device.type,
+        dtype=first.dtype,
+        shapes=tuple((n, tuple(t.shape)) for n, t in tensors if t is not None),
+        attrs=tuple(attrs),
+    )

@@ -1,0 +1,16 @@
+"""Test utilities shipped with the package so the CPU tests, the GPU suite and `vitkern check` share them."""
+
+from vitkern.testing.numerics import (
+    ATOL,
+    Tolerance,
+    assert_close,
+    check_forward_backward,
+    max_abs_err,
+    poison_outputs,
+    randn,
+    seed_for,
+)
+
+__all__ = [
+    "ATOL", "Tolerance", "assert_close", "check_forward_backward", "max_abs_err", "poison_outputs", "randn", "seed_for",
+]
