@@ -8,5 +8,6 @@ ViT / DeiT / Swin oracle models.
 from vitkern.version import __version__
 from vitkern.dispatch import BackendError, explain, use_backend
 from vitkern import functional, nn  # noqa: E402  (registers the custom ops)
+from vitkern.integrations import optimize, restore
 
-__all__ = ["__version__", "BackendError", "explain", "use_backend", "functional", "nn"]
+__all__ = ["__version__", "BackendError", "explain", "use_backend", "functional", "nn", "optimize", "restore"]

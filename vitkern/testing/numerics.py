@@ -22,10 +22,10 @@ import torch
 
 from vitkern.memory import poison_outputs  # noqa: F401  (re-exported: tests poison kernel outputs)
 
-# atol(dtype): about 4 ulp at magnitude 1 in the storage dtype (fp32: Triton reductions in a different order).
+# atol(dtype): a few ulp at magnitude 1 in the storage dtype (fp32: 8 ulp, for reductions summed in another order).
 ATOL = {
     torch.float64: 1e-12,
-    torch.float32: 5e-6,
+    torch.float32: 1e-6,
     torch.float16: 4e-3,
     torch.bfloat16: 3e-2,
 }

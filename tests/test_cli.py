@@ -1,0 +1,45 @@
+"""The `vitkern` CLI: `info` reports backends and reasons; `check` prints a parity table and fails on a mismatch."""
+
+import pytest
+import torch
+
+from vitkern import cli, parity
+
+
+def test_info_reports_versions_and_backend_choice(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch 2." in out and "vitkern.layer_norm forward" in out
+    assert "CUDA C++ extension:" in out
+    if not torch.cuda.is_available():
+        assert "interpreter" in out
+
+
+@pytest.mark.interpreter
+def test_check_runs_a_small_model_through_the_kernels(capsys):
+    assert cli.main(["check", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "layer_norm" in out and "triton" in out and "model" in out
+    assert "0 failed" in out
+
+
+@pytest.mark.interpreter
+def test_check_flags_a_wrong_kernel(monkeypatch, capsys):
+    """A parity table that cannot fail is worthless: corrupt the Triton output and expect FAIL rows."""
+    from vitkern.ops import layer_norm as ln
+
+    original = ln.LayerNormTriton.forward
+
+    def corrupted(self, *args):
+        y, s, mean, rstd = original(self, *args)
+        return y * 1.01, s, mean, rstd
+
+    monkeypatch.setattr(ln.LayerNormTriton, "forward", corrupted)
+    assert cli.main(["check", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "1"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_format_rows_aligns_columns():
+    rows = [parity.ParityRow("layer_norm", "a", "2x3", "float32", "triton", 1e-7, 1e-7, 1e-6, "ok")]
+    text = parity.format_rows(rows)
+    assert text.splitlines()[0].startswith("op") and "1.00e-07" in text

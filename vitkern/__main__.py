@@ -1,0 +1,5 @@
+import sys
+
+from vitkern.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""``vitkern`` command line: ``info`` (versions, GPU, backends and why not) and ``check`` (per-op parity table).
+
+Without a GPU the Triton kernels run in the Triton interpreter, which must be chosen before any kernel module is
+imported: ``main`` sets TRITON_INTERPRET=1 first, and everything that touches kernels is imported after that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def _mode() -> str:
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name()}"
+    return "CPU, Triton interpreter mode (TRITON_INTERPRET=1): parity only, timings would mean nothing"
+
+
+def _version(mod: str) -> str:
+    try:
+        return getattr(importlib.import_module(mod), "__version__", "?")
+    except Exception as exc:  # an optional package that is absent or broken
+        return f"not available ({exc.__class__.__name__})"
+
+
+def _probe_problems() -> list:
+    """One representative call per op on the default device, to show which backend each would get."""
+    from vitkern.ops import layer_norm as ln
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = torch.empty(256 * 197, 768, device=device, dtype=dtype)
+    w = torch.empty(768, device=device, dtype=dtype)
+    return [ln.problem("forward", x, w, None), ln.problem("backward", x, w, None)]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import vitkern
+    from vitkern import dispatch
+    from vitkern.backends.triton_common import triton_status
+
+    print(f"vitkern {vitkern.__version__}  ({_mode()})")
+    print(f"python {platform.python_version()}  torch {torch.__version__}  CUDA {torch.version.cuda}  "
+          f"triton {_version('triton')}")
+    print(f"timm {_version('timm')}  torchvision {_version('torchvision')}  transformers {_version('transformers')}")
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print(f"GPU 0: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        print("GPU: none visible (torch.cuda.is_available() is False)")
+    ok, msg = triton_status()
+    print(f"Triton: {msg}")
+    try:
+        from vitkern._extension import extension_status
+
+        st = extension_status()
+        print(f"CUDA C++ extension: {'available' if st.available else 'unavailable'}: {st.reason}")
+    except ImportError as exc:
+        print(f"CUDA C++ extension: unavailable: loader missing ({exc})")
+    print("\nBackend choice for a representative call of each op:")
+    for problem in _probe_problems():
+        print(dispatch.select(problem))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from vitkern import parity, reference
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    print(f"vitkern check: {args.model} img {args.img_size} batch {args.batch} {args.dtype} on {device}")
+    print(f"mode: {_mode()}\n")
+    torch.manual_seed(args.seed)
+    overrides = {"img_size": args.img_size}
+    if args.depth:
+        overrides["depth" if "swin" not in args.model else "depths"] = (
+            args.depth if "swin" not in args.model else tuple([args.depth] * 4))
+    model = reference.create_model(args.model, **overrides).eval()
+    # random init leaves LayerNorms at weight=1, bias=0: draw them too, so the affine part is exercised
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model = model.to(device=device, dtype=dtype)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+    prefer = None if device == "cuda" else "triton"  # on CPU the default is the reference: exercise the kernels
+    rows = parity.op_rows(model, x, per_op_limit=args.per_op) + parity.model_rows(model, x, prefer)
+    print(parity.format_rows(rows))
+    failed = [r for r in rows if r.status.startswith("FAIL")]
+    print(f"\n{len(rows) - len(failed)} ok or n/a, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitkern", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, GPU, and which backends are available (and why not)")
+    c = sub.add_parser("check", help="run a small reference model through vitkern ops; print a per-op parity table")
+    c.add_argument("--model", default="vit_small_patch16_224", help="a vitkern.reference model name (timm's names)")
+    c.add_argument("--img-size", type=int, default=64)
+    c.add_argument("--depth", type=int, default=2, help="blocks (ViT) / blocks per stage (Swin); 0 = the model's own")
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    c.add_argument("--per-op", type=int, default=3, help="how many calls of each op to check")
+    c.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    args = build_parser().parse_args(argv)
+    return {"info": cmd_info, "check": cmd_check}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
