@@ -1,0 +1,202 @@
+"""Run every benchmark: ``python -m benchmarks.run_all [--out DIR] [--only NAME[,NAME]] [--quick] [--list] [--smoke]``.
+
+Discovers ``benchmarks/bench_*.py`` (each exposes ``NAME``, ``run(ctx) -> list[Row]`` and optionally
+``targets(rows) -> list[str]``), measures the peaks once, runs each bench under its own time budget, writes
+``<NAME>.json`` + ``<NAME>.csv`` per bench and ``summary.md`` into
+``benchmarks/results/<UTC date>_<device-slug>_<short commit>/`` (or ``--out``), and prints the summary LAST
+(the GPU tool returns only the tail of the output). Without CUDA it is a smoke run into a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import re
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Sequence
+
+import torch
+
+from benchmarks import harness
+from benchmarks.harness import ERROR, SKIPPED, Context, Row
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_BUDGET_S = 100.0  # per bench; each must finish well under 2 minutes on an H100 (suite total: 10 min)
+
+
+def discover(directory: str | Path = BENCH_DIR) -> dict[str, ModuleType]:
+    """``{NAME: module}`` for every ``bench_*.py`` in ``directory``, sorted by file name.
+
+    A module that fails to import is returned as a stub whose ``run`` raises the import error, so one broken
+    bench becomes an error row instead of stopping the suite.
+    """
+    directory = Path(directory).resolve()
+    found: dict[str, ModuleType] = {}
+    for path in sorted(directory.glob("bench_*.py")):
+        stem = path.stem
+        try:
+            if directory == BENCH_DIR:
+                mod = importlib.import_module(f"benchmarks.{stem}")
+            else:
+                spec = importlib.util.spec_from_file_location(stem, path)
+                assert spec is not None and spec.loader is not None
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+        except Exception as e:  # noqa: BLE001
+            mod = _broken(stem, e)
+        name = getattr(mod, "NAME", stem.removeprefix("bench_"))
+        if not callable(getattr(mod, "run", None)):
+            mod = _broken(stem, TypeError(f"{path.name} defines no run(ctx)"))
+        found[name] = mod
+    return found
+
+
+def _broken(stem: str, err: Exception) -> ModuleType:
+    mod = ModuleType(stem)
+    mod.NAME = stem.removeprefix("bench_")  # type: ignore[attr-defined]
+
+    def run(ctx: Context) -> list[Row]:
+        raise err
+
+    mod.run = run  # type: ignore[attr-defined]
+    return mod
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "unknown"
+
+
+def default_out_dir(meta: dict[str, Any]) -> Path:
+    date = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    commit = str(meta.get("git_commit") or "unknown")[:8]
+    return harness.RESULTS_DIR / f"{date}_{_slug(str(meta.get('device')))}_{commit}"
+
+
+def _bench_row(name: str, ctx: Context, status: str, error: str) -> Row:
+    """The one row of a bench that crashed or never started."""
+    return Row(
+        bench=name, case="-", params={}, dtype="-", direction="-", provider="-", baseline="-",
+        status=status, error=error, timer=ctx.timer,
+    )
+
+
+def _summary(meta: dict[str, Any], sections: list[tuple[str, list[Row], list[str], float]]) -> str:
+    peaks = meta.get("peaks")
+    head = [
+        f"# vitkern benchmarks — {meta['device']}",
+        "",
+        f"- date (UTC): {meta['date_utc']}; commit: {meta['git_commit']}"
+        + (" (dirty tree)" if meta.get("git_dirty") else ""),
+        f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, "
+        f"driver {meta['driver']}, python {meta['python']}, SMs {meta['sm_count']}",
+        (
+            f"- measured peaks: bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, "
+            f"copy {peaks['copy_gbps']:.0f} GB/s (read + write)"
+            if peaks
+            else "- peaks: not measured"
+        ),
+        f"- timer: {meta['timer']}",
+        f"- command: `{meta['command']}`",
+    ]
+    if meta.get("smoke"):
+        head.insert(2, "**CPU SMOKE RUN: wall-clock numbers on tiny shapes, not measurements.**\n")
+    body = []
+    for name, rows, tgt, secs in sections:
+        body += ["", f"## {name} ({secs:.0f} s)", "", "```", harness.format_table(rows), "```"]
+        body += [f"- {t}" for t in tgt]
+    return "\n".join(head + body) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/<date>_<device>_<commit>)")
+    ap.add_argument("--only", action="append", default=[], help="bench NAME(s), comma-separated; repeatable")
+    ap.add_argument("--quick", action="store_true", help="fewer cases and shorter reps (a sanity pass)")
+    ap.add_argument("--smoke", action="store_true", help="force the CPU smoke path even with CUDA")
+    ap.add_argument("--list", action="store_true", help="list the discovered benches and exit")
+    ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock budget per bench")
+    ap.add_argument("--total-budget-s", type=float, default=None, help="wall-clock budget for all benches")
+    ap.add_argument("--bench-dir", type=Path, default=BENCH_DIR, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    benches = discover(args.bench_dir)
+    if args.list:
+        print("\n".join(benches))
+        return 0
+    only = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+    unknown = sorted(set(only) - set(benches))
+    if unknown:
+        print(f"unknown bench(es) {unknown}; known: {sorted(benches)}", file=sys.stderr)
+        return 2
+    selected = {n: m for n, m in benches.items() if not only or n in only}
+
+    smoke = args.smoke or not torch.cuda.is_available()
+    device = torch.device("cpu" if smoke else "cuda")
+    peaks = None
+    if not smoke:
+        print("measuring peaks (bf16 8192^3 matmul, 1 GiB device copy) ...", flush=True)
+        try:
+            peaks = harness.measure_peaks(device)
+            print(f"  matmul {peaks.matmul_tflops:.0f} TFLOP/s, copy {peaks.copy_gbps:.0f} GB/s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"  peak measurement failed: {harness.short_error(e)}", flush=True)
+    meta = harness.collect_metadata(device, peaks, argv=None if argv is None else ["benchmarks.run_all", *argv])
+    if smoke:
+        out = args.out or Path(tempfile.mkdtemp(prefix="vitkern-bench-smoke-"))
+        if harness.is_inside(out, harness.RESULTS_DIR):
+            print(f"refusing to write CPU smoke results into {harness.RESULTS_DIR}", file=sys.stderr)
+            return 2
+        print("CPU smoke mode: tiny shapes, wall-clock timer; numbers are NOT measurements", flush=True)
+    else:
+        out = args.out or default_out_dir(meta)
+
+    sections: list[tuple[str, list[Row], list[str], float]] = []
+    crashed = False
+    suite_end = time.monotonic() + (args.total_budget_s if args.total_budget_s is not None else float("inf"))
+    for name, mod in selected.items():
+        t0 = time.monotonic()
+        budget = min(args.budget_s, suite_end - t0)
+        ctx = Context(
+            device=device,
+            peaks=peaks,
+            quick=args.quick,
+            warmup_ms=10.0 if args.quick else 25.0,
+            rep_ms=40.0 if args.quick else 100.0,
+            budget_s=max(budget, 0.0),
+            log=lambda s: print(s, flush=True),
+        )
+        print(f"== {name} (budget {budget:.0f} s)", flush=True)
+        if budget <= 0:
+            rows = [_bench_row(name, ctx, SKIPPED, "suite time budget exhausted before this bench started")]
+        else:
+            try:
+                rows = list(mod.run(ctx))
+            except Exception as e:  # noqa: BLE001 - one broken bench must not stop the others
+                traceback.print_exc()
+                rows, crashed = [_bench_row(name, ctx, ERROR, f"bench crashed: {harness.short_error(e)}")], True
+        try:
+            tgt = list(mod.targets(rows)) if callable(getattr(mod, "targets", None)) else []
+        except Exception as e:  # noqa: BLE001
+            tgt = [f"targets() failed: {harness.short_error(e)}"]
+        harness.write_results(out, name, rows, meta)
+        sections.append((name, rows, tgt, time.monotonic() - t0))
+        if not smoke:
+            torch.cuda.empty_cache()
+
+    summary = _summary(meta, sections)
+    (Path(out) / "summary.md").write_text(summary)
+    print(f"RESULTS_DIR={Path(out).resolve()}")
+    print()
+    print(summary, end="")
+    return 1 if crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

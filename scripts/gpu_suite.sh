@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The ONE command for a GPU session: versions -> (optional) CUDA extension JIT build -> GPU tests -> benchmarks,
+# with logs and results copied to $OUT and a short summary printed LAST (the device tool returns only the tail).
+#
+#   scripts/gpu_suite.sh [--quick] [--only NAME[,NAME]] [--no-tests] [--no-bench] [-- extra pytest args]
+#
+# Env: VITKERN_BUILD_CUDA=1   JIT-build the CUDA extension first (vitkern._extension.load_jit)
+#      VITKERN_COMMIT=<sha>   recorded in the results when the tree has no .git (the GPU machine gets a copy)
+#      OUT=<dir>              where logs + a results tarball go (the device tool sets it)
+#      SUITE_BUDGET_S=570     wall-clock budget for the whole script (a device command may run 600 s)
+#      PYTHON=python3
+# No pip, no network: it uses the python3 that already has torch/triton/timm/transformers/pytest.
+# Exit status: 1 if the GPU tests failed, 2 if the tests passed but the benchmark run crashed or timed out, else 0.
+set -uo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo" || exit 2
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+budget="${SUITE_BUDGET_S:-570}"
+quick=() only=() run_tests=1 run_bench=1 pytest_extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=(--quick) ;;
+    --only) only=(--only "$2"); shift ;;
+    --no-tests) run_tests=0 ;;
+    --no-bench) run_bench=0 ;;
+    --) shift; pytest_extra=("$@"); break ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+logs="$(mktemp -d /tmp/vitkern-suite.XXXXXX)"
+left() { echo $(( budget - SECONDS )); }
+# cap_for STEP_CAP RESERVE: seconds this step may run (its cap, or what is left minus what later steps need)
+cap_for() { local l=$(( $(left) - $2 )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+# run_capped CAP LOG CMD...: run under `timeout` (TERM, then KILL 10 s later); too little time left -> rc 124
+run_capped() {
+  local cap=$1 log=$2; shift 2
+  if [ "$cap" -lt 20 ]; then echo "not started: only ${cap}s of the suite budget left" >"$log"; return 124; fi
+  timeout -k 10 "$cap" "$@" >"$log" 2>&1
+}
+hr() { printf '%*s\n' 100 '' | tr ' ' '='; }
+
+hr; echo "vitkern GPU suite  $(date -u +%Y-%m-%dT%H:%M:%SZ)  repo=$repo  budget=${budget}s"
+{
+  timeout 60 "$PY" - <<'EOF'
+import importlib, platform, sys
+import torch
+print(f"python {platform.python_version()} ({sys.executable})")
+print(f"torch {torch.__version__}  CUDA {torch.version.cuda}  cuDNN {torch.backends.cudnn.version()}  "
+      f"cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}  sm_{p.major}{p.minor}  SMs {p.multi_processor_count}  {p.total_memory / 2**30:.0f} GiB")
+for m in ("triton", "timm", "transformers", "torchvision", "pytest", "numpy", "ninja"):
+    try:
+        print(f"{m} {importlib.import_module(m).__version__}")
+    except Exception as e:
+        print(f"{m} MISSING ({type(e).__name__})")
+EOF
+  echo "commit: $(git -C "$repo" rev-parse HEAD 2>/dev/null || echo "${VITKERN_COMMIT:-unknown} (no .git)")"
+  nvidia-smi -L 2>&1 || echo "nvidia-smi failed"
+  nvidia-smi --query-gpu=driver_version,pstate,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,power.limit \
+    --format=csv 2>/dev/null || true
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not on PATH"
+} 2>&1 | tee "$logs/env.txt"
+
+build_rc=skipped
+if [ "${VITKERN_BUILD_CUDA:-0}" = "1" ]; then
+  hr; cap=$(cap_for 240 300); echo "JIT-building the CUDA extension (cap ${cap}s) ..."
+  run_capped "$cap" "$logs/build.log" "$PY" -c "import vitkern._extension as e; print(e.load_jit())"
+  build_rc=$?
+  if [ "$build_rc" -ne 0 ]; then
+    if grep -q "No module named 'vitkern._extension'" "$logs/build.log"; then
+      build_rc="absent (vitkern._extension not written yet)"
+    fi
+    echo "CUDA build: rc=$build_rc"; tail -n 20 "$logs/build.log"
+  else
+    echo "CUDA build: ok"
+  fi
+fi
+
+pytest_rc=skipped
+if [ "$run_tests" = 1 ]; then
+  hr; cap=$(cap_for 240 150); echo "pytest -m gpu (cap ${cap}s) ..."
+  per_test=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
+  run_capped "$cap" "$logs/pytest.log" \
+    "$PY" -m pytest -m gpu tests/ -q -rs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
+  pytest_rc=$?
+  [ "$pytest_rc" = 124 ] && echo "pytest TIMED OUT after ${cap}s" | tee -a "$logs/pytest.log"
+  tail -n 3 "$logs/pytest.log"
+fi
+
+bench_rc=skipped results=""
+if [ "$run_bench" = 1 ]; then
+  hr; cap=$(cap_for 100000 25); echo "benchmarks (cap ${cap}s) ..."
+  # run_all stops starting cases 30 s before the cap, so it normally ends by itself and writes its summary
+  run_capped "$cap" "$logs/bench.log" \
+    "$PY" -m benchmarks.run_all "${quick[@]}" "${only[@]}" --total-budget-s $(( cap > 60 ? cap - 30 : cap / 2 ))
+  bench_rc=$?
+  [ "$bench_rc" = 124 ] && echo "benchmarks TIMED OUT after ${cap}s" | tee -a "$logs/bench.log"
+  results="$(sed -n 's/^RESULTS_DIR=//p' "$logs/bench.log" | tail -n 1)"
+  [ "$bench_rc" != 0 ] && tail -n 30 "$logs/bench.log"
+fi
+
+if [ -n "${OUT:-}" ]; then  # the device tool returns <= 8 files, 16 MiB each, <= 2 folder levels
+  mkdir -p "$OUT"
+  for f in env.txt build.log pytest.log bench.log; do
+    [ -f "$logs/$f" ] && tail -c 15000000 "$logs/$f" >"$OUT/$f"
+  done
+  if [ -n "$results" ] && [ -d "$results" ]; then
+    cp "$results/summary.md" "$OUT/summary.md" 2>/dev/null
+    tar -czf "$OUT/results.tar.gz" -C "$(dirname "$results")" "$(basename "$results")"
+  fi
+fi
+
+hr; echo "SUMMARY  ($(date -u +%H:%M:%SZ), ${SECONDS}s)"
+echo "CUDA build: $build_rc"
+if [ "$pytest_rc" != skipped ]; then
+  counts="$(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' "$logs/pytest.log" | tail -n 1)"
+  echo "pytest -m gpu: rc=$pytest_rc  ${counts:-no summary line (see pytest.log)}"
+  grep -E '^(FAILED|ERROR) ' "$logs/pytest.log" | head -n 15
+fi
+echo "benchmarks: rc=$bench_rc  results=${results:-none}${OUT:+  (copied to \$OUT: results.tar.gz, summary.md, logs)}"
+if [ -n "$results" ] && [ -f "$results/summary.md" ]; then cat "$results/summary.md"; fi
+
+# pytest rc 5 = nothing collected (no gpu tests yet): not a failure
+case "$pytest_rc" in 0|5|skipped) ;; *) exit 1 ;; esac
+case "$bench_rc" in 0|skipped) exit 0 ;; *) exit 2 ;; esac

@@ -1,0 +1,257 @@
+"""CPU tests of the benchmark harness (benchmarks/harness.py, run_all.py, bench_layernorm.py).
+
+They run the real code path in smoke mode on tiny shapes, so a broken harness shows up in CI, not in a paid GPU
+session. Nothing here needs vitkern to import: the LayerNorm bench turns a vitkern failure into error rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import bench_layernorm, harness, run_all
+from benchmarks.harness import FWD, FWD_BWD, Benchmark, Case, Context, Peaks, Provider, Timing, Work
+
+CUDA = torch.cuda.is_available()
+
+
+def _ctx(**kw) -> Context:
+    return Context(device="cpu", log=lambda s: None, **kw)
+
+
+def _inputs(case: Case, device: torch.device) -> dict[str, torch.Tensor]:
+    n = case.params["N"]
+    return {
+        "a": torch.randn(n, device=device, dtype=case.dtype).requires_grad_(case.direction == FWD_BWD),
+        "b": torch.randn(n, device=device, dtype=case.dtype),
+    }
+
+
+def _spec(*providers: Provider, directions=(FWD,)) -> Benchmark:
+    cases = [Case({"N": 1000}, torch.float32, d) for d in directions]
+    return Benchmark(
+        "toy", cases, list(providers), _inputs, baseline="eager",
+        model=lambda c, p: Work(bytes=3 * 4 * c.params["N"], flops=c.params["N"]),
+    )
+
+
+EAGER = Provider("eager", lambda c, i: (lambda: i["a"] * i["b"]))
+ALT = Provider("alt", lambda c, i: (lambda: torch.mul(i["b"], i["a"])))
+
+
+def test_smoke_end_to_end_writes_json_and_csv(tmp_path: Path) -> None:
+    rows = harness.run_benchmark(_ctx(), _spec(EAGER, ALT, directions=(FWD, FWD_BWD)))
+    assert [(r.direction, r.provider) for r in rows] == [(d, p) for d in (FWD, FWD_BWD) for p in ("eager", "alt")]
+    for r in rows:
+        assert r.status == "ok", r.error
+        assert r.timer == harness.CPU_TIMER and r.median_ms > 0 and r.p20_ms <= r.p80_ms
+        assert r.pct_peak_bw is None and r.gbps is not None  # no peaks in smoke mode
+    alt = rows[1]
+    assert alt.correct is True and alt.speedup is not None and rows[0].speedup == pytest.approx(1.0)
+
+    meta = harness.collect_metadata("cpu", None, argv=["pytest"])
+    json_path, csv_path = harness.write_results(tmp_path, "toy", rows, meta)
+    doc = json.loads(json_path.read_text())
+    assert doc["schema"] == harness.SCHEMA and doc["bench"] == "toy" and len(doc["rows"]) == 4
+    for key in ("device", "sm_count", "torch", "triton", "cuda", "cudnn", "driver", "python", "git_commit",
+                "date_utc", "peaks", "command", "smoke", "timer"):
+        assert key in doc["meta"], key
+    assert doc["meta"]["smoke"] is True and doc["meta"]["peaks"] is None and doc["meta"]["command"] == "pytest"
+    assert doc["rows"][0]["dtype"] == "float32" and doc["rows"][0]["params"] == {"N": 1000}
+    with csv_path.open() as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 4 and table[1]["provider"] == "alt" and table[1]["N"] == "1000"
+    assert "median_ms" in table[0] and "error" in table[0]
+
+
+def test_smoke_results_never_go_into_results_dir() -> None:
+    rows = harness.run_benchmark(_ctx(), _spec(EAGER))
+    with pytest.raises(ValueError, match="smoke"):
+        harness.write_results(harness.RESULTS_DIR / "x", "toy", rows, {"smoke": True})
+
+
+def test_failing_provider_becomes_error_row() -> None:
+    def boom(case, inputs):
+        raise RuntimeError("torch.compile exploded\nwith a long traceback")
+
+    late = Provider("late", lambda c, i: (lambda: 1 / 0))
+    unsupported = Provider("nope", EAGER.setup, supports=lambda c: "needs sm_90")
+    rows = harness.run_benchmark(_ctx(), _spec(EAGER, Provider("boom", boom), late, unsupported, ALT))
+    by = {r.provider: r for r in rows}
+    assert by["boom"].status == "error" and by["boom"].error == "RuntimeError: torch.compile exploded"
+    assert by["late"].status == "error" and "ZeroDivisionError" in by["late"].error
+    assert by["nope"].status == "skipped" and "sm_90" in by["nope"].error
+    assert by["eager"].status == by["alt"].status == "ok"
+    assert by["boom"].median_ms is None and by["boom"].speedup is None
+    assert "ERROR" in harness.format_table(rows)
+
+
+def test_correctness_check_flags_wrong_provider() -> None:
+    wrong = Provider("fast-but-wrong", lambda c, i: (lambda: i["a"] * i["b"] * 1.1))
+    nan = Provider("nan", lambda c, i: (lambda: i["a"] * i["b"] * torch.nan))
+    rows = harness.run_benchmark(_ctx(), _spec(EAGER, wrong, nan, ALT, directions=(FWD, FWD_BWD)))
+    for r in rows:
+        if r.provider in ("fast-but-wrong", "nan"):
+            assert r.status == "wrong" and r.correct is False and "check vs eager" in r.error, r
+            assert r.median_ms is not None  # still timed, but flagged
+        elif r.provider == "alt":
+            assert r.correct is True and r.rel_err < 1e-6
+    bwd = [r for r in rows if r.direction == FWD_BWD and r.provider == "fast-but-wrong"][0]
+    assert bwd.rel_err == pytest.approx(0.1, rel=1e-3)  # output and da are both 10% off
+    assert "WRONG" in harness.format_table(rows)
+
+
+def test_fwd_bwd_compares_gradients() -> None:
+    # same forward values, wrong gradient: only the fwd+bwd check can see it
+    class Bad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(b)
+            return a * b
+
+        @staticmethod
+        def backward(ctx, g):
+            (b,) = ctx.saved_tensors
+            return -g * b, None
+
+    bad = Provider("bad-grad", lambda c, i: (lambda: Bad.apply(i["a"], i["b"])))
+    rows = harness.run_benchmark(_ctx(), _spec(EAGER, bad, directions=(FWD, FWD_BWD)))
+    assert [r.correct for r in rows if r.provider == "bad-grad"] == [True, False]
+
+
+def test_gbps_arithmetic_and_percent_of_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert harness.gbps(1e9, 1.0) == pytest.approx(1000.0)  # 1 GB in 1 ms = 1 TB/s
+    assert harness.tflops(2e12, 2.0) == pytest.approx(1000.0)
+    # LayerNorm fwd, M=256*197, N=768, bf16: read x + write y (2 * 50432 * 768 * 2 B) + weight, bias (2 * 768 * 2 B)
+    case = Case({"M": 50432, "N": 768}, torch.bfloat16, FWD)
+    plain, fused = bench_layernorm.PROVIDERS[0], bench_layernorm.PROVIDERS[4]
+    assert bench_layernorm.model(case, plain).bytes == 154_927_104 + 3_072
+    assert bench_layernorm.model(case, fused).bytes == 2 * 154_927_104 + 3_072  # + read r, + write s
+    # fwd+bwd, tiny: A = 2*4*2 = 16 B, P = 8 B, stats = 16 B -> fwd 48 + 16 + bwd (3A + 3P + 16 = 88) = 152
+    tiny = Case({"M": 2, "N": 4}, torch.bfloat16, FWD_BWD)
+    assert bench_layernorm.model(tiny, plain).bytes == 152
+    # through the harness: 12 kB in 0.001 ms = 12 GB/s, 50% of a 24 GB/s copy peak; 1000 flop -> 1e-3 TFLOP/s
+    monkeypatch.setattr(harness, "bench", lambda fn, **kw: (fn(), Timing(0.001, 0.0009, 0.0011, "fake"))[1])
+    ctx = _ctx(peaks=Peaks(matmul_tflops=0.004, copy_gbps=24.0, matmul_n=8, copy_bytes=8))
+    row = harness.run_benchmark(ctx, _spec(EAGER))[0]
+    assert row.bytes == 12_000 and row.gbps == pytest.approx(12.0) and row.pct_peak_bw == pytest.approx(50.0)
+    assert row.tflops == pytest.approx(1e-3) and row.pct_peak_flops == pytest.approx(25.0)
+
+
+def test_time_budget_skips_remaining_cases() -> None:
+    ctx = _ctx(deadline=0.0)  # already past
+    rows = harness.run_benchmark(ctx, _spec(EAGER, ALT))
+    assert {r.status for r in rows} == {"skipped"} and "budget" in rows[0].error
+
+
+def test_format_table_is_fixed_width() -> None:
+    rows = harness.run_benchmark(_ctx(), _spec(EAGER, ALT))
+    lines = harness.format_table(rows).splitlines()
+    assert lines[0].split()[:3] == ["case", "dtype", "dir"] and len(lines) == 2 + len(rows)
+    assert "bench" not in lines[0]  # constant column dropped
+    assert harness.format_table([]) == "(no rows)"
+
+
+def test_compare_edge_cases() -> None:
+    a = torch.ones(3)
+    assert harness.compare([a], [a], 1e-6)[0]
+    assert not harness.compare([a, a], [a], 1e-6)[0]
+    assert not harness.compare([torch.ones(4)], [a], 1e-6)[0]
+    ok, max_abs, rel, msg = harness.compare([torch.tensor([1.0, math.inf, 1.0])], [a], 1.0)
+    assert not ok and "non-finite" in msg
+
+
+def test_layernorm_bench_smoke() -> None:
+    rows = bench_layernorm.run(_ctx())
+    providers = [p.name for p in bench_layernorm.PROVIDERS]
+    assert len(rows) == len(bench_layernorm.cases(_ctx())) * len(providers)
+    assert {r.provider for r in rows} == set(providers)
+    for r in rows:
+        if r.provider in ("torch", "torch-residual"):
+            assert r.status == "ok", r.error
+        if r.provider.startswith("torch.compile"):
+            assert r.status == "skipped"  # no C++ toolchain build on CI
+        if r.provider.startswith("vitkern") and r.status == "ok":  # vitkern may not import yet
+            assert r.correct is True and r.extra.get("backend")
+    assert "CPU smoke" in bench_layernorm.targets(rows)[0]
+
+
+def test_run_all_discovers_and_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "layernorm" in run_all.discover()
+    bench_dir = tmp_path / "benches"
+    bench_dir.mkdir()
+    (bench_dir / "bench_toy.py").write_text(
+        "import torch\n"
+        "from benchmarks.harness import Benchmark, Case, Provider, Work, run_benchmark\n"
+        "NAME = 'toy'\n"
+        "def run(ctx):\n"
+        "    cases = [Case({'N': 64}, torch.float32)]\n"
+        "    mk = lambda c, d: {'a': torch.randn(c.params['N'], device=d)}\n"
+        "    ps = [Provider('eager', lambda c, i: (lambda: i['a'] * 2)),\n"
+        "          Provider('alt', lambda c, i: (lambda: i['a'] + i['a']))]\n"
+        "    return run_benchmark(ctx, Benchmark(NAME, cases, ps, mk, 'eager', lambda c, p: Work(bytes=512)))\n"
+        "def targets(rows):\n"
+        "    return ['toy target: not evaluated']\n"
+    )
+    (bench_dir / "bench_broken.py").write_text("import does_not_exist_anywhere\n")
+    (bench_dir / "helper.py").write_text("raise SystemExit('not a bench')\n")
+    found = run_all.discover(bench_dir)
+    assert sorted(found) == ["broken", "toy"]
+
+    out = tmp_path / "out"
+    rc = run_all.main(["--bench-dir", str(bench_dir), "--out", str(out), "--smoke"])
+    printed = capsys.readouterr().out
+    assert rc == 1  # the broken bench crashed (as a row), the other still ran
+    assert (out / "toy.json").exists() and (out / "toy.csv").exists() and (out / "summary.md").exists()
+    broken = json.loads((out / "broken.json").read_text())["rows"][0]
+    assert broken["status"] == "error" and "ModuleNotFoundError" in broken["error"]
+    tail = printed.rstrip().splitlines()
+    assert tail[-1] == "- toy target: not evaluated"  # the summary is printed last
+    assert "CPU SMOKE RUN" in printed and "RESULTS_DIR=" in printed
+
+    assert run_all.main(["--bench-dir", str(bench_dir), "--only", "toy", "--out", str(tmp_path / "o2"), "--smoke"]) == 0
+    assert not (tmp_path / "o2" / "broken.json").exists()
+    assert run_all.main(["--bench-dir", str(bench_dir), "--only", "nope", "--smoke"]) == 2
+    assert run_all.main(["--smoke", "--out", str(harness.RESULTS_DIR / "smoke")]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_peaks_and_timer_on_gpu() -> None:
+    peaks = harness.measure_peaks("cuda")
+    assert harness.measure_peaks("cuda") is peaks  # cached per process
+    assert 100 < peaks.copy_gbps < 20_000 and 10 < peaks.matmul_tflops < 5_000
+    x = torch.randn(1 << 24, device="cuda")
+    t = harness.bench(lambda: x * 2, warmup_ms=5, rep_ms=20)
+    assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms and t.timer == harness.GPU_TIMER
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_harness_end_to_end_on_gpu(tmp_path: Path) -> None:
+    ctx = Context(device="cuda", peaks=harness.measure_peaks("cuda"), warmup_ms=2, rep_ms=5, log=lambda s: None)
+    rows = harness.run_benchmark(ctx, _spec(EAGER, ALT, directions=(FWD, FWD_BWD)))
+    assert all(r.status == "ok" and r.pct_peak_bw is not None and r.timer == harness.GPU_TIMER for r in rows), rows
+    meta = harness.collect_metadata("cuda", ctx.peaks, argv=["pytest"])
+    assert meta["sm_count"] and meta["device"] != "cpu" and meta["peaks"]["copy_gbps"] > 0
+    harness.write_results(tmp_path, "toy", rows, meta)
+
+
+def test_bench_uses_do_bench_quantiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    import triton.testing
+
+    seen = {}
+
+    def fake(fn, warmup, rep, grad_to_none, quantiles):
+        seen.update(warmup=warmup, rep=rep, quantiles=quantiles)
+        return [2.0, 1.0, 3.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake)
+    t = harness.bench(lambda: None, warmup_ms=5, rep_ms=7, device="cuda")  # no CUDA call happens
+    assert seen == {"warmup": 5, "rep": 7, "quantiles": [0.5, 0.2, 0.8]}
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.timer) == (2.0, 1.0, 3.0, harness.GPU_TIMER)
