@@ -4,7 +4,7 @@
 #
 #   scripts/gpu_suite.sh [--quick] [--only NAME[,NAME]] [--no-tests] [--no-bench] [-- extra pytest args]
 #
-# Env: VITKERN_BUILD_CUDA=1   JIT-build the CUDA extension first (vitkern._extension.load_jit)
+# Env: VITKERN_BUILD_CUDA=1   JIT-build the CUDA extension first (vitkern._extension.load_jit; default 1, 0 skips)
 #      VITKERN_COMMIT=<sha>   recorded in the results when the tree has no .git (the GPU machine gets a copy)
 #      OUT=<dir>              where logs + a results tarball go (the device tool sets it)
 #      SUITE_BUDGET_S=570     wall-clock budget for the whole script (a device command may run 600 s)
@@ -69,7 +69,7 @@ EOF
 } 2>&1 | tee "$logs/env.txt"
 
 build_rc=skipped
-if [ "${VITKERN_BUILD_CUDA:-0}" = "1" ]; then
+if [ "${VITKERN_BUILD_CUDA:-1}" = "1" ]; then
   hr; cap=$(cap_for 240 300); echo "JIT-building the CUDA extension (cap ${cap}s) ..."
   run_capped "$cap" "$logs/build.log" "$PY" -c "import vitkern._extension as e; print(e.load_jit())"
   build_rc=$?

@@ -61,7 +61,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         from vitkern._extension import extension_status
 
         st = extension_status()
-        print(f"CUDA C++ extension: {'available' if st.available else 'unavailable'}: {st.reason}")
+        state = ("loaded, can run here" if st.can_run else "loaded, cannot run here") if st.available else "unavailable"
+        print(f"CUDA C++ extension: {state}: {st.reason}")
     except ImportError as exc:
         print(f"CUDA C++ extension: unavailable: loader missing ({exc})")
     print("\nBackend choice for a representative call of each op:")

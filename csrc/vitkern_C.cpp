@@ -1,0 +1,72 @@
+// vitkern._C: op schemas (the public C++ API surface, all in one place) and the Python module stub.
+//
+// Ops live in the `vitkern_C` namespace: torch.ops.vitkern_C.<name>. Schemas are declared here; each op's kernels
+// are registered next to their implementation (TORCH_LIBRARY_IMPL(vitkern_C, CUDA / Meta, m) in csrc/ops/*.cu).
+//
+// Adding a CUDA op:
+//   1. m.def("my_op(Tensor x, ...) -> Tensor") below;
+//   2. csrc/ops/my_op.cu: validate with common/checks.h, dispatch with common/dispatch.h, launch on
+//      at::cuda::getCurrentCUDAStream(), VITKERN_CUDA_LAUNCH_CHECK(), then
+//      TORCH_LIBRARY_IMPL(vitkern_C, CUDA, m) { m.impl("my_op", &my_op_cuda); } (+ a Meta impl for torch.compile);
+//   3. a GPU test comparing against the PyTorch reference. setup.py picks up every csrc/**/*.cu|*.cpp.
+#include <Python.h>
+
+#include <sstream>
+#include <string>
+
+#include <torch/library.h>
+
+#include "common/config.h"
+#include "common/dispatch.h"
+#include "vitkern_C.h"
+
+namespace vitkern {
+namespace {
+
+// Self-test for common/dispatch.h: maps (dtype, head_dim) through VITKERN_FLOAT_SWITCH / VITKERN_HEADDIM_SWITCH and
+// reports the compile-time type and constant that were selected, e.g. "bfloat16/2/64" (name/sizeof/head dim).
+// Unsupported values raise the switches' own errors. Lets CPU tests check the instantiation table without a GPU.
+std::string dispatch_selftest(c10::ScalarType dtype, int64_t head_dim) {
+  return VITKERN_FLOAT_SWITCH(dtype, T, [&] {
+    return VITKERN_HEADDIM_SWITCH(head_dim, kHeadDim, [&] {
+      static_assert(kHeadDim % 16 == 0, "head dims must be multiples of 16 (MMA k-tile)");
+      std::ostringstream s;
+      s << DTypeTraits<T>::kName << "/" << sizeof(T) << "/" << kHeadDim;
+      return s.str();
+    });
+  });
+}
+
+}  // namespace
+}  // namespace vitkern
+
+TORCH_LIBRARY(vitkern_C, m) {
+  // How this binary was built: JSON with torch / CUDA / nvcc versions and the compiled SM targets.
+  m.def("build_info() -> str", &vitkern::build_info);
+
+  // Smoke op for the build chain (not a performance kernel): out[..., j] = x[..., j] + bias[j], computed in fp32 and
+  // rounded once, i.e. bit-identical to `x + bias` in PyTorch. x: CUDA fp16/bf16/fp32, unit stride in the last dim;
+  // bias: 1-D, same dtype/device, size x.size(-1). Kernels: CUDA + Meta (csrc/ops/add_rowwise.cu).
+  m.def("add_rowwise(Tensor x, Tensor bias) -> Tensor");
+
+  // Test hooks (leading underscore: not API).
+  m.def("_dispatch_selftest(ScalarType dtype, int head_dim) -> str", &vitkern::dispatch_selftest);
+  m.def("_device_arch_probe(Device device) -> int[]", &vitkern::device_arch_probe);
+}
+
+// `import vitkern._C` is what loads the registrations above into the process; Python needs a module init function
+// for that. The module itself is empty: everything is reached through torch.ops.vitkern_C. (The JIT build loads the
+// same sources with torch.ops.load_library, which does not use this.)
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+PyMODINIT_FUNC VITKERN_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      VITKERN_STRINGIFY(TORCH_EXTENSION_NAME), /* m_name */
+      "vitkern CUDA ops; use torch.ops.vitkern_C.*", /* m_doc */
+      -1, /* m_size */
+      nullptr, /* m_methods */
+  };
+  return PyModule_Create(&module_def);
+}
