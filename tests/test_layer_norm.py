@@ -294,3 +294,17 @@ def test_poisoned_outputs_are_all_written():
     with vitkern.use_backend("triton", op="layer_norm"), poison_outputs():
         y, s = vitkern_ln(x, residual=x)
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
+
+
+@pytest.mark.interpreter
+def test_direct_op_call_with_strided_columns_falls_back_to_reference():
+    """torch.ops.vitkern.layer_norm_fwd called directly with non-unit column stride: the Triton backend says why it
+    declines and the reference computes the right answer."""
+    x = randn((8, 128), dtype=torch.float32, device="cpu", seed=seed_for("strided-op"))[:, ::2]
+    from vitkern.ops import layer_norm as ln
+
+    reasons = ln.LayerNormTriton().reject_reasons(ln.problem("forward", x, None, None))
+    assert any("stride(1) != 1" in r for r in reasons)
+    with vitkern.use_backend("triton", op="layer_norm", strict=False):
+        y = torch.ops.vitkern.layer_norm_fwd(x, None, None, None, 1e-5)[0]
+    torch.testing.assert_close(y, F.layer_norm(x, (64,)))

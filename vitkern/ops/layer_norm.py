@@ -68,6 +68,8 @@ class LayerNormTriton(TritonBackend):
             reasons.append(f"row width {n} > {TRITON_MAX_N} (single-tile kernel)")
         if m == 0:
             reasons.append("empty input (M = 0)")
+        if not problem.attr("unit_col_stride", True):
+            reasons.append("x/residual columns are not contiguous (stride(1) != 1)")
         wdt = problem.attr("weight_dtype")
         if wdt is not None and wdt not in (problem.dtype, torch.float32):
             reasons.append(f"weight/bias dtype {wdt} is neither x's dtype nor float32")
@@ -101,7 +103,11 @@ def problem(direction: str, x: Tensor, weight: Optional[Tensor], residual: Optio
         OP,
         direction,
         [("x", x), ("residual", residual)],
-        attrs=[("weight_dtype", weight.dtype if weight is not None else None)],
+        attrs=[
+            ("weight_dtype", weight.dtype if weight is not None else None),
+            # the kernels index rows by stride and columns densely (the functional guarantees it; direct op callers may not)
+            ("unit_col_stride", x.stride(1) == 1 and (residual is None or residual.stride(1) == 1)),
+        ],
     )
 
 
