@@ -12,6 +12,8 @@ from vitkern import dispatch
 from vitkern.ops import layer_norm as ln_op
 from vitkern.validation import FLOAT_DTYPES, as_rows, check_positive, check_tensor
 
+__all__ = ["layer_norm"]
+
 _NAME = "vitkern.layer_norm"
 _PARAM_DTYPES = FLOAT_DTYPES
 

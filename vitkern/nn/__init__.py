@@ -1,5 +1,8 @@
-"""Drop-in modules with the constructor arguments and state_dict keys of the modules they replace."""
+"""Drop-in modules with the constructor arguments and state_dict keys of the modules they replace.
 
-from vitkern.nn.layer_norm import LayerNorm
+Each module's ``__all__`` is re-exported here (``vitkern.nn.LayerNorm``, ...).
+"""
 
-__all__ = ["LayerNorm"]
+from vitkern._discovery import import_submodules
+
+__all__ = import_submodules(__name__, __path__, globals())

@@ -7,6 +7,8 @@ from torch import Tensor
 
 from vitkern.functional.layer_norm import layer_norm
 
+__all__ = ["LayerNorm"]
+
 
 class LayerNorm(torch.nn.LayerNorm):
     """A ``torch.nn.LayerNorm`` whose forward runs the vitkern op (so ``isinstance(m, nn.LayerNorm)`` still holds).
