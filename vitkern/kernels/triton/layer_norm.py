@@ -136,8 +136,15 @@ def _tuned(kernel_name: str):
     kernel = {"fwd": layer_norm_fwd_kernel, "bwd": layer_norm_bwd_kernel}[kernel_name]
     key = ["N", "HAS_RES", "HAS_W", "HAS_B"] if kernel_name == "fwd" else ["N", "HAS_DSUM", "HAS_W", "NEED_DW", "NEED_DB"]
     return triton.autotune(
-        configs=_gpu_configs(), key=key, prune_configs_by={"early_config_prune": _prune}
+        configs=_gpu_configs(), key=key, prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench,
+        cache_results=True,  # the choice per (N, dtype, flags) persists in Triton's cache across processes
     )(kernel)
+
+
+def _quick_bench(kernel_call, quantiles):
+    # a memory-bound kernel of microseconds: 5 ms warm-up / 25 ms of reps separates configs well, and keeps the
+    # first call per shape (15 configs) well under a second
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
 def _interpreted(x: torch.Tensor) -> bool:
