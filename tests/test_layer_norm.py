@@ -308,3 +308,23 @@ def test_direct_op_call_with_strided_columns_falls_back_to_reference():
     with vitkern.use_backend("triton", op="layer_norm", strict=False):
         y = torch.ops.vitkern.layer_norm_fwd(x, None, None, None, 1e-5)[0]
     torch.testing.assert_close(y, F.layer_norm(x, (64,)))
+
+
+@pytest.mark.interpreter
+def test_forced_backend_reaches_a_backward_run_on_another_thread(monkeypatch):
+    """CUDA backwards run on autograd device threads, which start with an empty contextvars context: the forward's
+    forcing must travel with the graph (dispatch.register_autograd). Simulated here with a plain thread."""
+    import threading
+
+    from vitkern.ops import layer_norm as ln
+
+    calls = []
+    original = ln.LayerNormTriton.backward
+    monkeypatch.setattr(ln.LayerNormTriton, "backward", lambda self, *a: calls.append(1) or original(self, *a))
+    x = randn((5, 64), dtype=torch.float32, device="cpu", seed=seed_for("thread")).requires_grad_()
+    with vitkern.use_backend("triton", op="layer_norm"):
+        y = vitkern_ln(x)
+    worker = threading.Thread(target=lambda: y.sum().backward())
+    worker.start()
+    worker.join()
+    assert calls == [1] and x.grad is not None

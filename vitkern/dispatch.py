@@ -258,3 +258,23 @@ def tensor_problem(
         shapes=tuple((n, tuple(t.shape)) for n, t in tensors if t is not None),
         attrs=tuple(attrs),
     )
+
+
+def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Callable[..., Any]) -> None:
+    """``op.register_autograd`` that carries the caller's vitkern context (forced backends, output poisoning) from the
+    forward into the backward.
+
+    Both are ContextVars, and the autograd engine runs CUDA backwards on its own device threads, which start with an
+    empty context: without this, ``with use_backend(...)`` around ``loss.backward()`` would silently not apply to
+    the backward ops. (Under torch.compile the backward graph is traced once; the forcing seen at trace time holds.)
+    """
+
+    def setup_with_context(ctx, inputs, output):
+        ctx.vitkern_context = contextvars.copy_context()
+        return setup_context(ctx, inputs, output)
+
+    def backward_in_context(ctx, *grads):
+        # a copy per call: one Context object cannot be entered by two threads at once
+        return ctx.vitkern_context.copy().run(backward, ctx, *grads)
+
+    op.register_autograd(backward_in_context, setup_context=setup_with_context)

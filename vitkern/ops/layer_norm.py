@@ -184,4 +184,4 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
     return dx, (dw if need_dw else None), (db if need_db else None), (dx if ctx.has_residual else None), None
 
 
-layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+dispatch.register_autograd(layer_norm_fwd, _backward, setup_context=_setup_context)
