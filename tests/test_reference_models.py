@@ -266,3 +266,19 @@ def test_full_size_configs_match_timm_keys_and_shapes() -> None:
     with torch.device('meta'):
         huge = ref.create_model('vit_huge_patch14_224')
     assert huge.blocks[0].attn.head_dim == 80 and huge.blocks[0].attn.num_heads == 16
+
+
+def test_block_with_window_clamped_on_one_axis_only():
+    """Resolution (6, 10), window 7: clamped to (6, 7) on one axis, so window_partition returns a non-contiguous
+    view; the block must still run (regression: it used .view on it) and match timm."""
+    from timm.models.swin_transformer import SwinTransformerBlock as TimmBlock
+
+    from vitkern.reference.swin import SwinTransformerBlock
+
+    torch.manual_seed(0)
+    timm_block = TimmBlock(dim=16, input_resolution=(6, 10), num_heads=2, window_size=7, shift_size=3).eval()
+    ours = SwinTransformerBlock(16, (6, 10), 2, window_size=7, shift_size=3).eval()
+    ours.load_state_dict(timm_block.state_dict(), strict=True)
+    x = torch.randn(1, 6, 10, 16)  # batch 1: the permuted windows stay a (non-contiguous) view
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), timm_block(x), atol=1e-5, rtol=1e-5)

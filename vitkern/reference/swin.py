@@ -41,7 +41,7 @@ def window_reverse(windows: torch.Tensor, window_size: IntOrPair, H: int, W: int
     """Inverse of window_partition: [B * nW, wh, ww, C] -> [B, H, W, C]."""
     wh, ww = to_2tuple(window_size)
     C = windows.shape[-1]
-    x = windows.view(-1, H // wh, W // ww, wh, ww, C)
+    x = windows.reshape(-1, H // wh, W // ww, wh, ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
 
 
@@ -215,7 +215,7 @@ class SwinTransformerBlock(nn.Module):
         mask = self.attn_mask
         if has_shift and self.dynamic_mask:
             mask = shifted_window_mask(H, W, self.window_size, shift, device=x.device, dtype=x.dtype)
-        windows = window_partition(x, (wh, ww)).view(-1, wh * ww, C)  # [B * nW, N, C]
+        windows = window_partition(x, (wh, ww)).reshape(-1, wh * ww, C)  # [B * nW, N, C]
         windows = self.attn(windows, mask=mask)
         x = window_reverse(windows.view(-1, wh, ww, C), (wh, ww), Hp, Wp)[:, :H, :W]  # crop the padding
         if has_shift:
