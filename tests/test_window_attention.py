@@ -1,0 +1,450 @@
+"""Shifted-window attention: the fused op and modules against the reference Swin block, timm's block, and float64.
+
+Tolerance: vitkern.testing's rule, err <= 2 x (PyTorch's error in the same dtype) + atol(dtype) x scale, both against
+the float64 oracle on the same inputs (vitkern/testing/numerics.py). The timm comparisons are fp32 vs fp32 of the
+same math in another order: see TIMM_REL_TOL.
+"""
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkern
+from vitkern.functional.window_attention import window_attention
+from vitkern.nn.window_attention import ShiftedWindowAttention, WindowAttention
+from vitkern.ops import window_attention as wa_op
+from vitkern.reference import swin as ref_swin
+from vitkern.testing import check_forward_backward, poison_outputs, randn, seed_for
+
+OP = "window_attention"
+PARAM_NAMES = ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table"]
+GRADS = ["x"] + [n.replace(".", "_") for n in PARAM_NAMES]
+# fp32 both sides, same math in a different order (the kernel's exp2 softmax, fused reductions): a few ulp per op,
+# ~1e-6 relative observed; a wrong index, region or padding rule is off by 1e-2 or more.
+TIMM_REL_TOL = 2e-5
+
+
+class _BlockAttnPath(torch.nn.Module):
+    """The reference block's attention path (roll, pad, partition, attention, reverse, crop, unroll) on normed x."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block.window_attention(x)
+
+
+def make_case(B, res, ws, shift, heads, D, dtype, device, dim=20, seed_key=()):
+    """A reference SwinTransformerBlock (timm semantics, window/shift clamped like timm) and random inputs."""
+    block = ref_swin.SwinTransformerBlock(dim, res, heads, head_dim=D, window_size=ws, shift_size=shift).to(device)
+    seed = seed_for("window-attention", B, res, ws, shift, heads, D, dtype, *seed_key)
+    inputs = {"x": randn((B, *res, dim), dtype=dtype, device=device, seed=seed)}
+    scales = {"qkv.weight": dim ** -0.5, "qkv.bias": 0.5, "proj.weight": (heads * D) ** -0.5, "proj.bias": 0.2,
+              "relative_position_bias_table": 1.0}  # O(1) bias so a wrong table index shows
+    for i, name in enumerate(PARAM_NAMES):
+        p = block.get_parameter("attn." + name)
+        inputs[name.replace(".", "_")] = randn(p.shape, dtype=dtype, device=device, seed=seed + i + 1,
+                                               scale=scales[name])
+    return block, inputs, seed
+
+
+def _params(**kw):
+    return {name: kw[name.replace(".", "_")] for name in PARAM_NAMES}
+
+
+def run_block_parity(B, res, ws, shift, heads, D, dtype, device, mask_value=-100.0):
+    block, inputs, seed = make_case(B, res, ws, shift, heads, D, dtype, device)
+    fused = ShiftedWindowAttention.from_timm_block(block)
+    ref_path = _BlockAttnPath(block)
+
+    def kernel(x, **kw):
+        return torch.func.functional_call(fused, _params(**kw), (x,))
+
+    with vitkern.use_backend("triton", op=OP):
+        return check_forward_backward(kernel, _block_reference(ref_path), inputs, GRADS, seed=seed)
+
+
+def _block_reference(path):
+    def reference(x, **kw):
+        state = {"block.attn." + k: v for k, v in _params(**kw).items()}
+        if path.block.attn_mask is not None:  # the fp32 mask buffer would promote a half-precision run to fp32
+            state["block.attn_mask"] = path.block.attn_mask.to(x.dtype)
+        return torch.func.functional_call(path, state, (x,))
+
+    return reference
+
+
+# ----------------------------------------------------------------------------------------------- CPU interpreter
+# (B, feature map, window, shift, heads, head_dim, dtype): divisible and padded maps, non-square maps, window >= map
+# on one or both axes (timm clamps: window = map there, no shift), heads 1/3, D 16/32, ws 2/3/4/7.
+BLOCK_CASES = [
+    (2, (8, 8), 4, 2, 3, 16, torch.float32),  # divisible, shifted
+    (1, (11, 9), 4, 2, 3, 16, torch.float32),  # padding on both axes + shift: regions off the roll's seam
+    (1, (9, 6), 3, 1, 1, 32, torch.float16),  # divisible, non-square map, fp16
+    (1, (10, 7), 3, 0, 3, 16, torch.float16),  # padding, no shift, fp16
+    (1, (5, 7), 2, 1, 1, 16, torch.float32),  # ws 2, padding on H
+    (1, (14, 14), 7, 3, 1, 32, torch.float32),  # Swin ws 7 (N = 49, BLOCK 64), 2 x 2 windows
+    (1, (6, 10), 7, 3, 3, 16, torch.float32),  # window >= map on H only: window (6, 7), shift (0, 3), pad W
+    (2, (5, 4), 7, 3, 1, 32, torch.float16),  # window >= map on both axes: one window, no shift
+]
+
+BLOCK_IDS = [f"{r[0]}x{r[1]}-ws{w}-s{s}-h{h}-d{d}-{str(t)[6:]}" for _, r, w, s, h, d, t in BLOCK_CASES]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B,res,ws,shift,heads,D,dtype", BLOCK_CASES, ids=BLOCK_IDS)
+def test_interpreter_block_parity(B, res, ws, shift, heads, D, dtype):
+    """Forward and gradients of x, qkv/proj weights and biases and the bias table vs the reference Swin block."""
+    run_block_parity(B, res, ws, shift, heads, D, dtype, "cpu")
+
+
+def _functional_case(B, res, window, shift, heads, D, dtype, device, bias=True, seed_key=()):
+    seed = seed_for("wa-functional", B, res, window, shift, heads, D, dtype, bias, *seed_key)
+    wh, ww = window
+    inputs = {
+        "qkv": randn((B, *res, 3 * heads * D), dtype=dtype, device=device, seed=seed),
+        "table": randn(((2 * wh - 1) * (2 * ww - 1), heads), dtype=dtype, device=device, seed=seed + 1),
+        "qkv_bias": randn((3 * heads * D,), dtype=dtype, device=device, seed=seed + 2) if bias else None,
+    }
+    return inputs, seed
+
+
+def run_functional_parity(B, res, window, shift, heads, D, dtype, device, mask_value=-100.0, bias=True,
+                          pad_first=False):
+    inputs, seed = _functional_case(B, res, window, shift, heads, D, dtype, device, bias, (mask_value, pad_first))
+
+    def kernel(qkv, table, qkv_bias):
+        return window_attention(qkv, table, heads, window, shift, qkv_bias=qkv_bias, mask_value=mask_value,
+                                pad_first=pad_first)
+
+    def reference(qkv, table, qkv_bias):  # plain PyTorch in the inputs' dtype (float64 for the oracle)
+        return wa_op.reference_forward(qkv, qkv_bias, table, heads, window, shift, D ** -0.5, mask_value,
+                                       pad_first)[0]
+
+    with vitkern.use_backend("triton", op=OP):
+        return check_forward_backward(kernel, reference, inputs, [k for k, v in inputs.items() if v is not None],
+                                      seed=seed)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", [
+    ("non_square_window", dict(B=1, res=(7, 11), window=(3, 5), shift=(1, 2), heads=2, D=16)),
+    ("neg_inf_mask", dict(B=1, res=(8, 9), window=(4, 4), shift=(2, 2), heads=1, D=16, mask_value=float("-inf"))),
+    ("no_qkv_bias_padded", dict(B=1, res=(6, 5), window=(4, 4), shift=(2, 2), heads=2, D=16, bias=False)),
+    ("head_dim_24", dict(B=1, res=(4, 4), window=(4, 4), shift=(0, 0), heads=1, D=24)),  # non-pow2 D (masked)
+    ("pad_first", dict(B=1, res=(7, 6), window=(3, 4), shift=(1, 2), heads=2, D=16, pad_first=True)),
+], ids=lambda c: c[0])
+def test_interpreter_functional_parity(case):
+    run_functional_parity(**case[1], dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.interpreter
+def test_interpreter_backward_is_bitwise_repeatable():
+    """Several window chunks per head (3 in the interpreter) reduce in a fixed order: identical bits on rerun."""
+    inputs, _ = _functional_case(2, (9, 8), (4, 4), (2, 2), 2, 16, torch.float32, "cpu")
+    leaves = [t.requires_grad_() for t in inputs.values()]
+    dy = randn((2, 9, 8, 32), dtype=torch.float32, device="cpu", seed=seed_for("wa-det-dy"))
+    with vitkern.use_backend("triton", op=OP):
+        runs = [torch.autograd.grad(window_attention(inputs["qkv"], inputs["table"], 2, 4, 2,
+                                                    qkv_bias=inputs["qkv_bias"]), leaves, dy) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.interpreter
+def test_interpreter_outputs_fully_written_under_poison():
+    inputs, _ = _functional_case(1, (11, 9), (4, 4), (2, 2), 1, 16, torch.float16, "cpu")
+    with vitkern.use_backend("triton", op=OP), poison_outputs():
+        out = window_attention(inputs["qkv"], inputs["table"], 1, 4, 2, qkv_bias=inputs["qkv_bias"])
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------------------------- against timm
+timm_swin = pytest.importorskip("timm.models.swin_transformer")
+
+
+def _assert_rel_close(names, got, expected):
+    for name, a, b in zip(names, got, expected, strict=True):
+        err, scale = (a - b).abs().max().item(), b.abs().max().item()
+        assert err <= TIMM_REL_TOL * max(scale, 1.0), f"{name}: {err:.3g} vs max {scale:.3g}"
+
+
+def _timm_block(res, ws, shift, heads, D, dim=20, seed=0):
+    block = timm_swin.SwinTransformerBlock(dim, res, heads, head_dim=D, window_size=ws, shift_size=shift).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in block.attn.named_parameters():  # O(1) bias table so a wrong index shows
+            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.ndim == 2 and "table" not in name
+                                                          else 1.0))
+    return block
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("res,ws,shift,heads", [((11, 9), 4, 2, 3), ((6, 10), 7, 3, 1), ((8, 8), 4, 2, 2)])
+def test_matches_timm_block_attention(backend, res, ws, shift, heads):
+    """The fused module on timm's own block (shared parameters) equals ``block._attn`` forward and backward."""
+    block = _timm_block(res, ws, shift, heads, 16, seed=seed_for("timm", res, ws) % 1000)
+    # the kernel computes timm's relative_position_index arithmetically
+    assert torch.equal(block.attn.relative_position_index.view(-1),
+                       ref_swin.relative_position_index(block.window_size).view(-1))
+    fused = ShiftedWindowAttention.from_timm_block(block)
+    assert fused.relative_position_bias_table is block.attn.relative_position_bias_table
+    x = randn((2, *res, 20), dtype=torch.float32, device="cpu", seed=seed_for("timm-x", res)).requires_grad_()
+    dy = randn((2, *res, 20), dtype=torch.float32, device="cpu", seed=seed_for("timm-dy", res))
+    params = [x] + list(block.attn.parameters())
+    expected = block._attn(x)
+    g_expected = torch.autograd.grad(expected, params, dy)
+    with vitkern.use_backend(backend, op=OP):
+        got = fused(x)
+        g_got = torch.autograd.grad(got, params, dy)
+    _assert_rel_close(["out", "x"] + [n for n, _ in block.attn.named_parameters()], [got, *g_got],
+                      [expected, *g_expected])
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_window_attention_dropin_matches_timm(backend):
+    timm_attn = _timm_block((8, 8), 4, 2, 2, 16, seed=3).attn
+    mask = ref_swin.shifted_window_mask(8, 8, 4, 2)
+    mine = WindowAttention(20, 2, head_dim=16, window_size=4)
+    assert mine.state_dict().keys() == timm_attn.state_dict().keys()
+    mine.load_state_dict(timm_attn.state_dict())
+    shared = WindowAttention.from_timm(timm_attn)
+    assert shared.qkv is timm_attn.qkv
+    x = randn((2 * 4, 16, 20), dtype=torch.float32, device="cpu", seed=seed_for("dropin"))
+    with torch.no_grad(), vitkern.use_backend(backend, op=OP):
+        for m in (mine, shared):
+            for msk in (None, mask):  # with a mask tensor: the plain PyTorch path
+                expected = timm_attn(x, mask=msk)
+                assert (m(x, mask=msk) - expected).abs().max() <= TIMM_REL_TOL * expected.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("res,ws,shift", [((11, 9), 4, 2), ((5, 7), 7, 3), ((8, 12), 4, 2)])
+def test_matches_torchvision_shifted_window_attention(backend, res, ws, shift):
+    """torchvision pads before the roll (HF too): ``pad_first``; parameters shared with its module."""
+    tv_swin = pytest.importorskip("torchvision.models.swin_transformer")
+    tv = tv_swin.ShiftedWindowAttention(32, [ws, ws], [shift, shift], 2).eval()
+    g = torch.Generator().manual_seed(seed_for("tv", res, ws) % 1000)
+    with torch.no_grad():
+        for p in tv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.ndim == 2 and p.shape[0] != (
+                2 * ws - 1) ** 2 else 1.0))
+    fused = ShiftedWindowAttention.from_torchvision(tv)
+    x = randn((2, *res, 32), dtype=torch.float32, device="cpu", seed=seed_for("tv-x", res)).requires_grad_()
+    dy = randn((2, *res, 32), dtype=torch.float32, device="cpu", seed=seed_for("tv-dy", res))
+    params = [x] + list(tv.parameters())
+    expected = tv(x)
+    g_expected = torch.autograd.grad(expected, params, dy)
+    with vitkern.use_backend(backend, op=OP):
+        got = fused(x)
+        g_got = torch.autograd.grad(got, params, dy)
+    _assert_rel_close(["out", "x"] + [n for n, _ in tv.named_parameters()], [got, *g_got], [expected, *g_expected])
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("res,ws,shift", [((11, 9), 4, 2), ((8, 8), 4, 2)])
+def test_matches_hf_swin_layer(backend, res, ws, shift):
+    """HF's SwinLayer (pad, then roll; separate query/key/value linears): its whole forward rebuilt around the
+    functional with pad_first=True and the three linears concatenated into one qkv."""
+    hf_swin = pytest.importorskip("transformers.models.swin.modeling_swin")
+    from transformers import SwinConfig
+
+    cfg = SwinConfig(embed_dim=32, window_size=ws, num_heads=[2], depths=[1], hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    layer = hf_swin.SwinLayer(cfg, dim=32, input_resolution=res, num_heads=2, shift_size=shift).eval()
+    g = torch.Generator().manual_seed(seed_for("hf", res) % 1000)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.ndim == 2 and "table" not in name
+                                                          else 0.5))
+    B, (H, W) = 2, res
+    x = randn((B, H * W, 32), dtype=torch.float32, device="cpu", seed=seed_for("hf-x", res))
+    with torch.no_grad():
+        expected = layer(x, res)[0]
+        sa = layer.attention  # transformers 5.x names (q_proj, k_proj, v_proj, o_proj)
+        qkv_w = torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])
+        qkv_b = torch.cat([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias])
+        qkv = F.linear(layer.layernorm_before(x).view(B, H, W, 32), qkv_w, qkv_b)
+        with vitkern.use_backend(backend, op=OP):
+            attn = window_attention(qkv, sa.relative_position_bias.relative_position_bias_table, 2,
+                                    layer.window_size, layer.shift_size, qkv_bias=qkv_b, pad_first=True)
+        y = x + sa.o_proj(attn).view(B, H * W, 32)
+        got = y + layer.mlp(layer.layernorm_after(y))
+    assert (got - expected).abs().max() <= TIMM_REL_TOL * expected.abs().max()
+
+
+def test_shifted_module_state_dict_matches_timm_attention():
+    timm_attn = _timm_block((8, 8), 4, 2, 2, 16, seed=4).attn
+    mine = ShiftedWindowAttention(20, 2, head_dim=16, window_size=4, shift_size=2)
+    assert mine.state_dict().keys() == timm_attn.state_dict().keys()
+    mine.load_state_dict(timm_attn.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="window_size"):
+        ShiftedWindowAttention.from_timm(timm_attn, window_size=7)
+
+
+# ----------------------------------------------------------------------------------------------- errors, dispatch
+def _good(**over):
+    args = dict(qkv=torch.randn(1, 8, 8, 96), relative_position_bias_table=torch.randn(49, 2), num_heads=2,
+                window_size=4, shift_size=2, qkv_bias=None)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, error, match", [
+    (dict(qkv=torch.randn(8, 8, 96)), ValueError, "qkv must be 4-D"),
+    (dict(qkv=torch.zeros(1, 8, 8, 96, dtype=torch.int32)), TypeError, "qkv has dtype torch.int32"),
+    (dict(qkv=torch.randn(1, 8, 8, 95)), ValueError, "3 \\* num_heads"),
+    (dict(relative_position_bias_table=torch.randn(48, 2)), ValueError, "relative_position_bias_table has shape"),
+    (dict(relative_position_bias_table=torch.randn(49, 2, device="meta")), ValueError, "table is on meta"),
+    (dict(qkv_bias=torch.randn(95)), ValueError, "qkv_bias has shape"),
+    (dict(shift_size=4), ValueError, "shift_size"),
+    (dict(window_size=0), ValueError, "window_size must be >= 1"),
+    (dict(num_heads=0), ValueError, "num_heads must be a positive int"),
+    (dict(mask_value=1.0), ValueError, "mask_value"),
+])
+def test_bad_input_errors_name_the_argument(over, error, match):
+    with pytest.raises(error, match=match):
+        window_attention(**_good(**over))
+
+
+def test_window_too_large_for_kernel_is_explained_and_falls_back():
+    qkv, table = torch.randn(1, 17, 17, 48), torch.randn(33 * 33, 1)  # 17 x 17 = 289 tokens > 256
+    choice = vitkern.explain(window_attention, qkv, table, 1, 17)
+    assert choice.backend_name == "reference" and "289 tokens > 256" in str(choice)
+    with vitkern.use_backend("triton", op=OP), pytest.raises(vitkern.BackendError, match="289 tokens"):
+        window_attention(qkv, table, 1, 17)
+    with vitkern.use_backend("triton", op=OP), pytest.raises(vitkern.BackendError, match="dtype"):
+        window_attention(qkv.double(), table.double(), 1, 17)
+    with vitkern.use_backend("triton", op=OP, strict=False):
+        assert window_attention(qkv, table, 1, 17).shape == (1, 17, 17, 16)
+
+
+def test_cpu_default_is_reference_and_explain_lists_triton():
+    choice = vitkern.explain(window_attention, **_good())
+    assert choice.backend_name == "reference" and "triton" in str(choice)
+
+
+def test_reference_backend_fp64_matches_block_oracle():
+    """The reference backend (also the fallback) against the reference block, in float64 and bf16."""
+    for dtype in (torch.float64, torch.bfloat16):
+        block, inputs, seed = make_case(1, (11, 9), 4, 2, 2, 16, dtype, "cpu", seed_key=("ref",))
+        fused, path = ShiftedWindowAttention.from_timm_block(block), _BlockAttnPath(block)
+        with vitkern.use_backend("reference", op=OP):
+            check_forward_backward(lambda x, **kw: torch.func.functional_call(fused, _params(**kw), (x,)),
+                                   _block_reference(path), inputs, GRADS, seed=seed)
+
+
+def test_custom_ops_pass_opcheck():
+    inputs, _ = _functional_case(1, (5, 6), (4, 4), (2, 2), 2, 16, torch.float32, "cpu")
+    qkv, table, bias = inputs["qkv"], inputs["table"], inputs["qkv_bias"]
+    args = (qkv.requires_grad_(), bias.requires_grad_(), table.requires_grad_(), 2, [4, 4], [2, 2], 0.25, -100.0,
+            False)
+    torch.library.opcheck(torch.ops.vitkern.window_attention_fwd.default, args)
+    out, lse = torch.ops.vitkern.window_attention_fwd(qkv.detach(), bias.detach(), table.detach(), *args[3:])
+    torch.library.opcheck(torch.ops.vitkern.window_attention_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), bias.detach(), table.detach(), out, lse, 2, [4, 4],
+                           [2, 2], 0.25, -100.0, False, True, True))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_torch_compile_fullgraph_no_graph_breaks(backend):
+    torch._dynamo.reset()
+    m = ShiftedWindowAttention(20, 2, head_dim=16, window_size=4, shift_size=2)
+    x = randn((1, 6, 7, 20), dtype=torch.float32, device="cpu", seed=seed_for("compile")).requires_grad_()
+    with vitkern.use_backend(backend, op=OP):
+        eager = m(x)
+        (gx_eager,) = torch.autograd.grad(eager.sum(), x)
+        out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(gx, gx_eager)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+# Swin V1 stage shapes (feature map, heads) at 224 (ws 7) and 384 (ws 12), head_dim 32: T/S heads 3-24, B heads 4-32.
+SWIN_STAGES = {
+    "swin_t_224": ((56, 3), (28, 6), (14, 12), (7, 24)), "swin_b_224": ((56, 4), (28, 8), (14, 16), (7, 32)),
+    "swin_s_384": ((96, 3), (48, 6), (24, 12), (12, 24)), "swin_b_384": ((96, 4), (48, 8), (24, 16), (12, 32)),
+}
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("model", sorted(SWIN_STAGES))
+def test_gpu_swin_stage_shapes(model, dtype):
+    ws = 12 if model.endswith("384") else 7
+    for res, heads in SWIN_STAGES[model]:
+        window, _ = ref_swin.clamp_window_and_shift((res, res), (ws, ws), (0, 0))
+        for shift in {0, window[0] // 2} if window[0] < res else {0}:
+            run_functional_parity(2, (res, res), window, (shift, shift), heads, 32, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("B,res,ws,shift,heads,D", [
+    (4, (56, 56), 7, 3, 3, 32), (3, (11, 9), 4, 2, 3, 16), (2, (30, 20), 8, 4, 2, 64), (2, (20, 26), 12, 6, 2, 128),
+    (1, (32, 40), 16, 8, 2, 32), (2, (6, 10), 7, 3, 3, 16),
+])
+def test_gpu_block_parity(B, res, ws, shift, heads, D, dtype):
+    run_block_parity(B, res, ws, shift, heads, D, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_only_the_outputs():
+    """fwd+bwd allocates its outputs (out, lse, dout copy, dqkv) and small partials: no window copies of qkv, no
+    score, probability or mask tensors (the eager path's [B·nW, heads, N, N] scores alone are 1.5x out here)."""
+    B, res, heads, D = 32, 56, 3, 32
+    inputs, _ = _functional_case(B, (res, res), (7, 7), (3, 3), heads, D, torch.bfloat16, "cuda")
+    qkv, table = (inputs[k].requires_grad_() for k in ("qkv", "table"))
+    window_attention(qkv, table, heads, 7, 3).sum().backward()  # warm up (autotune)
+    qkv.grad = table.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    window_attention(qkv, table, heads, 7, 3).sum().backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    out_bytes = B * res * res * heads * D * 2
+    lse_bytes = B * 64 * heads * 49 * 4
+    budget = out_bytes * (1 + 1 + 3) + lse_bytes + 16 * 2**20  # out, dout, dqkv, lse; partials and table < 16 MiB
+    assert peak <= budget, f"peak {peak / 2**20:.1f} MiB > {budget / 2**20:.1f} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_backward_bitwise_repeatable():
+    inputs, _ = _functional_case(8, (56, 56), (7, 7), (3, 3), 3, 32, torch.bfloat16, "cuda")
+    leaves = [t.requires_grad_() for t in inputs.values()]
+    dy = torch.randn(8, 56, 56, 96, device="cuda", dtype=torch.bfloat16)
+    runs = [torch.autograd.grad(window_attention(inputs["qkv"], inputs["table"], 3, 7, 3,
+                                                qkv_bias=inputs["qkv_bias"]), leaves, dy) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.gpu
+def test_gpu_default_dispatch_is_triton_and_compiles():
+    m = ShiftedWindowAttention(96, 3, window_size=7, shift_size=3, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 56, 56, 96, device="cuda", dtype=torch.bfloat16)
+    qkv = m.qkv(x)
+    assert vitkern.explain(window_attention, qkv, m.relative_position_bias_table, 3, 7, 3).backend_name in (
+        "triton", "cuda")
+    eager = m(x)
+    # inductor may pick other GEMM kernels for the two linears: bf16 rounding differences only
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), eager, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_fuzz():
+    g = torch.Generator().manual_seed(4321)
+
+    def pick(options):
+        return options[int(torch.randint(0, len(options), (1,), generator=g))]
+
+    for _ in range(40):
+        ws = pick([2, 3, 4, 5, 7, 8, 12, 16])
+        res = tuple(int(torch.randint(1, 4 * ws + 3, (1,), generator=g)) for _ in range(2))
+        window, shift = ref_swin.clamp_window_and_shift(res, (ws, ws), (ws // 2, ws // 2) if pick([0, 1]) else (0, 0))
+        run_functional_parity(pick([1, 2, 5]), res, window, shift, pick([1, 2, 3, 4]), pick([16, 32, 64, 128]),
+                              pick(GPU_DTYPES), "cuda", mask_value=pick([-100.0, float("-inf")]),
+                              bias=bool(pick([0, 1])))

@@ -1,0 +1,186 @@
+"""Swin window-attention modules with timm's parameter names and state_dict keys.
+
+- :class:`WindowAttention`: drop-in for timm's ``WindowAttention`` (input already partitioned, [B·nW, N, C]).
+- :class:`ShiftedWindowAttention`: the fused module for a Swin block, [B, H, W, C] -> [B, H, W, C]; replaces
+  timm's ``SwinTransformerBlock._attn`` (pad + roll + partition + attn + reverse + unroll + crop) with one kernel
+  between the qkv and proj linears.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from vitkern.functional.window_attention import SWIN_MASK_VALUE, window_attention
+from vitkern.reference import swin as ref_swin
+
+__all__ = ["WindowAttention", "ShiftedWindowAttention"]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+class _WindowAttentionBase(nn.Module):
+    """timm's parameters: ``qkv``, ``proj``, ``relative_position_bias_table`` and the ``relative_position_index``
+    buffer (non-persistent, as in timm; the kernel computes the same index arithmetically)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: Optional[int], window_size, qkv_bias: bool,
+                 attn_drop: float, proj_drop: float, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = wh, ww = _pair(window_size)
+        self.window_area = wh * ww
+        head_dim = head_dim or dim // num_heads
+        self.scale = head_dim ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads, **kw))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index",
+                             ref_swin.relative_position_index((wh, ww), device=device), persistent=False)
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias, **kw)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * head_dim, dim, **kw)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _share(self, attn: nn.Module) -> None:
+        """Take ``attn``'s parameters (timm WindowAttention or another of ours) by reference: no copy."""
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.attn_drop = getattr(attn, "attn_drop", None) or nn.Dropout(0.0)  # the reference has no dropout
+        self.proj_drop = getattr(attn, "proj_drop", None) or nn.Dropout(0.0)
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        self.scale = attn.scale
+        self.train(attn.training)
+
+    def _check_no_attn_dropout(self) -> None:
+        if self.training and self.attn_drop.p > 0:
+            raise NotImplementedError(f"{type(self).__name__}: attention dropout (p={self.attn_drop.p}) is not "
+                                      "supported by the fused kernel; use eval() or attn_drop=0")
+
+
+class WindowAttention(_WindowAttentionBase):
+    """Drop-in for ``timm.models.swin_transformer.WindowAttention``: same constructor, names and state_dict.
+
+    ``forward(x [B·nW, N, C], mask [nW, N, N] or None)``. Without a mask the fused kernel runs (each window is an
+    image of one window, no padding, no shift). A mask tensor is an arbitrary additive mask the kernel cannot
+    derive from geometry, so that call runs the plain PyTorch path; use :class:`ShiftedWindowAttention` to get the
+    shift mask computed in-kernel.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None, window_size=7,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, device=None, dtype=None):
+        super().__init__(dim, num_heads, head_dim, window_size, qkv_bias, attn_drop, proj_drop, device, dtype)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        bw, n, _ = x.shape
+        if mask is not None or (self.training and self.attn_drop.p > 0):
+            return self.proj_drop(self.proj(self._eager(x, mask)))
+        wh, ww = self.window_size
+        qkv = self.qkv(x).view(bw, wh, ww, -1)
+        out = window_attention(qkv, self.relative_position_bias_table, self.num_heads, (wh, ww), 0, scale=self.scale)
+        return self.proj_drop(self.proj(out.view(bw, n, -1)))
+
+    def _eager(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        bw, n, _ = x.shape
+        q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = attn + ref_swin.relative_position_bias(self.relative_position_bias_table,
+                                                      self.relative_position_index).to(attn.dtype)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = (attn.view(-1, nw, self.num_heads, n, n) + mask.to(attn.dtype)[None, :, None]).view(bw, -1, n, n)
+        attn = self.attn_drop(attn.softmax(-1))
+        return (attn @ v).transpose(1, 2).reshape(bw, n, -1)
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module) -> "WindowAttention":
+        """Shares ``attn``'s parameters (timm WindowAttention)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dim, new.num_heads = attn.qkv.in_features, attn.num_heads
+        new.window_size = tuple(attn.window_size)
+        new.window_area = new.window_size[0] * new.window_size[1]
+        new._share(attn)
+        return new
+
+
+class ShiftedWindowAttention(_WindowAttentionBase):
+    """Fused (shifted-)window attention on a [B, H, W, C] map, owning timm's ``qkv``/``proj``/bias table.
+
+    ``forward(x)`` equals timm's ``SwinTransformerBlock._attn(x)`` (x already normed): timm's roll-then-pad order,
+    padded tokens attended with q/k/v = the qkv bias, shift-mask regions laid out on the padded size,
+    ``mask_value`` (-100 as Swin, or float('-inf')) across regions. ``window_size``/``shift_size`` are used as
+    given (timm's block clamps them to the feature map at construction: :meth:`from_timm_block` takes those).
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None, window_size=7, shift_size=0,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 mask_value: float = SWIN_MASK_VALUE, pad_first: bool = False, device=None, dtype=None):
+        super().__init__(dim, num_heads, head_dim, window_size, qkv_bias, attn_drop, proj_drop, device, dtype)
+        self.shift_size = _pair(shift_size)
+        self.mask_value = mask_value
+        self.pad_first = pad_first
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_no_attn_dropout()
+        qkv = self.qkv(x)
+        shift = self.shift_size
+        if self.pad_first:  # torchvision: no shift on an axis whose padded size is one window
+            shift = tuple(0 if length <= w else s for length, w, s in zip(x.shape[1:3], self.window_size, shift))
+        out = window_attention(qkv, self.relative_position_bias_table, self.num_heads, self.window_size, shift,
+                               qkv_bias=self.qkv.bias, scale=self.scale, mask_value=self.mask_value,
+                               pad_first=self.pad_first)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
+                f"shift_size={self.shift_size}, mask_value={self.mask_value}, pad_first={self.pad_first}")
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module, window_size, shift_size=0,
+                  mask_value: float = SWIN_MASK_VALUE) -> "ShiftedWindowAttention":
+        """Shares the parameters of a timm (or vitkern.reference) ``WindowAttention``; window/shift as clamped."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dim, new.num_heads = attn.qkv.in_features, attn.num_heads
+        new.window_size, new.shift_size = _pair(window_size), _pair(shift_size)
+        if new.window_size != tuple(attn.window_size):
+            raise ValueError(f"ShiftedWindowAttention.from_timm: window_size {new.window_size} differs from the "
+                             f"attention's {tuple(attn.window_size)} (its bias table is sized for that window)")
+        new.window_area = new.window_size[0] * new.window_size[1]
+        new.mask_value, new.pad_first = mask_value, False
+        new._share(attn)
+        return new
+
+    @classmethod
+    def from_timm_block(cls, block: nn.Module, mask_value: float = SWIN_MASK_VALUE) -> "ShiftedWindowAttention":
+        """For a timm (or vitkern.reference) ``SwinTransformerBlock``: replaces ``block._attn`` (its clamped window
+        and shift, ``block.attn``'s parameters shared)."""
+        return cls.from_timm(block.attn, block.window_size, block.shift_size, mask_value)
+
+    @classmethod
+    def from_torchvision(cls, attn: nn.Module, mask_value: float = SWIN_MASK_VALUE) -> "ShiftedWindowAttention":
+        """For torchvision's ``ShiftedWindowAttention`` (Swin V1; same names, parameters shared): its pad-then-roll
+        order, and no shift on an axis whose padded size is one window, as torchvision decides per call."""
+        if not hasattr(attn, "relative_position_bias_table") or hasattr(attn, "logit_scale"):
+            raise TypeError("ShiftedWindowAttention.from_torchvision: expected a Swin V1 ShiftedWindowAttention "
+                            f"(V2's cosine attention is not supported), got {type(attn).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dim, new.num_heads = attn.qkv.in_features, attn.num_heads
+        new.window_size, new.shift_size = _pair(list(attn.window_size)), _pair(list(attn.shift_size))
+        new.window_area = new.window_size[0] * new.window_size[1]
+        new.mask_value, new.pad_first = mask_value, True
+        new.qkv, new.proj = attn.qkv, attn.proj
+        new.relative_position_bias_table = attn.relative_position_bias_table
+        new.attn_drop, new.proj_drop = nn.Dropout(attn.attention_dropout), nn.Dropout(attn.dropout)
+        new.register_buffer("relative_position_index", attn.relative_position_index.view(new.window_area, -1),
+                            persistent=False)
+        new.scale = (new.qkv.out_features // (3 * new.num_heads)) ** -0.5
+        new.train(attn.training)
+        return new
