@@ -1,0 +1,216 @@
+"""LayerNorm+Linear op family (the attention side: ``norm1`` + ``attn.qkv``) and the GEMM primitives it shares with
+LayerNorm+MLP (``vitkern.ops.ln_mlp``).
+
+Every backend provides three primitives with one meaning (so the forward/backward orchestration below is written
+once and the two backends differ only in who computes them):
+
+  stats(x [M, K], eps) -> mean [M], rstd [M]                         (fp32; fp64 for fp64 input)
+  linear(a [M, K], b [K, N], ln=(mean, rstd, γ?, β?)?, bias [N]?, gelu=None|"none"|"tanh", want_pre, pre [M, N]?,
+         act_bwd, residual [M, N]?, layer_scale [N]?) -> (out [M, N], pre [M, N] or None)
+      out = residual + layer_scale · act(LN(a) @ b + bias); act_bwd: out = (a @ b) · GELU'(pre)
+  normalize(x, mean, rstd, γ?, β?) -> LN(x) in x's dtype from the saved statistics (what the GEMM prologue used)
+  ln: the LayerNorm op's backend (its backward gives dx, dγ, dβ)
+
+Contract of ``vitkern::ln_linear_fwd/bwd`` (backend-independent):
+  forward(x [M, K], ln_weight [K]?, ln_bias [K]?, weight [N, K], bias [N]?, eps) -> y [M, N], mean [M], rstd [M]
+  backward(dy, x, ln_weight?, ln_bias?, weight, has_bias, mean, rstd, eps)
+      -> dx [M, K], dln_weight, dln_bias, dweight [N, K], dbias (empty where the parameter is absent)
+
+Backward: x̂ is recomputed from the saved mean/rstd. dx = LN-backward(dy @ W) runs on the Triton GEMM and the
+LayerNorm backward kernel; the weight gradients dW = dyᵀ @ LN(x) and db = Σ dy are plain torch matmuls/sums (cuBLAS
+on the GPU: a K-reduction over M rows is what cuBLAS is best at, fusing nothing into it would save a pass, and it is
+deterministic; LN(x) is recomputed for it from the saved statistics). No float atomics anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitkern import dispatch, memory
+from vitkern.backends import ReferenceBackend, TritonBackend
+from vitkern.ops.layer_norm import LayerNormReference, LayerNormTriton
+
+OP = "ln_linear"
+TRITON_MAX_K = 8192  # the statistics pre-pass holds one [BLOCK_M, next_pow2(K)] tile per program
+
+
+def stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _empty(t: Tensor) -> Tensor:
+    return t.new_empty(0)
+
+
+def _unit_col_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
+class LnLinearReference(ReferenceBackend):
+    """Plain PyTorch with eager rounding (each op's output in the input dtype), statistics in fp32/fp64."""
+
+    ln = LayerNormReference()
+
+    def stats(self, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        xf = x.to(stat_dtype(x))
+        mean = xf.mean(-1)
+        xc = xf - mean[:, None]
+        return mean, torch.rsqrt((xc * xc).mean(-1) + eps)
+
+    def normalize(self, x, mean, rstd, w, b):
+        xn = (x.to(mean.dtype) - mean[:, None]) * rstd[:, None]
+        xn = xn * w.to(mean.dtype) if w is not None else xn
+        return (xn + b.to(mean.dtype) if b is not None else xn).to(x.dtype)
+
+    def linear(self, a, b, *, ln=None, bias=None, gelu=None, want_pre=False, pre=None, act_bwd=False, residual=None,
+               layer_scale=None):
+        if ln is not None:
+            a = self.normalize(a, *ln)
+        z = a @ b
+        if bias is not None:
+            z = z + bias
+        if act_bwd:
+            return torch.ops.aten.gelu_backward(z, pre, approximate=gelu), None
+        pre_out = z if want_pre else None
+        if gelu is not None:
+            z = F.gelu(z, approximate=gelu)
+        if residual is not None:
+            z = residual + (z * layer_scale if layer_scale is not None else z)
+        return z, pre_out
+
+
+class LnLinearTriton(TritonBackend):
+    """Statistics pre-pass + one fused GEMM kernel family (LN prologue; bias/GELU/residual/layer-scale epilogue)."""
+
+    ln = LayerNormTriton()
+
+    def reject_reasons(self, problem: dispatch.Problem) -> list[str]:
+        reasons = self.device_reasons(problem)
+        m, k = problem.shape("x")
+        if k > TRITON_MAX_K:
+            reasons.append(f"input width {k} > {TRITON_MAX_K} (single-tile statistics pre-pass)")
+        if m == 0:
+            reasons.append("empty input (M = 0)")
+        bad = [d for d in problem.attr("param_dtypes", ()) if d != problem.dtype]
+        if bad:
+            reasons.append(f"parameter dtypes {sorted({str(d) for d in bad})} differ from the input's {problem.dtype}")
+        return reasons
+
+    def stats(self, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        from vitkern.kernels.triton import ln_linear as k
+
+        mean = memory.empty((x.shape[0],), torch.float32, x.device)
+        rstd = memory.empty((x.shape[0],), torch.float32, x.device)
+        k.ln_stats(x, eps, mean, rstd)
+        return mean, rstd
+
+    def normalize(self, x, mean, rstd, w, b):
+        from vitkern.kernels.triton import ln_linear as k
+
+        y = memory.empty(x.shape, x.dtype, x.device)
+        k.ln_apply(x, mean, rstd, w, b, y)
+        return y
+
+    def linear(self, a, b, *, ln=None, bias=None, gelu=None, want_pre=False, pre=None, act_bwd=False, residual=None,
+               layer_scale=None):
+        from vitkern.kernels.triton import ln_linear as k
+
+        m, n = a.shape[0], b.shape[1]
+        out = memory.empty((m, n), a.dtype, a.device)
+        if want_pre:
+            pre = memory.empty((m, n), a.dtype, a.device)
+        act = k.GELU_CODES[gelu] if gelu is not None else k.ACT_NONE
+        k.fused_linear(a, b, out, ln=ln, bias=bias, act=act, pre=pre, act_bwd=act_bwd, residual=residual,
+                       layer_scale=layer_scale)
+        return out, (pre if want_pre else None)
+
+
+def register(op: str) -> None:
+    dispatch.register_backend(op, LnLinearReference())
+    dispatch.register_backend(op, LnLinearTriton())
+
+
+register(OP)
+
+
+def problem(op: str, direction: str, x: Tensor, *params: Optional[Tensor]) -> dispatch.Problem:
+    return dispatch.tensor_problem(
+        op, direction, [("x", x)], attrs=[("param_dtypes", tuple(p.dtype for p in params if p is not None))]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- shared steps
+def ln_weight_grads(backend, dxn: Tensor, dsum: Optional[Tensor], x: Tensor, ln_w, ln_b, mean, rstd):
+    """LayerNorm backward for dL/d(LN(x)) = dxn (+ dsum flowing straight into x); returns dx, dγ, dβ, and LN(x)
+    recomputed for the weight gradient of the GEMM that consumed it."""
+    dx, dlnw, dlnb = backend.ln.backward(dxn, dsum, x, ln_w, mean, rstd, ln_w is not None, ln_b is not None)
+    xn = backend.normalize(x, mean, rstd, ln_w, ln_b)
+    dlnw = dlnw.to(ln_w.dtype) if ln_w is not None else _empty(x)
+    dlnb = dlnb.to(ln_b.dtype) if ln_b is not None else _empty(x)
+    return dx, dlnw, dlnb, xn
+
+
+def col_sum(t: Tensor) -> Tensor:
+    return t.sum(0, dtype=stat_dtype(t))
+
+
+# ---------------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("vitkern::ln_linear_fwd", mutates_args=())
+def ln_linear_fwd(
+    x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    backend = dispatch.select(problem(OP, dispatch.FORWARD, x, ln_weight, ln_bias, weight, bias)).backend
+    mean, rstd = backend.stats(x, eps)
+    y, _ = backend.linear(x, weight.t(), ln=(mean, rstd, ln_weight, ln_bias), bias=bias)
+    return y, mean, rstd
+
+
+@ln_linear_fwd.register_fake
+def _(x, ln_weight, ln_bias, weight, bias, eps):
+    stats = x.new_empty((x.shape[0],), dtype=stat_dtype(x))
+    return x.new_empty((x.shape[0], weight.shape[0])), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("vitkern::ln_linear_bwd", mutates_args=())
+def ln_linear_bwd(
+    dy: Tensor, x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor, has_bias: bool,
+    mean: Tensor, rstd: Tensor, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dy = _unit_col_stride(dy)  # autograd may hand us expanded (stride-0) gradients
+    backend = dispatch.select(problem(OP, dispatch.BACKWARD, x, ln_weight, ln_bias, weight)).backend
+    dxn, _ = backend.linear(dy, weight)  # dL/dLN(x) = dy @ W
+    dx, dlnw, dlnb, xn = ln_weight_grads(backend, dxn, None, x, ln_weight, ln_bias, mean, rstd)
+    dw = dy.t() @ xn
+    db = col_sum(dy).to(weight.dtype) if has_bias else _empty(x)
+    return dx, dlnw, dlnb, dw, db
+
+
+@ln_linear_bwd.register_fake
+def _(dy, x, ln_weight, ln_bias, weight, has_bias, mean, rstd, eps):
+    def like(p):
+        return torch.empty_like(p) if p is not None else x.new_empty(0)
+
+    db = x.new_empty((weight.shape[0],), dtype=weight.dtype) if has_bias else x.new_empty(0)
+    return torch.empty_like(x), like(ln_weight), like(ln_bias), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, ln_weight, ln_bias, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.eps, ctx.has_bias = eps, bias is not None
+    ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
+    grads = torch.ops.vitkern.ln_linear_bwd(dy, x, ln_weight, ln_bias, weight, ctx.has_bias, mean, rstd, ctx.eps)
+    need = ctx.needs_input_grad
+    return tuple(g if need[i] and g.numel() else None for i, g in enumerate(grads)) + (None,)
+
+
+dispatch.register_autograd(ln_linear_fwd, _backward, setup_context=_setup_context)
