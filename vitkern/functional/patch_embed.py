@@ -1,0 +1,157 @@
+"""``vitkern.functional.patch_embed``: image -> token buffer (patch GEMM + bias + pos embed + prefix tokens).
+
+Semantics of the families it covers (pass the tensors; the rule follows from the shapes):
+- timm ``VisionTransformer``: ``prefix = cat(cls_token, reg_token)`` (DeiT distilled: ``cat(cls_token,
+  dist_token)``); ``pos_embed`` with ``P + Np`` rows adds to every token (concat, then add), with ``Np`` rows
+  (``no_embed_class=True``) to the patches only (add, then concat).
+- torchvision ``VisionTransformer``: ``conv_proj`` weights, ``prefix = class_token``, ``pos_embed =
+  encoder.pos_embedding`` (1 + Np rows: added to all).
+- HF ``ViTEmbeddings``: ``patch_embeddings.projection``, ``prefix = cls_token``, ``pos_embed =
+  position_embeddings`` (1 + Np rows: added to all).
+A position embedding for another grid must be resampled first (:func:`resample_pos_embed`, done once and cached
+by :class:`vitkern.nn.ViTEmbed`); a mismatching one is an error, never silently interpolated.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitkern import dispatch
+from vitkern.ops import patch_embed as pe_op
+from vitkern.validation import FLOAT_DTYPES, check_tensor
+
+__all__ = ["patch_embed", "resample_pos_embed"]
+
+_NAME = "vitkern.patch_embed"
+
+
+def _as_rows(op: str, name: str, t: Tensor, d: int, like: Tensor) -> Tensor:
+    """[n, D] or [1, n, D] -> contiguous [n, D] (a view when already dense)."""
+    check_tensor(op, name, t, dtypes=(like.dtype,), like=like)
+    if t.dim() == 3 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 2 or t.shape[1] != d:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected [n, {d}] or [1, n, {d}]")
+    return t.contiguous()
+
+
+def _channel_values(name: str, v, C: int, device, dtype) -> Tensor:
+    t = torch.as_tensor(v, dtype=dtype, device=device).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(C)
+    if t.numel() != C:
+        raise ValueError(f"{_NAME}: {name} has {t.numel()} values; expected 1 or one per channel ({C})")
+    return t
+
+
+def _norm(mean, std, C: int, device, compute_dtype: torch.dtype) -> Tensor | None:
+    """[2, C] fp32 (fp64 for fp64 compute): the mean and 1/std the kernel applies to the pixels."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise ValueError(f"{_NAME}: pass both mean and std (or neither); got only {'mean' if std is None else 'std'}")
+    dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    m, s = (_channel_values(n, v, C, device, dtype) for n, v in (("mean", mean), ("std", std)))
+    if not torch.compiler.is_compiling() and not bool((s > 0).all()):
+        raise ValueError(f"{_NAME}: std must be positive, got {s.tolist()}")
+    return torch.stack([m, 1.0 / s])
+
+
+def _validate(x, weight, bias, pos_embed, prefix):
+    check_tensor(_NAME, "x", x, ndim=4, dtypes=FLOAT_DTYPES + (torch.uint8,))
+    check_tensor(_NAME, "weight", weight, dtypes=FLOAT_DTYPES, ndim=4, like=x)
+    D, C, ph, pw = weight.shape
+    B, Cx, H, W = x.shape
+    if Cx != C:
+        raise ValueError(
+            f"{_NAME}: x has {Cx} channels but weight [D, C, ph, pw] = {tuple(weight.shape)} expects C={C}"
+        )
+    if H % ph or W % pw:
+        raise ValueError(f"{_NAME}: image size {H}x{W} is not divisible by the patch size {ph}x{pw} "
+                         "(pad it, e.g. PatchEmbed(dynamic_img_pad=True), or resize)")
+    if bias is not None:
+        check_tensor(_NAME, "bias", bias, dtypes=(weight.dtype,), shape=(D,), like=x)
+    prefix2 = _as_rows(_NAME, "prefix", prefix, D, weight) if prefix is not None else None
+    num_prefix = prefix2.shape[0] if prefix2 is not None else 0
+    np_ = (H // ph) * (W // pw)
+    pos2, covers = None, False
+    if pos_embed is not None:
+        pos2 = _as_rows(_NAME, "pos_embed", pos_embed, D, weight)
+        L = pos2.shape[0]
+        if L == num_prefix + np_ and num_prefix:
+            covers = True
+        elif L != np_:
+            raise ValueError(
+                f"{_NAME}: pos_embed has {L} rows but the {H // ph}x{W // pw} patch grid has {np_} patches and "
+                f"{num_prefix} prefix tokens (expected {np_} or {np_ + num_prefix} rows); resample it for this "
+                "resolution with vitkern.functional.resample_pos_embed (ViTEmbed(dynamic_img_size=True) caches it)"
+            )
+    return weight.contiguous(), prefix2, pos2, covers
+
+
+def patch_embed(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    pos_embed: Tensor | None = None,
+    prefix: Tensor | None = None,
+    *,
+    mean: Sequence[float] | Tensor | None = None,
+    std: Sequence[float] | Tensor | None = None,
+) -> Tensor:
+    """Embed images ``x`` [B, C, H, W] (NCHW or channels_last; fp32/fp16/bf16/uint8) into tokens [B, P + Np, D].
+
+    ``weight`` is a Conv2d weight [D, C, ph, pw] (its dtype is the compute and output dtype), ``bias`` [D],
+    ``prefix`` the P prefix tokens [P, D] or [1, P, D] (class, distillation, register tokens, in order), and
+    ``pos_embed`` [L, D] or [1, L, D] with L = P + Np (added to every token) or L = Np (patches only, timm's
+    ``no_embed_class``). H and W must be multiples of ph and pw.
+
+    ``mean``/``std`` (one value or one per channel, in the image's units: e.g. 255·(0.485, 0.456, 0.406) for uint8
+    ImageNet images) normalise the pixels, ``(x - mean) / std`` in fp32, inside the kernel's tile load: no
+    normalised copy of the image is made. They get no gradient.
+    """
+    weight, prefix2, pos2, covers = _validate(x, weight, bias, pos_embed, prefix)
+    norm = _norm(mean, std, x.shape[1], x.device, weight.dtype)
+    return torch.ops.vitkern.patch_embed_fwd(x, norm, weight, bias, pos2, prefix2, covers)
+
+
+patch_embed.__vitkern_op__ = pe_op.OP  # type: ignore[attr-defined]
+
+
+def _describe(x, weight, bias=None, pos_embed=None, prefix=None, *, mean=None, std=None) -> dispatch.Problem:
+    weight, prefix2, pos2, _ = _validate(x, weight, bias, pos_embed, prefix)
+    norm = _norm(mean, std, x.shape[1], x.device, weight.dtype)
+    return pe_op.problem(dispatch.FORWARD, x, weight, (bias, pos2, prefix2), (pos2, prefix2), norm)
+
+
+dispatch.register_describer(pe_op.OP, _describe)
+
+
+def resample_pos_embed(
+    pos_embed: Tensor,  # [1, P + Ho*Wo, D] or [1, Ho*Wo, D]
+    new_grid: Sequence[int],
+    old_grid: Sequence[int],
+    num_prefix: int = 0,
+    mode: str = "bicubic",
+    antialias: bool = True,
+) -> Tensor:
+    """Resample a [1, num_prefix + Ho·Wo, D] position embedding to ``new_grid`` (timm's ``resample_abs_pos_embed``
+    rule: the prefix rows are kept, the grid part is interpolated in fp32, bicubic with antialiasing)."""
+    check_tensor("vitkern.resample_pos_embed", "pos_embed", pos_embed, ndim=3)
+    (gh, gw), (oh, ow) = tuple(new_grid), tuple(old_grid)
+    if pos_embed.shape[1] != num_prefix + oh * ow:
+        raise ValueError(f"vitkern.resample_pos_embed: pos_embed has {pos_embed.shape[1]} rows; expected "
+                         f"{num_prefix} + {oh}x{ow}")
+    if (gh, gw) == (oh, ow):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    D = pos_embed.shape[-1]
+    grid = grid.float().reshape(1, oh, ow, D).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(gh, gw), mode=mode, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, D).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1) if num_prefix else grid
+

@@ -1,0 +1,227 @@
+"""``vitkern.nn.PatchEmbed`` (drop-in for timm's ``PatchEmbed``) and ``vitkern.nn.ViTEmbed`` (patch embedding +
+class/distillation/register tokens + position embedding, with timm's parameter names), both on the fused op."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkern.functional.patch_embed import patch_embed, resample_pos_embed
+
+__all__ = ["PatchEmbed", "ViTEmbed"]
+
+_OUTPUT_FMTS = ("NCHW", "NHWC", "NCL", "NLC")
+
+
+def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class PatchEmbed(nn.Module):
+    """timm ``PatchEmbed`` on the fused kernel: same constructor, attributes and state_dict (``proj.weight``,
+    ``proj.bias``, ``norm.*``); ``proj`` stays an ``nn.Conv2d`` so checkpoints load unchanged.
+
+    Supported: ``img_size`` (or None: any size divisible by the patch), ``norm_layer`` (applied after the fused
+    op), ``flatten``, ``output_fmt`` in NCHW/NHWC/NCL/NLC (views of the token buffer), ``bias``,
+    ``strict_img_size``, ``dynamic_img_pad`` (a plain ``F.pad`` before the kernel, not fused).
+    """
+
+    def __init__(
+        self,
+        img_size: Optional[Union[int, Tuple[int, int]]] = 224,
+        patch_size: Union[int, Tuple[int, int]] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        norm_layer: Optional[Callable] = None,
+        flatten: bool = True,
+        output_fmt: Optional[str] = None,
+        bias: bool = True,
+        strict_img_size: bool = True,
+        dynamic_img_pad: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.patch_size = _pair(patch_size)
+        self._set_img_size(img_size)
+        if output_fmt is not None:
+            fmt = getattr(output_fmt, "value", output_fmt)
+            if fmt not in _OUTPUT_FMTS:
+                raise ValueError(f"vitkern.nn.PatchEmbed: output_fmt {output_fmt!r} is not one of {_OUTPUT_FMTS}")
+            self.flatten, self.output_fmt = False, fmt
+        else:
+            self.flatten, self.output_fmt = flatten, "NCHW"
+        self.strict_img_size = strict_img_size
+        self.dynamic_img_pad = dynamic_img_pad
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias, **dd)
+        self.norm = norm_layer(embed_dim, **dd) if norm_layer else nn.Identity()
+
+    def _set_img_size(self, img_size) -> None:
+        if img_size is None:
+            self.img_size = self.grid_size = self.num_patches = None
+            return
+        self.img_size = _pair(img_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def check_and_pad(self, x: Tensor) -> Tensor:
+        """timm's size checks (strict size / divisibility) and its dynamic padding (right and bottom)."""
+        H, W = x.shape[-2:]
+        ph, pw = self.patch_size
+        if self.img_size is not None:
+            if self.strict_img_size and (H, W) != self.img_size:
+                raise ValueError(f"vitkern.nn.PatchEmbed: input size {H}x{W} doesn't match the model's "
+                                 f"img_size {self.img_size} (strict_img_size=True)")
+        if self.dynamic_img_pad:
+            return F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.check_and_pad(x)
+        B, grid = x.shape[0], (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
+        x = patch_embed(x, self.proj.weight, self.proj.bias)  # [B, Np, D]: also the NHWC map [B, gh, gw, D]
+        if self.flatten or self.output_fmt == "NLC":
+            return self.norm(x)
+        if self.output_fmt == "NCL":
+            return self.norm(x.transpose(1, 2))
+        x = x.view(B, *grid, x.shape[-1])
+        return self.norm(x if self.output_fmt == "NHWC" else x.permute(0, 3, 1, 2))
+
+    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        ph, pw = self.patch_size
+        if self.dynamic_img_pad:
+            return -(-img_size[0] // ph), -(-img_size[1] // pw)
+        return img_size[0] // ph, img_size[1] // pw
+
+    def feat_ratio(self, as_scalar: bool = True):
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    @classmethod
+    def from_timm(cls, module: nn.Module) -> "PatchEmbed":
+        """A vitkern PatchEmbed sharing ``module.proj`` and ``module.norm`` (no copy)."""
+        proj = module.proj
+        if getattr(module, "output_nhwc", False):  # vitkern.reference's PatchEmbed
+            fmt = "NHWC"
+        else:
+            fmt = None if getattr(module, "flatten", True) else getattr(module, "output_fmt", "NCHW")
+        new = cls(None, proj.kernel_size, proj.in_channels, proj.out_channels, device="meta", output_fmt=fmt,
+                  bias=proj.bias is not None, strict_img_size=getattr(module, "strict_img_size", True),
+                  dynamic_img_pad=getattr(module, "dynamic_img_pad", False))
+        overlapping = tuple(proj.stride) != tuple(proj.kernel_size) or proj.padding not in ((0, 0), 0, "valid")
+        if overlapping or proj.groups != 1:
+            raise ValueError("vitkern.nn.PatchEmbed.from_timm: proj must be a non-overlapping Conv2d (stride = "
+                             f"kernel, no padding, groups 1); got {proj}")
+        new._set_img_size(getattr(module, "img_size", None))
+        new.proj, new.norm = proj, getattr(module, "norm", nn.Identity())
+        new.train(module.training)
+        return new
+
+
+class ViTEmbed(nn.Module):
+    """Everything a ViT does before its first block, from one kernel launch: patch projection + bias, the prefix
+    tokens (``cls_token``, ``dist_token``, ``reg_token``, in timm's order) and the position embedding
+    (``pos_embed``; timm's ``no_embed_class`` rule: covering the prefix rows too, or the patches only).
+
+    Parameter names are timm's (``patch_embed.proj.*``, ``cls_token``, ``dist_token``, ``reg_token``,
+    ``pos_embed``). ``set_input_normalization(mean, std)`` fuses the pixel normalisation (uint8 images too) into
+    the kernel. A different input resolution needs ``dynamic_img_size=True``: the position embedding is then
+    resampled (bicubic, as timm) once per grid and cached while it is not being trained; otherwise it is an error.
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: Union[int, Tuple[int, int]] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        class_token: bool = True,
+        distilled: bool = False,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        pos_embed: bool = True,
+        dynamic_img_size: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=bias,
+                                      strict_img_size=not dynamic_img_size, **dd)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim, **dd)) if reg_tokens else None
+        self.no_embed_class = no_embed_class
+        self.dynamic_img_size = dynamic_img_size
+        n = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.randn(1, n, embed_dim, **dd) * 0.02) if pos_embed else None
+        self._pos_cache: dict = {}
+        self.input_mean = self.input_std = None
+
+    def set_input_normalization(self, mean, std) -> "ViTEmbed":
+        """Normalise the input pixels inside the kernel, ``(x - mean) / std`` per channel (e.g. uint8 images with
+        ``mean = 255 * IMAGENET_DEFAULT_MEAN``, ``std = 255 * IMAGENET_DEFAULT_STD``); ``None, None`` turns it off."""
+        self.input_mean, self.input_std = mean, std
+        return self
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return sum(t.shape[1] for t in self.prefix_params())
+
+    def prefix_params(self) -> list[Tensor]:
+        return [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+
+    def pos_embed_for(self, grid: Tuple[int, int]) -> Optional[Tensor]:
+        """The position embedding for a patch grid: the parameter itself, or its cached resampling."""
+        pos, base = self.pos_embed, self.patch_embed.grid_size
+        if pos is None or grid == base:
+            return pos
+        if not self.dynamic_img_size:
+            raise ValueError(f"vitkern.nn.ViTEmbed: the input's patch grid {grid} differs from the model's {base}; "
+                             "build it with dynamic_img_size=True to resample the position embedding")
+        n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        if torch.is_grad_enabled() and pos.requires_grad:  # training: resample in the graph (differentiable)
+            return resample_pos_embed(pos, grid, base, n_prefix)
+        key = (grid, pos.data_ptr(), pos._version, pos.dtype, pos.device)
+        hit = self._pos_cache.get(grid)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                self._pos_cache[grid] = hit = (key, resample_pos_embed(pos, grid, base, n_prefix))
+        return hit[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> tokens [B, P + Np, D] ready for the first block."""
+        pe = self.patch_embed
+        x = pe.check_and_pad(x)
+        grid = (x.shape[-2] // pe.patch_size[0], x.shape[-1] // pe.patch_size[1])
+        tokens = self.prefix_params()
+        prefix = (tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)) if tokens else None
+        return patch_embed(x, pe.proj.weight, pe.proj.bias, self.pos_embed_for(grid), prefix,
+                           mean=self.input_mean, std=self.input_std)
+
+    @classmethod
+    def from_timm(cls, vit: nn.Module) -> "ViTEmbed":
+        """Share the embedding parameters of a timm (or ``vitkern.reference``) ViT / DeiT (distilled) / reg model."""
+        if not isinstance(getattr(vit.patch_embed, "norm", nn.Identity()), nn.Identity):
+            raise ValueError("vitkern.nn.ViTEmbed.from_timm: a patch_embed norm layer (between the projection and "
+                             "the position embedding) is not supported")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.patch_embed = PatchEmbed.from_timm(vit.patch_embed)
+        new.patch_embed.flatten, new.patch_embed.output_fmt = True, "NLC"
+        new.cls_token = getattr(vit, "cls_token", None)
+        new.dist_token = getattr(vit, "dist_token", None)
+        new.reg_token = getattr(vit, "reg_token", None)
+        new.pos_embed = getattr(vit, "pos_embed", None)
+        new.no_embed_class = bool(getattr(vit, "no_embed_class", False))
+        new.dynamic_img_size = bool(getattr(vit, "dynamic_img_size", False))
+        if new.dynamic_img_size:
+            new.patch_embed.strict_img_size = False
+        new._pos_cache = {}
+        new.input_mean = new.input_std = None
+        new.train(vit.training)
+        return new
