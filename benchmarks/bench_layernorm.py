@@ -7,7 +7,10 @@ Shapes are ViT at batch 256 with 197 tokens (M = 50,432 rows) at the widths of V
 - ``torch.compile``: ``torch.compile(F.layer_norm)``, default mode, compiled before timing;
 - ``torch-residual``: eager ``s = x + r; y = F.layer_norm(s)`` (the baseline of the residual rows);
 - ``vitkern-residual``: ``layer_norm(x, ..., residual=r)`` -> ``(y, s)`` in one kernel;
-- ``torch.compile-residual``: the eager residual function compiled (bf16 cases only, to bound compile time).
+- ``torch.compile-residual``: the eager residual function compiled (bf16 cases only, to bound compile time);
+- ``vitkern-cuda`` / ``vitkern-cuda-residual``: the CUDA C++ backend (csrc/ops/layer_norm.cu) forward and backward,
+  whatever the dispatcher's default; skipped with the reason where vitkern._C cannot run. The GPU session compares
+  these rows with ``vitkern`` (Triton by default) to decide the backend ranking (vitkern/ops/layer_norm_cuda.py).
 
 Target (printed, not asserted): vitkern forward at width 768 bf16 >= 1.3x torch and >= 80% of copy bandwidth.
 """
@@ -117,6 +120,52 @@ def _vk_residual(case: Case, inp: Any):
     return lambda: ln(x, shape, w, b, EPS, residual=r)
 
 
+def _cuda_backend() -> Any:
+    return _vitkern().dispatch.backends("layer_norm")["cuda"]
+
+
+class _CudaLayerNorm(torch.autograd.Function):
+    """Forward and backward both on the CUDA backend. Calls the backend directly: forcing it with use_backend (a
+    ContextVar) would not reach the backward, which the harness runs after the provider's forward returned (and
+    the autograd engine runs CUDA backwards on its own thread)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, r: Tensor | None):
+        y, s, mean, rstd = _cuda_backend().forward(x, w, b, r, EPS)
+        ctx.has_residual = r is not None
+        ctx.save_for_backward(s if r is not None else x, w, mean, rstd)
+        return (y, s) if r is not None else y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, *dsum: Tensor):
+        xs, w, mean, rstd = ctx.saved_tensors
+        ds = dsum[0].contiguous() if ctx.has_residual and dsum and dsum[0] is not None else None
+        dx, dw, db = _cuda_backend().backward(dy.contiguous(), ds, xs, w, mean, rstd, True, True)
+        return dx, dw.to(w.dtype), db.to(w.dtype), (dx if ctx.has_residual else None)
+
+
+def _vk_cuda(case: Case, inp: Any):
+    x, _, w, b = _args(case, inp)
+    return lambda: _CudaLayerNorm.apply(x, w, b, None)
+
+
+def _vk_cuda_residual(case: Case, inp: Any):
+    x, _, w, b = _args(case, inp)
+    r = inp["r"]
+    return lambda: _CudaLayerNorm.apply(x, w, b, r)
+
+
+def _cuda_unsupported(case: Case) -> str | None:
+    try:
+        return _cuda_backend().availability()
+    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
+        return f"{type(e).__name__}: {e}"
+
+
+def _cuda_describe(case: Case, inp: Any) -> dict[str, Any]:
+    return {"backend": "cuda"}
+
+
 def _explain(residual: bool):
     def describe(case: Case, inp: Any) -> dict[str, Any]:
         vk = _vitkern()
@@ -147,6 +196,15 @@ PROVIDERS = [
         baseline="torch-residual",
         supports=_bf16_only,
         smoke=False,
+        meta={"residual": True},
+    ),
+    Provider("vitkern-cuda", _vk_cuda, describe=_cuda_describe, supports=_cuda_unsupported),
+    Provider(
+        "vitkern-cuda-residual",
+        _vk_cuda_residual,
+        baseline="torch-residual",
+        describe=_cuda_describe,
+        supports=_cuda_unsupported,
         meta={"residual": True},
     ),
 ]

@@ -49,6 +49,20 @@ TORCH_LIBRARY(vitkern_C, m) {
   // bias: 1-D, same dtype/device, size x.size(-1). Kernels: CUDA + Meta (csrc/ops/add_rowwise.cu).
   m.def("add_rowwise(Tensor x, Tensor bias) -> Tensor");
 
+  // LayerNorm over the last dim of [M, N] rows (N <= 8192), optional fused residual add; the contract of
+  // vitkern/ops/layer_norm.py. x/residual/dy/dsum/xs: fp16/bf16/fp32, unit column stride; weight/bias: x's dtype or
+  // fp32. fwd -> (y, sum = x + residual ([0] without residual), mean fp32 [M], rstd fp32 [M]);
+  // bwd -> (dx, dweight fp32 [N] or [0], dbias fp32 [N] or [0]). The .out variants write caller-allocated outputs.
+  // Kernels: CUDA (+ Meta for the functional forms), csrc/ops/layer_norm.cu.
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_norm_fwd.out(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, *, "
+        "Tensor(a!) y, Tensor(b!)? sum, Tensor(c!) mean, Tensor(d!) rstd) -> ()");
+  m.def("layer_norm_bwd(Tensor dy, Tensor? dsum, Tensor xs, Tensor? weight, Tensor mean, Tensor rstd, "
+        "bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd.out(Tensor dy, Tensor? dsum, Tensor xs, Tensor? weight, Tensor mean, Tensor rstd, "
+        "bool need_dw, bool need_db, *, Tensor(a!) dx) -> (Tensor, Tensor)");
+
   // Test hooks (leading underscore: not API).
   m.def("_dispatch_selftest(ScalarType dtype, int head_dim) -> str", &vitkern::dispatch_selftest);
   m.def("_device_arch_probe(Device device) -> int[]", &vitkern::device_arch_probe);
