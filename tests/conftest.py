@@ -29,3 +29,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_interp)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+
+
+# ------------------------------------------------------------------ the CUDA C++ extension (tests skip with the reason)
+@pytest.fixture(scope="module")
+def ext():
+    from vitkern._extension import extension_status, load_jit
+
+    st = extension_status()
+    if not st.available and os.environ.get("VITKERN_BUILD_CUDA") == "1":
+        st = load_jit()  # the GPU suite JIT-builds first; here that is a ninja no-op check
+    if not st.available:
+        pytest.skip(f"vitkern._C not loaded: {st.reason}")
+    return st
+
+
+@pytest.fixture(scope="module")
+def ops(ext):
+    return torch.ops.vitkern_C
+
+
+@pytest.fixture(scope="module")
+def cuda_ops(ext):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if not ext.can_run:
+        pytest.skip(f"vitkern._C cannot run on this device: {ext.reason}")
+    return torch.ops.vitkern_C

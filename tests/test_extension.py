@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from vitkern import _build_config as bc
-from vitkern._extension import ExtensionStatus, _arch_covers, extension_status, load_jit
+from vitkern._extension import ExtensionStatus, _arch_covers, extension_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD_DIMS = (32, 64, 80, 96, 128)
@@ -188,21 +188,6 @@ def test_import_vitkern_does_not_need_the_extension():
 # the loaded extension
 
 
-@pytest.fixture(scope="module")
-def ext() -> ExtensionStatus:
-    st = extension_status()
-    if not st.available and os.environ.get("VITKERN_BUILD_CUDA") == "1":
-        st = load_jit()  # the GPU suite JIT-builds first; here that is a ninja no-op check
-    if not st.available:
-        pytest.skip(f"vitkern._C not loaded: {st.reason}")
-    return st
-
-
-@pytest.fixture(scope="module")
-def ops(ext):
-    return torch.ops.vitkern_C
-
-
 def test_build_info(ext):
     info = ext.info()
     archs = info["cuda_archs"].split(",")
@@ -265,15 +250,6 @@ def test_add_rowwise_has_no_cpu_kernel(ops):
 
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
-
-
-@pytest.fixture(scope="module")
-def cuda_ops(ext):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
-    if not ext.can_run:
-        pytest.skip(f"vitkern._C cannot run on this device: {ext.reason}")
-    return torch.ops.vitkern_C
 
 
 def _fresh_generator(device) -> tuple[torch.Generator, int]:

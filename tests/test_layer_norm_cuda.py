@@ -25,7 +25,6 @@ import pytest
 import torch
 
 import vitkern
-from test_extension import cuda_ops, ext, ops  # noqa: F401  (the extension fixtures: skip with the reason)
 from test_layer_norm import grad_names, make_inputs, reference, vitkern_ln  # shared LayerNorm test helpers
 from vitkern._extension import extension_status
 from vitkern.ops.layer_norm_cuda import CUDA_MAX_N, LayerNormCuda
