@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkern
-from vitkern.testing import check_forward_backward, poison_outputs, randn, seed_for
+from vitkern.testing import check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, seed_for
 
 WIDTHS = [192, 384, 768, 1000, 1280]
 ROWS = [1, 3, 197 * 2]
@@ -164,18 +164,7 @@ def test_triton_gpu_fuzz():
 @pytest.mark.gpu
 def test_gpu_torch_compile_and_cuda_graph():
     m = vitkern.nn.LayerNorm(768, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(394, 768, device="cuda", dtype=torch.bfloat16)
-    eager = m(x)
-    compiled = torch.compile(m, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
-    static_x = x.clone()
-    m(static_x)  # autotune before capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = m(static_x)
-    static_x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.testing.assert_close(static_y, m(static_x), atol=0, rtol=0)
+    check_compile_and_cuda_graph(m, torch.randn(394, 768, device="cuda", dtype=torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------------------------- dispatch, modules

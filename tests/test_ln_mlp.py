@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 import vitkern
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
-from vitkern.testing import check_forward_backward, poison_outputs, randn, seed_for
+from vitkern.testing import check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, seed_for
 
 # ------------------------------------------------------------------------------------------------ timm harness
 
@@ -259,17 +259,7 @@ def test_gpu_dispatch_compile_and_cuda_graph():
     x = torch.randn(394, 768, device="cuda", dtype=torch.bfloat16)
     p = (m.norm.weight, m.norm.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.ls.gamma)
     assert vitkern.explain("ln_mlp", x, *p).backend_name in ("triton", "cuda")
-    with torch.no_grad():
-        eager = m(x)
-        torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), eager, atol=0, rtol=0)
-        static_x = x.clone()
-        m(static_x)  # autotune before capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = m(static_x)
-        static_x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.testing.assert_close(static_y, m(static_x), atol=0, rtol=0)
+    check_compile_and_cuda_graph(m, x)
 
 
 # ----------------------------------------------------------------------------------------------- dispatch, modules

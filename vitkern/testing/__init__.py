@@ -1,5 +1,6 @@
 """Test utilities shipped with the package so the CPU tests, the GPU suite and `vitkern check` share them."""
 
+from vitkern.testing.compile_graph import check_compile_and_cuda_graph
 from vitkern.testing.numerics import (
     ATOL,
     Tolerance,
@@ -12,5 +13,6 @@ from vitkern.testing.numerics import (
 )
 
 __all__ = [
+    "check_compile_and_cuda_graph",
     "ATOL", "Tolerance", "assert_close", "check_forward_backward", "max_abs_err", "poison_outputs", "randn", "seed_for",
 ]
