@@ -2,7 +2,10 @@
 # The ONE command for a GPU session: versions -> (optional) CUDA extension JIT build -> GPU tests -> benchmarks,
 # with logs and results copied to $OUT and a short summary printed LAST (the device tool returns only the tail).
 #
-#   scripts/gpu_suite.sh [--quick] [--only NAME[,NAME]] [--no-tests] [--no-bench] [-- extra pytest args]
+#   scripts/gpu_suite.sh [--quick] [--only NAME[,NAME]] [--tests "PATH ..."] [--no-tests] [--no-bench] [-- extra pytest args]
+#
+# The whole suite outgrows one 10-minute device command as op families land: split it per family, e.g.
+#   scripts/gpu_suite.sh --only layernorm --tests "tests/test_layer_norm.py tests/test_layer_norm_cuda.py tests/test_extension.py"
 #
 # Env: VITKERN_BUILD_CUDA=1   JIT-build the CUDA extension first (vitkern._extension.load_jit; default 1, 0 skips)
 #      VITKERN_COMMIT=<sha>   recorded in the results when the tree has no .git (the GPU machine gets a copy)
@@ -19,11 +22,12 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 budget="${SUITE_BUDGET_S:-570}"
-quick=() only=() run_tests=1 run_bench=1 pytest_extra=()
+quick=() only=() run_tests=1 run_bench=1 pytest_extra=() test_paths=(tests/)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=(--quick) ;;
     --only) only=(--only "$2"); shift ;;
+    --tests) read -r -a test_paths <<<"$2"; shift ;;
     --no-tests) run_tests=0 ;;
     --no-bench) run_bench=0 ;;
     --) shift; pytest_extra=("$@"); break ;;
@@ -89,7 +93,7 @@ if [ "$run_tests" = 1 ]; then
   per_test=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
   run_capped "$cap" "$logs/pytest.log" \
-    "$PY" -m pytest -m gpu tests/ -q -rs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
+    "$PY" -m pytest -m gpu "${test_paths[@]}" -q -rs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
   pytest_rc=$?
   [ "$pytest_rc" = 124 ] && echo "pytest TIMED OUT after ${cap}s" | tee -a "$logs/pytest.log"
   tail -n 3 "$logs/pytest.log"
