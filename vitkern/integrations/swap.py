@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import nn
 
+from vitkern.nn.attention import Attention as VitkernAttention
 from vitkern.nn.layer_norm import LayerNorm as VitkernLayerNorm
 
 
@@ -34,7 +35,10 @@ def _layer_norm_accepts(m: nn.Module) -> bool | str:
     return True
 
 
-RULES: list[SwapRule] = [SwapRule("layer_norm", _layer_norm_accepts, VitkernLayerNorm.from_torch)]
+RULES: list[SwapRule] = [
+    SwapRule("layer_norm", _layer_norm_accepts, VitkernLayerNorm.from_torch),
+    SwapRule("attention", VitkernAttention.accepts_timm, VitkernAttention.from_timm),  # timm's Attention
+]
 
 
 @dataclasses.dataclass
@@ -55,11 +59,14 @@ class SwapReport:
 _ORIGINALS_ATTR = "_vitkern_originals"
 
 
-def optimize(model: nn.Module, *, layer_norm: bool = True) -> SwapReport:
-    """Replace supported submodules of ``model`` in place with vitkern modules. Undo with :func:`restore`."""
+def optimize(model: nn.Module, *, layer_norm: bool = True, attention: bool = True) -> SwapReport:
+    """Replace supported submodules of ``model`` in place with vitkern modules. Undo with :func:`restore`.
+
+    Each keyword switches one op family's swaps on or off.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vitkern.optimize: model must be a torch.nn.Module, got {type(model).__name__}")
-    enabled = {"layer_norm": layer_norm}
+    enabled = {"layer_norm": layer_norm, "attention": attention}
     originals: dict[str, nn.Module] = getattr(model, _ORIGINALS_ATTR, {})
     report = SwapReport([], [])
     for path, module in list(model.named_modules()):
@@ -69,7 +76,7 @@ def optimize(model: nn.Module, *, layer_norm: bool = True) -> SwapReport:
             if not enabled.get(rule.op, False):
                 continue
             verdict = rule.accepts(module)
-            if verdict is True:
+            if verdict is True and path not in originals:  # a module is swapped once, by the first rule that takes it
                 parent_path, _, name = path.rpartition(".")
                 parent = model.get_submodule(parent_path) if parent_path else model
                 setattr(parent, name, rule.replace(module))
