@@ -60,8 +60,64 @@ def _layer_norm_problem(m: nn.LayerNorm, args: tuple) -> dispatch.Problem:
     return _describe(args[0], m.normalized_shape, m.weight, m.bias, m.eps)
 
 
+def _is_plain_attention(m: nn.Module) -> bool:
+    from vitkern.reference.layers import Attention
+
+    return isinstance(m, Attention) and isinstance(m.q_norm, nn.Identity)  # qk_norm: covered by the module tests
+
+
+def _attention_qkv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, m.qkv.weight.detach(), None if m.qkv.bias is None else m.qkv.bias.detach())
+
+
+def _attention_compute(m: nn.Module, args: tuple):
+    """The attention core on the packed qkv output (the part the kernel replaces; the linears stay cuBLAS)."""
+    from vitkern.functional.attention import attention
+    from vitkern.reference.layers import attention_reference, merge_heads, split_heads_qkv
+
+    qkv = _attention_qkv(m, args[0])
+
+    def reference(t):
+        return merge_heads(attention_reference(*split_heads_qkv(t, m.num_heads), scale=m.scale))
+
+    return attention(qkv=qkv, num_heads=m.num_heads, scale=m.scale), reference(qkv.double()), reference(qkv)
+
+
+def _attention_problem(m: nn.Module, args: tuple) -> dispatch.Problem:
+    from vitkern.functional.attention import _describe
+
+    return _describe(qkv=_attention_qkv(m, args[0]), num_heads=m.num_heads, scale=m.scale)
+
+
+def _is_reference_vit(m: nn.Module) -> bool:
+    from vitkern.reference.vit import VisionTransformer
+
+    return isinstance(m, VisionTransformer)
+
+
+def _patch_embed_compute(vit: nn.Module, args: tuple):
+    """Patch projection + bias + prefix tokens + position embedding, from the image."""
+    from vitkern.nn.patch_embed import ViTEmbed
+
+    (image,) = args
+    vit64 = copy.deepcopy(vit).double()
+
+    def reference(model, x):
+        return model.add_pos_embed(model.patch_embed(x))
+
+    return ViTEmbed.from_timm(vit)(image), reference(vit64, image.double()), reference(vit, image)
+
+
+def _patch_embed_problem(vit: nn.Module, args: tuple) -> dispatch.Problem:
+    from vitkern.functional.patch_embed import _describe
+
+    return _describe(args[0], vit.patch_embed.proj.weight, vit.patch_embed.proj.bias)
+
+
 OP_PARITY: list[OpParity] = [
+    OpParity("patch_embed", _is_reference_vit, _patch_embed_compute, _patch_embed_problem),
     OpParity("layer_norm", lambda m: isinstance(m, nn.LayerNorm), _layer_norm_compute, _layer_norm_problem),
+    OpParity("attention", _is_plain_attention, _attention_compute, _attention_problem),
 ]
 
 
@@ -91,7 +147,7 @@ def op_rows(model: nn.Module, x: torch.Tensor, per_op_limit: int = 4) -> list[Pa
     for spec, path, module, args in _capture(model, x, per_op_limit):
         problem = spec.problem(module, args)
         for name, backend in dispatch.backends(spec.op).items():
-            row = ParityRow(spec.op, path, "x".join(map(str, args[0].shape)), str(args[0].dtype).replace("torch.", ""), name)
+            row = ParityRow(spec.op, path or "(model)", "x".join(map(str, args[0].shape)), str(args[0].dtype).replace("torch.", ""), name)
             reasons = [backend.availability()] if backend.availability() else backend.reject_reasons(problem)
             if reasons:
                 row.status = "n/a: " + "; ".join(reasons)

@@ -46,7 +46,9 @@ class Block(nn.Module):
         return x, probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_probs(x)[0]
+        # through the submodules' __call__, as timm does: hooks fire and swapped-in modules are used
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -136,8 +138,10 @@ class VisionTransformer(nn.Module):
         """
         x = self.add_pos_embed(self.patch_embed(x))
         for block in self.blocks:
-            x, probs = block.forward_with_probs(x)
-            if attn_maps is not None:
+            if attn_maps is None:
+                x = block(x)
+            else:
+                x, probs = block.forward_with_probs(x)
                 attn_maps.append(probs)
         return self.norm(x)
 
