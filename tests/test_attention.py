@@ -15,7 +15,7 @@ import vitkern
 from vitkern.functional.attention import attention
 from vitkern.reference.layers import Attention as RefAttention
 from vitkern.reference.layers import attention_reference, merge_heads, split_heads_qkv
-from vitkern.testing import check_compile_and_cuda_graph, check_forward_backward, randn, seed_for
+from vitkern.testing import Tolerance, check_compile_and_cuda_graph, check_forward_backward, randn, seed_for
 
 OP = "attention"
 NS = [1, 7, 50, 197]
@@ -174,8 +174,10 @@ def _module_check(mine, other, x_shape, dtype, seed, backend="triton"):
         return f
 
     with vitkern.use_backend(backend, op=OP):
+        # gradients through a whole module: the kernel's dq/dk/dv error (held to k=2 by the op tests) then passes
+        # through the qkv linear's backward, where it adds to, rather than scales with, PyTorch's own error: k=3
         report = check_forward_backward(call(mine), call(other), inputs, [n for n in inputs if n != "k_norm__bias"],
-                                        seed=seed)
+                                        seed=seed, grad_tol=Tolerance(k=3.0))
         if "k_norm__bias" in inputs:
             args = {n: t.clone().requires_grad_() for n, t in inputs.items()}
             out = call(mine)(**args)
@@ -189,9 +191,10 @@ def _module_check(mine, other, x_shape, dtype, seed, backend="triton"):
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk_norm"])
 def test_module_matches_reference_vit_attention(qk_norm):
     ref = RefAttention(96, num_heads=3, qkv_bias=True, qk_norm=qk_norm)
+    g = torch.Generator().manual_seed(seed_for("attn-mod-ref-weights", qk_norm))  # independent of test order
     with torch.no_grad():
         for p in ref.parameters():
-            p.normal_(0.0, 0.5 if p.dim() > 1 else 1.0)  # away from the init so q/k norm weights matter
+            p.normal_(0.0, 0.5 if p.dim() > 1 else 1.0, generator=g)  # away from the init so q/k norm weights matter
     mine = vitkern.nn.Attention(96, num_heads=3, qkv_bias=True, qk_norm=qk_norm).eval()
     assert mine.state_dict().keys() == ref.state_dict().keys()
     mine.load_state_dict(ref.state_dict())
@@ -211,9 +214,10 @@ def test_module_matches_timm_attention(variant):
                "scale_norm_gated_headdim": {"scale_norm": True, "gated": True, "attn_head_dim": 16, "dim_out": 64}
                }[variant])
     timm_attn = TimmAttention(**kw).eval()
+    g = torch.Generator().manual_seed(seed_for("attn-mod-timm-weights", variant))  # independent of test order
     with torch.no_grad():
         for p in timm_attn.parameters():
-            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0, generator=g)
     mine = vitkern.nn.Attention(**kw).eval()
     assert list(mine.state_dict().keys()) == list(timm_attn.state_dict().keys())
     mine.load_state_dict(timm_attn.state_dict())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -32,7 +33,14 @@ from vitkern.kernels.triton import ln_linear as lnl_k
 from vitkern.kernels.triton import patch_embed as pe_k
 from vitkern.kernels.triton import window_attention as win_k
 from vitkern.testing.sm90_compile import (
-    SMEM_LIMIT_SM90, CompileInfo, Launch, compile_many, compile_sm90, launches, wgmma_possible,
+    FRESH_PROCESS_ENV, SMEM_LIMIT_SM90, CompileInfo, Launch, compile_many, compile_sm90, launches, wgmma_possible,
+)
+
+# Running Triton kernels in the interpreter (the parity tests) leaves triton.language patched in that process, which
+# breaks real compilation: these tests run in a process of their own, started by test_sm90_compile_isolated.py.
+pytestmark = pytest.mark.skipif(
+    os.environ.get(FRESH_PROCESS_ENV) != "1",
+    reason="runs in a fresh process (tests/test_sm90_compile_isolated.py), away from the Triton interpreter",
 )
 
 META = torch.device("meta")

@@ -359,3 +359,6 @@ def _rebuild_tuned(cached, saved_kernels: dict, fake_autotune):
     glb.update(saved_kernels)
     glb["triton"] = types.SimpleNamespace(**{**vars(triton), "autotune": fake_autotune})
     return types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
+
+# tests/test_sm90_compile.py runs only in a process started with this set (see tests/test_sm90_compile_isolated.py)
+FRESH_PROCESS_ENV = "VITKERN_SM90_FRESH_PROCESS"
