@@ -8,7 +8,6 @@ can only go to interpreted kernels and CUDA tensors only to compiled ones.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -72,7 +71,3 @@ class TritonBackend(Backend):
         else:
             reasons.append(f"device type {problem.device!r} is not supported by Triton")
         return reasons
-
-
-def interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -102,8 +102,4 @@ def restore(model: nn.Module) -> int:
     return count
 
 
-def swapped_count(model: nn.Module) -> int:
-    return len(getattr(model, _ORIGINALS_ATTR, {}))
-
-
 __all__ = ["SwapRule", "SwapReport", "optimize", "restore", "RULES"]
