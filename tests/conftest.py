@@ -7,6 +7,8 @@ with VITKERN_RUN_SLOW=1.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,3 +58,20 @@ def cuda_ops(ext):
     if not ext.can_run:
         pytest.skip(f"vitkern._C cannot run on this device: {ext.reason}")
     return torch.ops.vitkern_C
+
+
+def _run_without_extension(code: str) -> str:
+    """Run ``code`` in a fresh Python process in which ``vitkern._C`` cannot be imported (as on a machine that
+    never built it); returns its stdout, failing the test on a non-zero exit."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("TRITON_INTERPRET", "1" if not HAS_CUDA else "0")
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['vitkern._C'] = None\n" + code],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture
+def run_without_extension():
+    return _run_without_extension

@@ -162,19 +162,14 @@ def test_extension_status_never_raises():
     assert extension_status() == st  # repeatable
 
 
-def test_extension_status_when_not_built():
+def test_extension_status_when_not_built(run_without_extension):
     # In a fresh process where vitkern._C cannot be imported: not available, with a reason saying how to build it.
-    code = (
-        "import sys; sys.modules['vitkern._C'] = None\n"
+    out = run_without_extension(
         "import json, dataclasses\n"
         "from vitkern._extension import extension_status\n"
         "print(json.dumps(dataclasses.asdict(extension_status())))\n"
     )
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.setdefault("TRITON_INTERPRET", "1" if not torch.cuda.is_available() else "0")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
-    st = json.loads(r.stdout.strip().splitlines()[-1])
+    st = json.loads(out.strip().splitlines()[-1])
     assert st["available"] is False and st["can_run"] is False and st["build_info"] is None
     assert "not built" in st["reason"] and "--no-build-isolation" in st["reason"]
 

@@ -60,19 +60,14 @@ def test_unavailable_without_gpu_with_reason():
     assert "cuda: rejected: " + reason in text, text
 
 
-def test_explain_says_when_the_extension_is_not_built():
+def test_explain_says_when_the_extension_is_not_built(run_without_extension):
     # a fresh process in which vitkern._C cannot be imported (as on a machine that never built it)
-    code = (
-        "import sys; sys.modules['vitkern._C'] = None\n"
+    out = run_without_extension(
         "import torch, vitkern\n"
         "print(vitkern.explain('layer_norm', torch.randn(3, 192), 192))\n"
     )
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.setdefault("TRITON_INTERPRET", "1" if not torch.cuda.is_available() else "0")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
-    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("cuda:"))
-    assert "rejected: CUDA extension unavailable: vitkern._C is not built" in line, r.stdout
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("cuda:"))
+    assert "rejected: CUDA extension unavailable: vitkern._C is not built" in line, out
 
 
 def test_rejects_what_the_kernels_cannot_run():
