@@ -1,55 +1,11 @@
-"""vitkern.optimize / restore: swaps keep parameters and state_dict, change nothing numerically, and undo cleanly."""
-
-import copy
+"""The swap engine (vitkern.optimize / restore): walk order, rule priorities, report, parameter sharing, undo."""
 
 import pytest
-import timm
 import torch
 
 import vitkern
 from vitkern import reference
-from vitkern.testing import assert_close
-
-
-def _randomize(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
-@pytest.mark.parametrize("source", ["reference", "timm"])
-def test_optimize_then_restore(source):
-    torch.manual_seed(0)
-    kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
-    if source == "timm":
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
-    else:
-        model = reference.create_model("vit_tiny_patch16_224", **kwargs)
-    model = _randomize(model).eval()
-    x = torch.randn(2, 3, 32, 32)
-    keys = list(model.state_dict().keys())
-    with torch.no_grad():
-        before = model(x)
-        ref64 = copy.deepcopy(model).double()(x.double())
-    n_ln = sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
-
-    report = vitkern.optimize(model)
-    swapped_ops = [op for _, op, _ in report.swapped]
-    assert swapped_ops.count("layer_norm") == n_ln == 2 * 2 + 1
-    # timm's Attention is swapped; the reference model's (which also yields attention maps) is left as it is
-    assert swapped_ops.count("attention") == (2 if source == "timm" else 0)
-    assert all(isinstance(m, vitkern.nn.LayerNorm) for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
-    assert list(model.state_dict().keys()) == keys
-    assert "blocks.0.norm1" in str(report)
-    with torch.no_grad():
-        after = model(x)
-    assert_close("optimized logits", after, ref64, before)
-
-    assert vitkern.restore(model) == len(swapped_ops)
-    assert not any(isinstance(m, (vitkern.nn.LayerNorm, vitkern.nn.Attention)) for m in model.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+from vitkern.integrations import swap
 
 
 def test_swapped_modules_share_parameters_for_training():
@@ -71,5 +27,70 @@ def test_optimize_rejects_non_modules_and_reports_custom_subclasses():
 
     model = torch.nn.Sequential(FancyNorm(8), torch.nn.LayerNorm(8))
     report = vitkern.optimize(model)
-    assert [p for p, _, _ in report.swapped] == ["1"]
-    assert report.left and "overrides forward" in report.left[0][2]
+    assert [s.path for s in report.swapped] == ["1"]
+    ((path, rule, why),) = report.left
+    assert (path, rule) == ("0", "torch.nn.LayerNorm") and why.endswith("FancyNorm overrides forward()")
+    assert "0 (torch.nn.LayerNorm): " in str(report)
+
+
+def test_report_names_replacement_rule_and_backend():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    report = vitkern.optimize(model)
+    (entry,) = report.swapped
+    assert (entry.path, entry.rule, entry.original) == ("1", "torch.nn.LayerNorm", "LayerNorm")
+    assert entry.replacement == "vitkern.nn.layer_norm.LayerNorm"
+    assert entry.backends == {"layer_norm": swap.preferred_backend("layer_norm", "cpu")}
+    assert "1: LayerNorm -> vitkern.nn.layer_norm.LayerNorm (rule torch.nn.LayerNorm)" in str(report)
+    assert report.count("torch.nn.") == 1 and report.count("timm.") == 0
+
+
+def test_block_rules_take_priority_and_the_walk_stops_below_a_replaced_module():
+    calls = []
+
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.norm = inner.norm  # same submodule name: state_dict keys unchanged
+
+        def forward(self, x):
+            calls.append("wrapped")
+            return self.norm(x)
+
+    rule = swap.register_rule(swap.SwapRule(
+        "test.Inner", ("layer_norm",), lambda m, parent, o: type(m) is Inner,
+        lambda m, parent, o: Wrapped(m), priority=5))
+    try:
+        model = torch.nn.Sequential(Inner(), torch.nn.LayerNorm(4))
+        keys = list(model.state_dict())
+        report = vitkern.optimize(model)
+        assert [(s.path, s.rule) for s in report.swapped] == [("0", "test.Inner"), ("1", "torch.nn.LayerNorm")]
+        assert type(model[0].norm) is torch.nn.LayerNorm  # not descended into: the block rule owns it
+        assert list(model.state_dict()) == keys
+        model(torch.randn(2, 4))
+        assert calls == ["wrapped"]
+        assert vitkern.restore(model) == 2 and type(model[0]) is Inner
+    finally:
+        swap._RULES.remove(rule)
+
+
+def test_rules_validate_their_families():
+    with pytest.raises(ValueError, match="unknown families"):
+        swap.SwapRule("bad", ("flash",), lambda *a: False, lambda *a: None)
+
+
+def test_a_rule_cannot_replace_the_root_module():
+    with pytest.raises(ValueError, match="would replace the model itself"):
+        vitkern.optimize(torch.nn.LayerNorm(8))
+
+
+def test_restore_without_optimize_is_a_no_op():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4))
+    assert vitkern.restore(model) == 0 and type(model[0]) is torch.nn.LayerNorm

@@ -1,5 +1,5 @@
-"""Integrations: swap vitkern modules into timm / torchvision / HF / reference models."""
+"""Integrations: swap vitkern modules into timm / torchvision / HF / reference models (and back)."""
 
-from vitkern.integrations.swap import SwapReport, optimize, restore
+from vitkern.integrations.swap import SwapOptions, SwapReport, SwapRule, optimize, register_rule, restore
 
-__all__ = ["SwapReport", "optimize", "restore"]
+__all__ = ["SwapOptions", "SwapReport", "SwapRule", "optimize", "register_rule", "restore"]

@@ -1,105 +1,193 @@
 """Swap vitkern modules into an existing model (and back), keeping parameters and state_dict keys unchanged.
 
-Each op family contributes a :class:`SwapRule` (which modules it replaces and how). :func:`optimize` walks the
-model once, replaces every module a rule accepts with a module that *shares* the original's parameters (so
-training after the swap updates the same tensors), and returns a report; :func:`restore` puts the originals back.
-Model-family rules (timm / torchvision / HF attention, Swin blocks, patch embedding) join this list as their
-kernels land.
+Each integration module (``torch_nn``, ``timm_models``, ``torchvision_models``, ``hf_models``, ``reference_models``)
+registers :class:`SwapRule` s (``timm_models`` also covers ``vitkern.reference``, which has timm's structure): which modules a rule replaces, and with what. :func:`optimize` walks the model from
+the root; at each submodule the rules are tried in priority order (block-level rules first), the first that
+accepts it replaces it with a module that *shares* the original's parameters (training after the swap updates the
+same tensors), and the walk does not descend into a replaced module (the replacement owns that subtree). A rule
+that declines with a reason is listed in the report, and the walk goes on into the children, so a block that cannot
+be fused as a whole still gets its LayerNorms and attention swapped one by one. :func:`restore` undoes everything.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import importlib
+from typing import Callable, Optional
 
 from torch import nn
 
-from vitkern.nn.attention import Attention as VitkernAttention
-from vitkern.nn.layer_norm import LayerNorm as VitkernLayerNorm
+from vitkern import dispatch
+
+# Op families a user can switch on or off; each rule belongs to one or more of them.
+FAMILIES = ("layer_norm", "attention", "ln_mlp", "patch_embed", "window_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapOptions:
+    """Which op families :func:`optimize` may swap in (all by default)."""
+
+    layer_norm: bool = True
+    attention: bool = True
+    ln_mlp: bool = True
+    patch_embed: bool = True
+    window_attention: bool = True
+
+    def __post_init__(self) -> None:
+        for name in FAMILIES:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"vitkern.optimize: {name} must be True or False, got {value!r}")
+
+    def enabled(self, family: str) -> bool:
+        return getattr(self, family)
 
 
 @dataclasses.dataclass(frozen=True)
 class SwapRule:
-    op: str
-    # True: swap it; False: not this rule's kind of module; a string: this rule's kind, left alone for that reason
-    accepts: Callable[[nn.Module], bool | str]
-    replace: Callable[[nn.Module], nn.Module]
+    """How one kind of module is replaced.
+
+    ``accepts(module, parent, options)`` returns True (swap it), False (not this rule's kind of module) or a string
+    (this rule's kind, left alone for that reason). ``replace(module, parent, options)`` returns the replacement;
+    it must share ``module``'s parameters and keep its state_dict keys. A replacement that also patched something
+    outside itself (e.g. a method of its parent) undoes that in a ``_vitkern_undo()`` method, called by restore.
+    ``families``: the rule runs when any of them is enabled; ``ops``: the vitkern ops its replacement calls.
+    """
+
+    name: str
+    families: tuple[str, ...]
+    accepts: Callable[[nn.Module, Optional[nn.Module], SwapOptions], "bool | str"]
+    replace: Callable[[nn.Module, Optional[nn.Module], SwapOptions], nn.Module]
+    ops: tuple[str, ...] = ()
+    priority: int = 100  # lower is tried first: whole blocks (10) before single layers (100)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"SwapRule {self.name!r}: unknown families {sorted(unknown)}; known: {FAMILIES}")
 
 
-def _layer_norm_accepts(m: nn.Module) -> bool | str:
-    if not isinstance(m, nn.LayerNorm) or isinstance(m, VitkernLayerNorm):
-        return False
-    # subclasses must not change the math; timm's LayerNorm only changes *how* F.layer_norm is called
-    if type(m).forward is not nn.LayerNorm.forward and type(m).__module__.split(".")[0] not in ("timm",):
-        return f"{type(m).__qualname__} overrides forward()"
-    return True
+_RULES: list[SwapRule] = []
+_RULE_MODULES = ("torch_nn", "timm_models")
 
 
-RULES: list[SwapRule] = [
-    SwapRule("layer_norm", _layer_norm_accepts, VitkernLayerNorm.from_torch),
-    SwapRule("attention", VitkernAttention.accepts_timm, VitkernAttention.from_timm),  # timm's Attention
-]
+def register_rule(rule: SwapRule) -> SwapRule:
+    """Add a rule (replacing one of the same name)."""
+    _RULES[:] = [r for r in _RULES if r.name != rule.name] + [rule]
+    _RULES.sort(key=lambda r: r.priority)  # stable: registration order within a priority
+    return rule
+
+
+def rules() -> list[SwapRule]:
+    for name in _RULE_MODULES:  # each registers its rules on import; missing optional libraries are checked lazily
+        importlib.import_module(f"vitkern.integrations.{name}")
+    return list(_RULES)
+
+
+@dataclasses.dataclass
+class Swapped:
+    path: str
+    rule: str
+    original: str  # type name of the module that was replaced
+    replacement: str  # type name of the vitkern module now in its place
+    ops: tuple[str, ...]
+    backends: dict[str, str]  # op -> backend preferred on the model's device (shape permitting)
 
 
 @dataclasses.dataclass
 class SwapReport:
-    swapped: list[tuple[str, str, str]]  # (module path, op, original type)
-    left: list[tuple[str, str, str]]  # (module path, op, reason)
+    swapped: list[Swapped]
+    left: list[tuple[str, str, str]]  # (module path, rule, reason)
+
+    def count(self, rule_prefix: str = "") -> int:
+        return sum(s.rule.startswith(rule_prefix) for s in self.swapped)
 
     def __str__(self) -> str:
         lines = [f"vitkern.optimize: swapped {len(self.swapped)} module(s)"]
-        lines += [f"  {path}: {orig} -> vitkern ({op})" for path, op, orig in self.swapped]
+        for s in self.swapped:
+            be = ", ".join(f"{op}: {b}" for op, b in s.backends.items())
+            lines.append(f"  {s.path}: {s.original} -> {s.replacement} (rule {s.rule})" + (f"  [{be}]" if be else ""))
         if self.left:
             lines.append(f"left unchanged: {len(self.left)}")
-            lines += [f"  {path} ({op}): {why}" for path, op, why in self.left]
-        lines.append("backends are chosen per call: see vitkern.explain(...)")
+            lines += [f"  {path or '<model>'} ({rule}): {why}" for path, rule, why in self.left]
+        lines.append("backends are chosen per call (shape, dtype, device): vitkern.explain(...) says which and why")
         return "\n".join(lines)
+
+
+def preferred_backend(op: str, device: str) -> str:
+    """The first backend of ``op`` that can run on ``device`` in this process; shape checks happen per call."""
+    for backend in dispatch._order(op, device):
+        if backend.availability() is None:
+            return backend.name
+    return "none available"
 
 
 _ORIGINALS_ATTR = "_vitkern_originals"
 
 
-def optimize(model: nn.Module, *, layer_norm: bool = True, attention: bool = True) -> SwapReport:
-    """Replace supported submodules of ``model`` in place with vitkern modules. Undo with :func:`restore`.
+def _model_device(model: nn.Module) -> str:
+    for p in model.parameters():
+        return p.device.type
+    return "cpu"
 
-    Each keyword switches one op family's swaps on or off.
+
+def optimize(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, ln_mlp: bool = True,
+             patch_embed: bool = True, window_attention: bool = True) -> SwapReport:
+    """Replace supported submodules of ``model`` in place with vitkern modules; undo with :func:`restore`.
+
+    Each keyword switches one op family on or off. Parameters, buffers and state_dict keys are unchanged (the new
+    modules share the original tensors). Returns a :class:`SwapReport`: what was swapped (with the backend each op
+    prefers on the model's device), and what was left and why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vitkern.optimize: model must be a torch.nn.Module, got {type(model).__name__}")
-    enabled = {"layer_norm": layer_norm, "attention": attention}
+    options = SwapOptions(layer_norm=layer_norm, attention=attention, ln_mlp=ln_mlp, patch_embed=patch_embed,
+                          window_attention=window_attention)
+    active = [r for r in rules() if any(options.enabled(f) for f in r.families)]
     originals: dict[str, nn.Module] = getattr(model, _ORIGINALS_ATTR, {})
     report = SwapReport([], [])
-    for path, module in list(model.named_modules()):
-        if not path:
-            continue
-        for rule in RULES:
-            if not enabled.get(rule.op, False):
-                continue
-            verdict = rule.accepts(module)
-            if verdict is True and path not in originals:  # a module is swapped once, by the first rule that takes it
-                parent_path, _, name = path.rpartition(".")
-                parent = model.get_submodule(parent_path) if parent_path else model
-                setattr(parent, name, rule.replace(module))
-                originals[path] = module
-                report.swapped.append((path, rule.op, type(module).__qualname__))
-                break
+    device = _model_device(model)
+
+    def visit(path: str, module: nn.Module, parent: Optional[nn.Module]) -> None:
+        for rule in active:
+            verdict = rule.accepts(module, parent, options)
+            if verdict is True:
+                new = rule.replace(module, parent, options)
+                if parent is None:
+                    raise ValueError(f"vitkern.optimize: rule {rule.name} would replace the model itself; "
+                                     "call it on the model's parent or use the replacement module directly")
+                setattr(parent, path.rpartition(".")[2], new)
+                originals.setdefault(path, module)  # a second optimize() keeps the very first original
+                ops = getattr(new, "vitkern_ops", rule.ops)
+                report.swapped.append(Swapped(path, rule.name, type(module).__qualname__,
+                                              f"{type(new).__module__}.{type(new).__qualname__}", tuple(ops),
+                                              {op: preferred_backend(op, device) for op in ops}))
+                return
             if isinstance(verdict, str):
-                report.left.append((path, rule.op, verdict))
+                report.left.append((path, rule.name, verdict))
+        for name, child in list(module.named_children()):
+            visit(f"{path}.{name}" if path else name, child, module)
+
+    visit("", model, None)
     object.__setattr__(model, _ORIGINALS_ATTR, originals)  # plain attribute: not a submodule, not in state_dict
     return report
 
 
 def restore(model: nn.Module) -> int:
-    """Put back every module :func:`optimize` replaced; returns how many."""
+    """Put back every module :func:`optimize` replaced (outermost first); returns how many."""
     originals: dict[str, nn.Module] = getattr(model, _ORIGINALS_ATTR, {})
-    for path, module in originals.items():
+    for path in sorted(originals, key=lambda p: p.count(".")):
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, module)
+        undo = getattr(getattr(parent, name), "_vitkern_undo", None)
+        if undo is not None:
+            undo()
+        setattr(parent, name, originals[path])
     count = len(originals)
     if hasattr(model, _ORIGINALS_ATTR):
         object.__delattr__(model, _ORIGINALS_ATTR)
     return count
 
 
-__all__ = ["SwapRule", "SwapReport", "optimize", "restore", "RULES"]
+__all__ = ["FAMILIES", "SwapOptions", "SwapRule", "SwapReport", "Swapped", "optimize", "restore", "register_rule",
+           "rules", "preferred_backend"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern.functional.attention import attention
+from vitkern.nn.attention_maps import RecordsAttentionMaps
 from vitkern.nn.layer_norm import LayerNorm
 
 __all__ = ["Attention"]
@@ -33,7 +34,7 @@ def _vitkern_norm(module: nn.Module) -> nn.Module:
     return LayerNorm.from_torch(module) if type(module) is nn.LayerNorm else module
 
 
-class Attention(nn.Module):
+class Attention(RecordsAttentionMaps, nn.Module):
     """Multi-head self-attention with a packed qkv projection; see the module docstring."""
 
     def __init__(
@@ -83,14 +84,22 @@ class Attention(nn.Module):
         return not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x)
+        return self.project(self.attend(self.qkv(x), x, attn_mask, is_causal))
+
+    def attend(self, qkv: Tensor, x: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+               is_causal: bool = False) -> Tensor:
+        """Attention on the packed ``qkv`` output [B, N, 3·H·D] -> [B, N, H·D], before ``norm``/``gate``/``proj``
+        (``x``, the block input, is needed only with ``gated``). Fused blocks call this after their own qkv GEMM."""
+        B, N, _ = qkv.shape
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if attn_mask is not None or is_causal:
+        if attn_mask is not None or is_causal or self._vitkern_attn_maps is not None:
             q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+            if self._vitkern_attn_maps is not None and attn_mask is None and not is_causal:
+                o = self.attn_drop(self._record_probs(q, k, self.scale)) @ v
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                   is_causal=is_causal)
             o = o.transpose(1, 2).reshape(B, N, self.attn_dim)
         elif self.has_qk_norm:
             heads = qkv.view(B, N, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, D]
@@ -99,8 +108,14 @@ class Attention(nn.Module):
         else:
             o = attention(qkv=qkv, num_heads=self.num_heads, scale=self.scale, dropout_p=dropout_p)
         o = self.norm(o)
-        if gate is not None:
-            o = o * gate
+        if self.gate is not None:
+            if x is None:
+                raise ValueError("vitkern.nn.Attention.attend: a gated attention needs x (the block input)")
+            o = o * self.gate(x).sigmoid()
+        return o
+
+    def project(self, o: Tensor) -> Tensor:
+        """The output projection (+ dropout) on attend()'s [B, N, H·D]."""
         return self.proj_drop(self.proj(o))
 
     @staticmethod

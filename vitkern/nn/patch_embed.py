@@ -3,6 +3,7 @@ class/distillation/register tokens + position embedding, with timm's parameter n
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from vitkern.functional.patch_embed import patch_embed, resample_pos_embed
 
-__all__ = ["PatchEmbed", "ViTEmbed"]
+__all__ = ["PatchEmbed", "ViTEmbed", "FusedViTPatchEmbed"]
 
 _OUTPUT_FMTS = ("NCHW", "NHWC", "NCL", "NLC")
 
@@ -225,3 +226,41 @@ class ViTEmbed(nn.Module):
         new.input_mean = new.input_std = None
         new.train(vit.training)
         return new
+
+
+class FusedViTPatchEmbed(PatchEmbed):
+    """Sits in a ViT's ``patch_embed`` slot and returns the whole token sequence (patches + prefix tokens + position
+    embedding) from one kernel launch, while the ViT's own position-embedding method (timm ``_pos_embed``,
+    ``vitkern.reference``'s ``add_pos_embed``) is replaced on the instance by the identity.
+
+    Registered submodules are those of the PatchEmbed it replaces (``proj``, ``norm``), so the state_dict is
+    unchanged; the prefix tokens and ``pos_embed`` stay the ViT's parameters and are read through a
+    :class:`ViTEmbed` view that is deliberately not a submodule. ``_vitkern_undo`` puts the ViT's method back.
+    """
+
+    @classmethod
+    def from_vit(cls, vit: nn.Module, pos_embed_method: str) -> "FusedViTPatchEmbed":
+        embed = ViTEmbed.from_timm(vit)
+        new = embed.patch_embed  # shares proj / norm with vit.patch_embed
+        new.__class__ = cls
+        object.__setattr__(new, "_tokens", embed)  # not registered: its parameters are the ViT's own
+        object.__setattr__(new, "_owner", weakref.ref(vit))
+        object.__setattr__(new, "_pos_embed_method", pos_embed_method)
+        setattr(vit, pos_embed_method, _tokens_already_embedded)  # instance attribute shadows the class method
+        return new
+
+    vitkern_ops = ("patch_embed",)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [B, C, H, W] -> [B, prefix + H'·W', D]
+        return self._tokens(x)
+
+    def _vitkern_undo(self) -> None:
+        owner = self._owner()
+        if owner is not None and self._pos_embed_method in vars(owner):
+            delattr(owner, self._pos_embed_method)
+
+
+def _tokens_already_embedded(x: Tensor) -> Tensor:
+    """Stands in for the ViT's position-embedding step: FusedViTPatchEmbed already did it."""
+    return x

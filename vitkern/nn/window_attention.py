@@ -15,7 +15,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from vitkern.functional.window_attention import SWIN_MASK_VALUE, window_attention
+from vitkern.nn.attention_maps import RecordsAttentionMaps
 from vitkern.reference import swin as ref_swin
+from vitkern.reference.layers import merge_heads, split_heads_qkv
 
 __all__ = ["WindowAttention", "ShiftedWindowAttention"]
 
@@ -63,7 +65,7 @@ class _WindowAttentionBase(nn.Module):
                                       "supported by the fused kernel; use eval() or attn_drop=0")
 
 
-class WindowAttention(_WindowAttentionBase):
+class WindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
     """Drop-in for ``timm.models.swin_transformer.WindowAttention``: same constructor, names and state_dict.
 
     ``forward(x [B·nW, N, C], mask [nW, N, N] or None)``. Without a mask the fused kernel runs (each window is an
@@ -78,7 +80,7 @@ class WindowAttention(_WindowAttentionBase):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         bw, n, _ = x.shape
-        if mask is not None or (self.training and self.attn_drop.p > 0):
+        if mask is not None or (self.training and self.attn_drop.p > 0) or self._vitkern_attn_maps is not None:
             return self.proj_drop(self.proj(self._eager(x, mask)))
         wh, ww = self.window_size
         qkv = self.qkv(x).view(bw, wh, ww, -1)
@@ -94,7 +96,10 @@ class WindowAttention(_WindowAttentionBase):
         if mask is not None:
             nw = mask.shape[0]
             attn = (attn.view(-1, nw, self.num_heads, n, n) + mask.to(attn.dtype)[None, :, None]).view(bw, -1, n, n)
-        attn = self.attn_drop(attn.softmax(-1))
+        attn = attn.softmax(-1)
+        if self._vitkern_attn_maps is not None:
+            self._vitkern_attn_maps.append(attn)
+        attn = self.attn_drop(attn)
         return (attn @ v).transpose(1, 2).reshape(bw, n, -1)
 
     @classmethod
@@ -109,7 +114,7 @@ class WindowAttention(_WindowAttentionBase):
         return new
 
 
-class ShiftedWindowAttention(_WindowAttentionBase):
+class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
     """Fused (shifted-)window attention on a [B, H, W, C] map, owning timm's ``qkv``/``proj``/bias table.
 
     ``forward(x)`` equals timm's ``SwinTransformerBlock._attn(x)`` (x already normed): timm's roll-then-pad order,
@@ -127,15 +132,64 @@ class ShiftedWindowAttention(_WindowAttentionBase):
         self.pad_first = pad_first
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.project(self.attend(self.qkv(x)))
+
+    def shift_for(self, height: int, width: int) -> tuple[int, int]:
+        """The shift applied to an [height, width] map (torchvision drops it on an axis that is one window)."""
+        if not self.pad_first:
+            return self.shift_size
+        return tuple(0 if length <= w else s  # type: ignore[return-value]
+                     for length, w, s in zip((height, width), self.window_size, self.shift_size))
+
+    def attend(self, qkv: Tensor) -> Tensor:
+        """Window attention on the qkv output [B, H, W, 3·C'] -> [B, H, W, C'] before ``proj``; fused blocks call
+        this after their own (LayerNorm-fused) qkv GEMM."""
         self._check_no_attn_dropout()
-        qkv = self.qkv(x)
-        shift = self.shift_size
-        if self.pad_first:  # torchvision: no shift on an axis whose padded size is one window
-            shift = tuple(0 if length <= w else s for length, w, s in zip(x.shape[1:3], self.window_size, shift))
-        out = window_attention(qkv, self.relative_position_bias_table, self.num_heads, self.window_size, shift,
-                               qkv_bias=self.qkv.bias, scale=self.scale, mask_value=self.mask_value,
-                               pad_first=self.pad_first)
-        return self.proj_drop(self.proj(out))
+        shift = self.shift_for(qkv.shape[1], qkv.shape[2])
+        if self._vitkern_attn_maps is not None:
+            return self._eager_attend(qkv, shift)
+        return window_attention(qkv, self.relative_position_bias_table, self.num_heads, self.window_size, shift,
+                                qkv_bias=self.qkv.bias, scale=self.scale, mask_value=self.mask_value,
+                                pad_first=self.pad_first)
+
+    def project(self, o: Tensor) -> Tensor:
+        return self.proj_drop(self.proj(o))
+
+    def _eager_attend(self, qkv: Tensor, shift: tuple[int, int]) -> Tensor:
+        """The same attention spelled out in PyTorch, recording the probabilities [B·nW, heads, N, N]."""
+        B, H, W, C3 = qkv.shape
+        (wh, ww), n = self.window_size, self.window_area
+        Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+        roll = any(shift)
+
+        def pad(t: Tensor) -> Tensor:  # padded tokens are zero *inputs*, so their q/k/v is the qkv bias
+            out = t.new_zeros(B, Hp, Wp, C3) if self.qkv.bias is None else self.qkv.bias.to(t.dtype).expand(
+                B, Hp, Wp, C3).clone()
+            out[:, :H, :W] = t
+            return out
+
+        t = qkv
+        if self.pad_first:
+            t = pad(t)
+        if roll:
+            t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        if not self.pad_first:
+            t = pad(t)
+        q, k, v = split_heads_qkv(ref_swin.window_partition(t, (wh, ww)).reshape(-1, n, C3), self.num_heads)
+        bias = ref_swin.relative_position_bias(self.relative_position_bias_table,
+                                               self.relative_position_index.view(n, n)).to(q.dtype)  # [heads, N, N]
+        if roll:
+            regions = ref_swin.shifted_window_mask(H, W, (wh, ww), shift, device=q.device) != 0  # [nW, N, N]
+            mask = torch.zeros(regions.shape, device=q.device, dtype=q.dtype).masked_fill(regions, self.mask_value)
+            bias = (bias + mask[:, None]).repeat(B, 1, 1, 1)  # [B·nW, heads, N, N], windows of an image in a row
+        probs = self._record_probs(q, k, self.scale, bias)
+        o = merge_heads(probs @ v)  # [B·nW, N, C']
+        o = ref_swin.window_reverse(o.view(-1, wh, ww, o.shape[-1]), (wh, ww), Hp, Wp)
+        if not self.pad_first:  # undo in reverse order: timm crops, then rolls back; torchvision the other way
+            o = o[:, :H, :W]
+        if roll:
+            o = torch.roll(o, shifts=shift, dims=(1, 2))
+        return o[:, :H, :W]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "

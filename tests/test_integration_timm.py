@@ -1,0 +1,203 @@
+"""vitkern.optimize on timm and vitkern.reference ViT / DeiT / Swin models (tiny random-init configs, fp32, CPU).
+
+Each case: outputs and every parameter's gradient vs a float64 copy (numerics rule, see vitkern.testing.models),
+the state_dict unchanged (same tensors), restore() exact, and the expected modules swapped. On CPU the ops dispatch
+to the reference backend: these tests check the wiring (layouts, parameters, fusion boundaries); the kernels run in
+the interpreter in test_optimized_models_run_triton_kernels and in each op family's own tests.
+"""
+
+import pytest
+import timm
+import torch
+
+import vitkern
+from vitkern import reference
+from vitkern.testing import seed_for
+from vitkern.testing.models import check_optimized_model, logits_of, randomize_
+
+VIT_TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+SWIN_TINY = dict(img_size=(40, 56), patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                 num_classes=10)  # stage maps 10x14 and 5x7: padding at window 4, shifted windows in every stage
+
+TIMM_CASES = {
+    "vit": ("vit_tiny_patch16_224", VIT_TINY),
+    "vit_qknorm_ls_reg": ("vit_tiny_patch16_224", dict(VIT_TINY, qk_norm=True, init_values=0.1, reg_tokens=2,
+                                                       class_token=True, no_embed_class=True)),
+    "vit_dynamic_size": ("vit_tiny_patch16_224", dict(VIT_TINY, dynamic_img_size=True)),
+    "vit_gap_no_cls": ("vit_tiny_patch16_224", dict(VIT_TINY, class_token=False, global_pool="avg")),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", VIT_TINY),
+    "swin": ("swin_tiny_patch4_window7_224", SWIN_TINY),
+}
+
+
+def _input(model, case, batch=2):
+    size = TIMM_CASES[case][1]["img_size"]
+    hw = size if isinstance(size, tuple) else (size, size)
+    if case == "vit_dynamic_size":
+        hw = (40, 24)  # a different grid than the model's 4x4: the position embedding is resampled
+    return torch.randn(batch, 3, *hw, generator=torch.Generator().manual_seed(seed_for(case)))
+
+
+@pytest.mark.parametrize("case", list(TIMM_CASES))
+def test_timm_model_optimized_matches_original(case):
+    name, kwargs = TIMM_CASES[case]
+    model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for(case)).eval()
+    report = check_optimized_model(model, [_input(model, case)], vitkern.optimize, vitkern.restore)
+    rules = [s.rule for s in report.swapped]
+    if case.startswith("swin"):
+        assert rules.count("timm.SwinTransformerBlock") == 4 and "timm.PatchEmbed" in rules
+    else:
+        assert rules.count("timm.Block") == 2 and "timm.VisionTransformer.patch_embed" in rules
+    assert not report.left, report.left
+    assert not any(isinstance(m, (vitkern.nn.ViTBlock, vitkern.nn.SwinBlock)) for m in model.modules())
+
+
+@pytest.mark.parametrize("name,kwargs", [("vit_tiny_patch16_224", dict(VIT_TINY, qk_norm=True)),
+                                         ("deit_tiny_distilled_patch16_224", VIT_TINY),
+                                         ("swin_tiny_patch4_window7_224", SWIN_TINY)])
+def test_reference_model_optimized_matches_original(name, kwargs):
+    model = randomize_(reference.create_model(name, **kwargs), seed_for(name)).eval()
+    size = kwargs["img_size"]
+    hw = size if isinstance(size, tuple) else (size, size)
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(seed_for(name, "x")))
+    report = check_optimized_model(model, [x], vitkern.optimize, vitkern.restore)
+    assert report.count("timm.") >= 3  # blocks and the patch embedding go through the same rules as timm's
+
+
+def test_family_switches_choose_what_is_fused():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_TINY).eval()
+    report = vitkern.optimize(model, ln_mlp=False, patch_embed=False)
+    block = model.blocks[0]
+    assert isinstance(block, vitkern.nn.ViTBlock) and not block.fuse_ln_qkv and not block.fuse_mlp
+    assert isinstance(block.attn, vitkern.nn.Attention) and isinstance(block.norm2, vitkern.nn.LayerNorm)
+    assert block.vitkern_ops == ("attention",)
+    assert type(model.patch_embed).__module__.startswith("timm")
+    assert "patch_embed" not in {s.path for s in report.swapped}
+    vitkern.restore(model)
+
+    report = vitkern.optimize(model, attention=False, ln_mlp=False, patch_embed=False, window_attention=False)
+    assert {s.rule for s in report.swapped} == {"torch.nn.LayerNorm"}  # the norms alone, one by one
+    assert type(model.blocks[0].attn).__module__.startswith("timm")
+    vitkern.restore(model)
+
+    report = vitkern.optimize(model, attention=False)
+    block = model.blocks[0]
+    assert block.fuse_mlp and not block.fuse_ln_qkv and type(block.attn).__module__.startswith("timm")
+    vitkern.restore(model)
+
+
+def test_bad_options_raise_clear_errors():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_TINY)
+    with pytest.raises(TypeError, match="attention must be True or False"):
+        vitkern.optimize(model, attention="yes")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        vitkern.optimize(model, flash=True)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        vitkern.optimize(timm)
+
+
+def test_blocks_that_cannot_fuse_are_reported_and_their_layers_still_swapped():
+    # gated MLP (SwiGLU) cannot become ln_mlp; with attention disabled the block has nothing to fuse
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, mlp_layer=timm.layers.SwiGLU,
+                              **VIT_TINY).eval()
+    report = vitkern.optimize(model, attention=False)
+    reasons = [why for path, rule, why in report.left if rule == "timm.Block"]
+    assert len(reasons) == 2 and "fc1 -> act -> fc2" in reasons[0], reasons
+    assert isinstance(model.blocks[0].norm1, vitkern.nn.LayerNorm)  # the walk went on into the block
+    vitkern.restore(model)
+    # with attention on, the block is fused where it can be: attention yes, MLP no
+    report = vitkern.optimize(model)
+    assert model.blocks[0].vitkern_ops == ("ln_linear", "attention")
+    vitkern.restore(model)
+
+
+def test_training_noise_runs_unfused_and_matches_timm():
+    # drop_path > 0 in training: the fused ln_mlp has no stochastic depth, so the block runs its submodules
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, drop_path_rate=0.5, **VIT_TINY).train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    expected = model(x)
+    vitkern.optimize(model)
+    torch.manual_seed(0)
+    got = model(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # same random masks, fp32 rounding only
+
+
+def test_optimize_twice_and_restore_once():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = model(x)
+    vitkern.optimize(model, ln_mlp=False, attention=False, patch_embed=False)  # norms only
+    vitkern.optimize(model)  # then the blocks, around the already swapped norms
+    assert isinstance(model.blocks[0], vitkern.nn.ViTBlock)
+    vitkern.restore(model)
+    assert not any(type(m).__module__.startswith("vitkern") for m in model.modules())
+    torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["vit", "swin"])
+def test_optimized_model_compiles_without_graph_breaks(case):
+    name, kwargs = TIMM_CASES[case]
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    vitkern.optimize(model)
+    x = _input(model, case)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: any graph break raises
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_maps_equal_the_reference_models():
+    model = randomize_(reference.create_model("vit_tiny_patch16_224", **VIT_TINY), 7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, expected = model(x, return_attn=True)
+        vitkern.optimize(model)
+        with vitkern.nn.attention_maps(model) as maps:
+            out = model(x)
+        _, via_blocks = model(x, return_attn=True)  # the reference model's own API still works when optimized
+    assert list(maps) == ["blocks.0.attn", "blocks.1.attn"]
+    for got, want, again in zip((m[0] for m in maps.values()), expected, via_blocks):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(again, want, atol=1e-6, rtol=1e-5)
+    assert model.blocks[0].attn._vitkern_attn_maps is None  # recording is off again outside the block
+    torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_swin_attention_maps_match_timm_window_attention():
+    model = randomize_(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **SWIN_TINY), 3).eval()
+    x = torch.randn(1, 3, 40, 56)
+    captured = []
+    # timm computes softmax inside WindowAttention.forward: capture it from F.softmax's input via attn_drop's input
+    hooks = [blk.attn.attn_drop.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+             for blk in model.modules() if isinstance(blk, timm.models.swin_transformer.SwinTransformerBlock)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    vitkern.optimize(model)
+    with torch.no_grad(), vitkern.nn.attention_maps(model) as maps:
+        model(x)
+    got = [m[0] for m in maps.values()]
+    assert len(got) == len(captured) == 4
+    for g, want in zip(got, captured):
+        torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", ["vit", "swin"])
+def test_optimized_models_run_triton_kernels(case):
+    """The swapped model end to end on the Triton kernels (interpreter on CPU, fp32), forward and backward."""
+    name, kwargs = TIMM_CASES[case]
+    kwargs = dict(kwargs, depth=1) if case == "vit" else dict(kwargs, depths=(1, 1))
+    model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for(case, "triton")).eval()
+    x = torch.randn(1, 3, *((32, 32) if case == "vit" else (40, 56)))
+    with vitkern.use_backend("triton", strict=False):
+        check_optimized_model(model, [x], vitkern.optimize, vitkern.restore)
+
+
+def test_logits_of_finds_the_output_tensor():
+    t = torch.ones(2)
+    assert logits_of(t) is t and logits_of((t, 1)) is t
+    with pytest.raises(TypeError):
+        logits_of(3)

@@ -1,0 +1,102 @@
+"""``vitkern.nn.SwinBlock``: a timm Swin V1 ``SwinTransformerBlock`` with both halves fused.
+
+    timm:    x = x + drop_path1(_attn(norm1(x)))   (roll, pad, partition, window attention + bias + mask, reverse)
+             x = x + drop_path2(mlp(norm2(x)))
+    vitkern: qkv = ln_linear(x, norm1, attn.qkv)            [B, H, W, 3C], LayerNorm folded into the GEMM
+             x   = x + attn.project(attn.attend(qkv))       one kernel: shift, padding, bias table, shift mask
+             x   = ln_mlp(x, norm2, mlp.fc1, mlp.fc2)       LayerNorm + MLP + residual
+
+``attn`` becomes a :class:`vitkern.nn.ShiftedWindowAttention` sharing timm's ``qkv``/``proj``/bias table (same
+state_dict keys; timm's ``attn_mask`` buffer is non-persistent and not needed: the kernel derives the mask). The
+block's window and shift are the ones timm clamped for its feature map at construction; call ``optimize`` again
+after ``set_input_size``. Stochastic depth / dropout in training and attention-map recording run unfused.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from vitkern.functional.ln_mlp import ln_linear, ln_mlp
+from vitkern.nn.layer_norm import LayerNorm
+from vitkern.nn.vit_block import _drop_p, _is_plain_layer_norm, mlp_fusion_blocker
+from vitkern.nn.window_attention import ShiftedWindowAttention
+
+__all__ = ["SwinBlock"]
+
+
+def swin_block_blocker(block: nn.Module) -> str | None:
+    """Why a Swin block's attention cannot be the fused window kernel (None: it can)."""
+    attn = getattr(block, "attn", None)
+    if not hasattr(attn, "relative_position_bias_table") or hasattr(attn, "logit_scale"):
+        return "attn is not a Swin V1 WindowAttention (V2's cosine attention is not supported)"
+    if _drop_p(getattr(attn, "attn_drop", None)) > 0:
+        return f"attention dropout p={attn.attn_drop.p} (the fused kernel has none)"
+    if not _is_plain_layer_norm(block.norm1):
+        return f"norm1 is {type(block.norm1).__name__}, not a LayerNorm"
+    return None
+
+
+class SwinBlock(nn.Module):
+    """A timm ``SwinTransformerBlock`` (or ``vitkern.reference``'s) running fused ops; build with :meth:`from_timm`."""
+
+    def __init__(self) -> None:  # use from_timm()
+        super().__init__()
+        self.fuse_ln_qkv = self.fuse_mlp = False
+
+    @classmethod
+    def from_timm(cls, block: nn.Module, window_attention: bool = True, ln_mlp: bool = True,
+                  layer_norm: bool = True) -> "SwinBlock":
+        new = cls()
+        new.window_size, new.shift_size = tuple(block.window_size), tuple(block.shift_size)
+        new.input_resolution = getattr(block, "input_resolution", None)
+        for name in ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"):
+            setattr(new, name, getattr(block, name, None) or nn.Identity())
+        if window_attention and swin_block_blocker(block) is None:
+            new.attn = ShiftedWindowAttention.from_timm_block(block)
+        if layer_norm:
+            for name in ("norm1", "norm2"):
+                m = getattr(new, name)
+                if _is_plain_layer_norm(m) and not isinstance(m, LayerNorm):
+                    setattr(new, name, LayerNorm.from_torch(m))
+        fused_attn = isinstance(new.attn, ShiftedWindowAttention)
+        new.fuse_ln_qkv = ln_mlp and fused_attn and _is_plain_layer_norm(new.norm1)
+        new.fuse_mlp = ln_mlp and mlp_fusion_blocker(new) is None
+        # unfused attention: the block's own method (vitkern.reference names timm's _attn window_attention)
+        new._timm_attn = None if fused_attn else getattr(block, "_attn", None) or block.window_attention
+        new.train(block.training)
+        return new
+
+    @property
+    def vitkern_ops(self) -> tuple[str, ...]:
+        fused_attn = isinstance(self.attn, ShiftedWindowAttention)
+        return tuple(op for op, on in (("ln_linear", self.fuse_ln_qkv), ("window_attention", fused_attn),
+                                       ("ln_mlp", self.fuse_mlp)) if on)
+
+    def extra_repr(self) -> str:
+        return (f"window_size={self.window_size}, shift_size={self.shift_size}, fuse_ln_qkv={self.fuse_ln_qkv}, "
+                f"fuse_mlp={self.fuse_mlp}")
+
+    def _attn(self, x: Tensor) -> Tensor:
+        """timm's name: windowed attention of the normed map [B, H, W, C]."""
+        if self._timm_attn is not None:
+            return self._timm_attn(x)
+        return self.attn(x)
+
+    def _training_noise(self) -> bool:
+        return self.training and any(_drop_p(m) > 0 for m in (
+            self.drop_path1, self.drop_path2, getattr(self.mlp, "drop1", None), getattr(self.mlp, "drop2", None)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [B, H, W, C] -> [B, H, W, C]
+        recording = getattr(self.attn, "_vitkern_attn_maps", None) is not None
+        if recording or self._training_noise() or not self.fuse_ln_qkv:
+            x = x + self.drop_path1(self._attn(self.norm1(x)))
+        else:
+            n1, attn = self.norm1, self.attn
+            qkv = ln_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)
+            x = x + attn.project(attn.attend(qkv))
+        if recording or self._training_noise() or not self.fuse_mlp:
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        n2, mlp = self.norm2, self.mlp
+        return ln_mlp(x, n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, None,
+                      n2.eps, mlp.act.approximate)

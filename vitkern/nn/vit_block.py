@@ -1,0 +1,134 @@
+"""``vitkern.nn.ViTBlock``: a timm ViT/DeiT ``Block`` (pre-norm) with its two halves fused.
+
+    timm:    x = x + drop_path1(ls1(attn(norm1(x))));  x = x + drop_path2(ls2(mlp(norm2(x))))
+    vitkern: qkv = ln_linear(x, norm1, attn.qkv)        one GEMM with the LayerNorm folded in
+             x   = x + ls1(attn.project(attn.attend(qkv)))   flash attention on the packed qkv, then proj
+             x   = ln_mlp(x, norm2, mlp.fc1, mlp.fc2, ls2)   LayerNorm + fc1 + GELU + fc2 + layer scale + residual
+
+Submodules keep timm's names (``norm1``, ``attn.qkv``, ``attn.proj``, ``ls1.gamma``, ``norm2``, ``mlp.fc1``,
+``mlp.fc2``, ``ls2.gamma``, ...), so parameters are the block's own objects and state_dict keys are unchanged.
+Each fusion applies only where it is exact: a gated attention needs norm1's output (no norm1+qkv fusion); stochastic
+depth or MLP dropout in training, an ``attn_mask`` or ``is_causal``, or recording attention maps run the block
+unfused, with the same submodules (still vitkern attention / LayerNorm where those were swapped).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from vitkern.functional.ln_mlp import ln_linear, ln_mlp
+from vitkern.nn.attention import Attention
+from vitkern.nn.layer_norm import LayerNorm
+
+__all__ = ["ViTBlock"]
+
+
+def _drop_p(module: Optional[nn.Module]) -> float:
+    """Drop probability of a dropout / DropPath module (0 for Identity or None)."""
+    return float(getattr(module, "p", getattr(module, "drop_prob", 0.0)) or 0.0)
+
+
+def _is_plain_layer_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
+
+
+def _is_reference_attention(m: nn.Module) -> bool:
+    from vitkern.reference.layers import Attention as ReferenceAttention
+
+    return type(m) is ReferenceAttention
+
+
+def mlp_fusion_blocker(block: nn.Module) -> Optional[str]:
+    """Why the MLP half of a pre-norm block cannot become one ln_mlp call (None: it can)."""
+    mlp = getattr(block, "mlp", None)
+    if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("fc1", "fc2")):
+        return "mlp is not fc1 -> act -> fc2 with nn.Linear layers (e.g. SwiGLU / GLU)"
+    if type(getattr(mlp, "act", None)) is not nn.GELU:
+        return f"mlp.act is {type(getattr(mlp, 'act', None)).__name__}, the fused MLP does GELU"
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        return "mlp has a norm between fc1 and fc2 (scale_mlp_norm)"
+    if not _is_plain_layer_norm(block.norm2):
+        return f"norm2 is {type(block.norm2).__name__}, not a LayerNorm over the last dim"
+    ls = getattr(block, "ls2", None)
+    if not (ls is None or isinstance(ls, nn.Identity) or isinstance(getattr(ls, "gamma", None), torch.Tensor)):
+        return f"ls2 is {type(ls).__name__}, not a LayerScale"
+    return None
+
+
+class ViTBlock(nn.Module):
+    """A timm ``Block`` whose forward runs the fused ops; build it with :meth:`from_timm` (shares parameters)."""
+
+    def __init__(self) -> None:  # use from_timm(); a block is always built around existing submodules
+        super().__init__()
+        self.fuse_ln_qkv = self.fuse_mlp = False
+
+    @classmethod
+    def from_timm(cls, block: nn.Module, attention: bool = True, ln_mlp: bool = True,
+                  layer_norm: bool = True) -> "ViTBlock":
+        """Wrap the submodules of a timm (or ``vitkern.reference``) ViT ``Block``; the flags choose what is fused:
+        ``attention`` swaps ``attn`` for ``vitkern.nn.Attention``, ``ln_mlp`` fuses norm1+qkv and norm2+mlp,
+        ``layer_norm`` swaps norms left unfused for ``vitkern.nn.LayerNorm``."""
+        new = cls()
+        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+            setattr(new, name, getattr(block, name, None) or nn.Identity())
+        if attention and (Attention.accepts_timm(new.attn) is True or _is_reference_attention(new.attn)):
+            new.attn = Attention.from_timm(new.attn)
+        if layer_norm:
+            for name in ("norm1", "norm2"):
+                m = getattr(new, name)
+                if type(m) is nn.LayerNorm or type(m).__module__.split(".")[0] == "timm" and _is_plain_layer_norm(m):
+                    setattr(new, name, LayerNorm.from_torch(m))
+        new.fuse_ln_qkv = (ln_mlp and isinstance(new.attn, Attention) and new.attn.gate is None
+                           and _is_plain_layer_norm(new.norm1))
+        new.fuse_mlp = ln_mlp and mlp_fusion_blocker(new) is None
+        new.train(block.training)
+        return new
+
+    @property
+    def vitkern_ops(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(op for op, on in (("ln_linear", self.fuse_ln_qkv), ("attention", isinstance(self.attn, Attention)),
+                                       ("ln_mlp", self.fuse_mlp)) if on)
+
+    def extra_repr(self) -> str:
+        return f"fuse_ln_qkv={self.fuse_ln_qkv}, fuse_mlp={self.fuse_mlp}"
+
+    def _training_noise(self) -> bool:
+        """Stochastic depth or MLP dropout active: those run unfused, exactly as timm."""
+        if not self.training:
+            return False
+        mlp = self.mlp
+        return any(_drop_p(m) > 0 for m in (self.drop_path1, self.drop_path2, getattr(mlp, "drop1", None),
+                                             getattr(mlp, "drop2", None)))
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        # x: [B, N, C] -> [B, N, C]
+        recording = getattr(self.attn, "_vitkern_attn_maps", None) is not None
+        if attn_mask is not None or is_causal or recording or self._training_noise():
+            masks = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **masks)))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        attn = self.attn
+        if self.fuse_ln_qkv:
+            n1 = self.norm1
+            qkv = ln_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)
+            x = x + self.ls1(attn.project(attn.attend(qkv)))
+        else:
+            x = x + self.ls1(attn(self.norm1(x)))
+        if not self.fuse_mlp:
+            return x + self.ls2(self.mlp(self.norm2(x)))
+        n2, mlp = self.norm2, self.mlp
+        gamma = getattr(self.ls2, "gamma", None)
+        return ln_mlp(x, n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, gamma,
+                      n2.eps, mlp.act.approximate)
+
+    def forward_with_probs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``vitkern.reference`` models call this for ``return_attn=True``: the block output and the attention
+        probabilities [B, heads, N, N] (through :func:`vitkern.nn.attention_maps`)."""
+        from vitkern.nn.attention_maps import attention_maps
+
+        with attention_maps(self) as maps:
+            out = self(x)
+        return out, maps["attn"][0]
