@@ -6,13 +6,15 @@ to the reference backend: these tests check the wiring (layouts, parameters, fus
 the interpreter in test_optimized_models_run_triton_kernels and in each op family's own tests.
 """
 
+import copy
+
 import pytest
 import timm
 import torch
 
 import vitkern
 from vitkern import reference
-from vitkern.testing import seed_for
+from vitkern.testing import Tolerance, assert_close, seed_for
 from vitkern.testing.models import check_optimized_model, logits_of, randomize_
 
 VIT_TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -201,3 +203,67 @@ def test_logits_of_finds_the_output_tensor():
     assert logits_of(t) is t and logits_of((t, 1)) is t
     with pytest.raises(TypeError):
         logits_of(3)
+
+
+def test_channels_last_input():
+    model = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_TINY), 11).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        vitkern.optimize(model)
+        got = model(x.contiguous(memory_format=torch.channels_last))  # NHWC strides into the patch gather
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["vit_qknorm_ls_reg", "swin"])
+def test_autocast_runs_the_fused_ops_in_the_autocast_dtype(case):
+    """Under autocast the fused ops compute in bf16 (vitkern/functional/_autocast.py), so the optimized model is as
+    accurate as the model cast to bf16: error vs float64 <= k x that of eager bf16 + atol(bf16)."""
+    name, kwargs = TIMM_CASES[case]
+    model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for(case, "amp")).eval()
+    x = _input(model, case)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
+        eager_bf16 = copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16))
+        vitkern.optimize(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True, backend="eager")(x)  # autocast state is traced
+    assert out.dtype == torch.bfloat16
+    assert_close("autocast logits", out, ref64, eager_bf16, Tolerance(k=2.0))
+    torch.testing.assert_close(compiled, out, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- GPU
+GPU_MODELS = [("vit_base_patch16_224", 8), ("deit_base_distilled_patch16_224", 8),
+              ("swin_tiny_patch4_window7_224", 8), ("vit_large_patch16_384", 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,batch", GPU_MODELS)
+def test_real_size_models_on_gpu(name, batch, dtype):
+    model = timm.create_model(name, pretrained=False)
+    model = randomize_(model, seed_for(name), std=0.02).cuda().to(dtype).eval()
+    size = model.pretrained_cfg["input_size"][1:]
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed_for(name, "x"))).cuda().to(dtype)
+    # whole-network errors compound over 12-24 blocks, and the fused ops round at different points than eager
+    # (fp32 LayerNorm statistics inside the GEMM prologue, flash softmax in fp32): k=3 on logits, k=4 on gradients
+    report = check_optimized_model(model, [x], vitkern.optimize, vitkern.restore, tol=Tolerance(k=3.0),
+                                   grad_tol=Tolerance(k=4.0))
+    assert report.count("timm.") >= 3
+    assert all(b != "reference" for s in report.swapped for b in s.backends.values()), str(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_optimized_model_compiles_and_captures_on_gpu(name):
+    from vitkern.testing.compile_graph import check_compile_and_cuda_graph
+
+    model = timm.create_model(name, pretrained=False).cuda().to(torch.bfloat16).eval()
+    vitkern.optimize(model)
+    x = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    # inductor fuses the torch layers around the vitkern ops (proj/head linears, residual adds): bf16 rounding
+    # differences of a few ulp at logit magnitude ~1 (bf16 ulp 2^-7 = 0.0078)
+    check_compile_and_cuda_graph(model, x, compile_tol=5e-2)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from vitkern import dispatch
+from vitkern.functional._autocast import cast_inputs
 from vitkern.ops import attention as attn_op
 from vitkern.validation import FLOAT_DTYPES, check_tensor
 
@@ -106,6 +107,7 @@ def attention(
     Returns:
         packed: [B, N, H·D] (proj-ready); bhnd: [B, H, N_Q, D]; bnhd: [B, N_Q, H, D]. Same dtype as the input.
     """
+    q, k, v, qkv = cast_inputs(q, k, v, qkv)
     layout, first, k, v, heads, views, scale, dropout_p = _prepare(q, k, v, qkv, num_heads, layout, scale, dropout_p)
     if dropout_p > 0:
         dispatch.select(attn_op.problem(dispatch.FORWARD, *views, layout, dropout_p))  # raises if forced to triton

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from vitkern import dispatch
+from vitkern.functional._autocast import cast_inputs
 from vitkern.ops import ln_linear as ln_linear_op
 from vitkern.ops import ln_mlp as ln_mlp_op
 from vitkern.validation import as_rows, check_positive, check_tensor
@@ -63,6 +64,7 @@ def ln_linear(
     Every parameter has x's dtype. LayerNorm statistics are fp32; the normalised tile is rounded to x's dtype
     before the matmul (what the unfused LayerNorm output holds); the GEMM accumulates in fp32.
     """
+    x, ln_weight, ln_bias, weight, bias = cast_inputs(x, ln_weight, ln_bias, weight, bias)
     d = _validate_linear(x, ln_weight, ln_bias, weight, bias, eps)
     rows = as_rows(x, d)
     y, _, _ = torch.ops.vitkern.ln_linear_fwd(rows, ln_weight, ln_bias, weight, bias, float(eps))
@@ -109,6 +111,8 @@ def ln_mlp(
     ``approximate`` is F.gelu's ("none": exact erf, timm's default; "tanh"). Every parameter has x's dtype.
     The pre-activation and the GELU output are kept for the backward only when autograd needs them.
     """
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale = cast_inputs(
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
     d = _validate_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, eps, approximate)
     rows = as_rows(x, d)
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitkern import dispatch
+from vitkern.functional._autocast import cast_inputs
 from vitkern.ops import patch_embed as pe_op
 from vitkern.validation import FLOAT_DTYPES, check_tensor
 
@@ -114,6 +115,7 @@ def patch_embed(
     ImageNet images) normalise the pixels, ``(x - mean) / std`` in fp32, inside the kernel's tile load: no
     normalised copy of the image is made. They get no gradient.
     """
+    weight, bias, pos_embed, prefix = cast_inputs(weight, bias, pos_embed, prefix)  # x is cast in the tile load
     weight, prefix2, pos2, covers = _validate(x, weight, bias, pos_embed, prefix)
     norm = _norm(mean, std, x.shape[1], x.device, weight.dtype)
     return torch.ops.vitkern.patch_embed_fwd(x, norm, weight, bias, pos2, prefix2, covers)

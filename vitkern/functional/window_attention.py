@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from vitkern import dispatch
+from vitkern.functional._autocast import cast_inputs
 from vitkern.ops import window_attention as wa_op
 from vitkern.validation import check_tensor
 
@@ -72,6 +73,7 @@ def window_attention(
     ``pad_first=True`` gives torchvision's and HF's order instead: pad, then roll the padded map (they differ from
     timm only when the map is padded and shifted).
     """
+    qkv, relative_position_bias_table, qkv_bias = cast_inputs(qkv, relative_position_bias_table, qkv_bias)
     window, shift, scale = _validate(qkv, relative_position_bias_table, num_heads, window_size, shift_size,
                                      qkv_bias, scale, mask_value)
     if qkv.shape[1] % window[0] == 0 and qkv.shape[2] % window[1] == 0:

@@ -1,0 +1,34 @@
+"""Autocast policy of the fused ops: they join autocast's lower-precision list, as F.linear, conv and SDPA do.
+
+Under ``torch.autocast(device, dtype)`` every floating-point tensor input of a fused op (activations and
+parameters) is cast to the autocast dtype, and the op computes and returns that dtype (fp32 accumulation and
+statistics inside, as always). That includes the residual add inside ``ln_mlp``: after a fused MLP the residual
+stream is in the autocast dtype, as with ``model.to(dtype)``. ``layer_norm`` is not on the list (autocast runs
+LayerNorm in fp32, and so does vitkern). Without this, fp32 parameters would pull the fused GEMMs to fp32, and the
+fp32 output of an autocast-fp32 qk-norm would meet a bf16 v.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, TypeVar
+
+import torch
+
+T = TypeVar("T", bound=Optional[torch.Tensor])
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type not in ("cuda", "cpu"):  # devices vitkern runs on; autocast has no state for e.g. "meta"
+        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def cast_inputs(*tensors: T) -> tuple[T, ...]:
+    """``tensors`` cast to the autocast dtype of their device when autocast is on there; anything that is not a
+    floating-point tensor passes through unchanged (validation after this names wrong arguments)."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    dtype = autocast_dtype(first.device.type) if first is not None else None
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # type: ignore
+                 for t in tensors)
