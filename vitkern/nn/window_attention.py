@@ -233,8 +233,8 @@ class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
         new.qkv, new.proj = attn.qkv, attn.proj
         new.relative_position_bias_table = attn.relative_position_bias_table
         new.attn_drop, new.proj_drop = nn.Dropout(attn.attention_dropout), nn.Dropout(attn.dropout)
-        new.register_buffer("relative_position_index", attn.relative_position_index.view(new.window_area, -1),
-                            persistent=False)
+        # torchvision saves its flat [N·N] index (persistent): keep that very tensor so the state_dict is unchanged
+        new.register_buffer("relative_position_index", attn.relative_position_index, persistent=True)
         new.scale = (new.qkv.out_features // (3 * new.num_heads)) ** -0.5
         new.train(attn.training)
         return new

@@ -2,6 +2,7 @@
 
 State_dict keys equal timm's, so `ref.load_state_dict(timm_model.state_dict(), strict=True)` works both ways.
 """
+from .cnn_attention import AttentionBlock, CNNAttentionClassifier, ConvStem
 from .layers import Attention, LayerScale, Mlp, PatchEmbed, attention_probs, attention_reference, merge_heads, \
     split_heads_qkv
 from .registry import create_model, list_models, model_config
@@ -17,4 +18,5 @@ __all__ = [
     'SwinTransformer', 'SwinTransformerBlock', 'WindowAttention',
     'window_partition', 'window_reverse', 'relative_position_index', 'relative_position_bias',
     'shifted_window_mask', 'window_attention_reference', 'clamp_window_and_shift',
+    'CNNAttentionClassifier', 'AttentionBlock', 'ConvStem',
 ]
