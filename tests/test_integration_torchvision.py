@@ -596,3 +596,19 @@ def test_tiny_optimized_model_on_triton_kernels(name, monkeypatch):
     for op in ops:
         for direction in (dispatch.FORWARD, dispatch.BACKWARD):
             assert (op, direction, "triton") in chosen, (op, direction, sorted(chosen))
+
+
+# ---------------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t"])
+def test_real_size_torchvision_models_on_gpu(name, dtype):
+    from vitkern.testing.models import check_optimized_model, randomize_
+
+    model = getattr(torchvision.models, name)(weights=None)
+    model = randomize_(model, seed_for(name), std=0.02).cuda().to(dtype).eval()
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(seed_for(name, "x"))).cuda().to(dtype)
+    # whole-network errors compound over 12 blocks and the fused ops round at other points than eager: k=3 / k=4
+    report = check_optimized_model(model, [x], vitkern.optimize, vitkern.restore, tol=Tolerance(k=3.0),
+                                   grad_tol=Tolerance(k=4.0))
+    assert report.count("torchvision.") >= 12
