@@ -68,7 +68,7 @@ class SwapRule:
 
 
 _RULES: list[SwapRule] = []
-_RULE_MODULES = ("torch_nn", "timm_models", "torchvision_models")
+_RULE_MODULES = ("torch_nn", "timm_models", "torchvision_models", "hf_models")
 
 
 def register_rule(rule: SwapRule) -> SwapRule:

@@ -1,0 +1,533 @@
+"""Drop-ins for Hugging Face transformers' (5.x) ViT / DeiT / Dinov2 / Swin V1 modules, and the HF attention function.
+
+``hf_attention_forward`` is an attention-interface function (``vitkern.integrations.hf_models.register_hf_attention``
+registers it as ``attn_implementation="vitkern"``): HF's q/k/v [B, H, N, D] go to ``vitkern.functional.attention``
+(separate q/k/v in the "bnhd" layout: HF's projections are [B, N, H·D] Linear outputs, so the kernel reads them by
+strides and writes the [B, N, H, D] HF wants, no copy). What it cannot fuse runs what HF would: an attention mask,
+causal attention, a position bias or grouped k/v heads go to HF's own ``sdpa_attention_forward``; when the
+probabilities are wanted (``output_attentions``, ``vitkern.nn.attention_maps``, a ``head_mask``) a plain eager path
+computes and returns them (HF's eager semantics: fp32 softmax, dropout on the returned weights).
+
+The module classes are *mixins* put in front of the HF class they replace: ``HFViTLayer.from_hf(layer)`` builds
+``VitkernViTLayer(HFViTLayer, ViTLayer)`` (once per HF class) and an instance that shares the original's parameters,
+buffers, submodules and hook dicts (no copy; same state_dict keys). So HF's output capturing (``output_hidden_states``
+/ ``output_attentions`` hooks, installed by isinstance on ``_can_record_outputs`` classes, possibly before the swap),
+gradient checkpointing (``GradientCheckpointingLayer.__call__``) and user hooks keep working, and every slow path
+is HF's own ``forward`` (``super().forward``) running on the swapped children.
+
+- ``HFAttention`` (ViT/DeiT ``*Attention``), ``HFDinov2SelfAttention``, ``HFSwinAttention``: HF's forward with the
+  attention call fixed to ``hf_attention_forward`` (whatever ``config._attn_implementation`` says); they record maps.
+- ``HFViTLayer`` (ViT/DeiT), ``HFDinov2Layer``: ``layernorm_after`` + MLP (+ layer scale) + residual in one
+  ``vitkern.functional.ln_mlp``; hidden dropout / drop path active in training: HF's forward (attention dropout
+  is applied by the attention op itself, on its eager path).
+- ``HFSwinLayer``: LayerNorm + the q/k/v GEMM (weights concatenated in-graph, see below) + ``window_attention`` with
+  HF's pad-then-roll order (``pad_first=True``), the shift mask and relative position bias in-kernel, + o_proj,
+  then ``ln_mlp``. HF's shrinking rule (``set_shift_and_window_size``) is applied as HF does; a window that then
+  differs from the bias table's (HF itself fails there), probabilities wanted, or dropout / drop path in training:
+  HF's forward. HF's in-place window/shift change is handed back to the original layer on restore.
+- ``HFViTEmbeddings`` (ViT/DeiT), ``HFDinov2Embeddings``: ``vitkern.functional.patch_embed`` (patch GEMM + bias +
+  class/distillation tokens + position embedding); masked tokens, an interpolated position embedding, a wrong
+  image size (HF raises), dropout in training: HF's forward.
+
+Why separate q/k/v for ViT/DeiT/Dinov2 and an in-graph weight concat only for Swin: the attention kernel reads
+separate q/k/v by strides as cheaply as a packed qkv, so the HF Linears are used as they are: no second copy of
+the weights, no cache to invalidate (``load_state_dict``, optimizers, ``.to()``), nothing torch.compile must
+guard, identical in training and inference. What that gives up is LayerNorm folded into the qkv GEMM. Swin's
+window kernel takes only a packed qkv, so there the three weights are concatenated in the graph each call
+(3·C² elements per block, small next to the activations at the batch sizes that matter; gradients flow to each
+Linear), and since that concatenated GEMM exists anyway the LayerNorm is fused into it (``ln_linear``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkern.functional.attention import attention
+from vitkern.functional.ln_mlp import ln_linear, ln_mlp
+from vitkern.functional.patch_embed import patch_embed
+from vitkern.functional.window_attention import window_attention
+from vitkern.nn.attention_maps import RecordsAttentionMaps
+from vitkern.nn.layer_norm import LayerNorm
+from vitkern.validation import FLOAT_DTYPES
+
+__all__ = ["hf_attention_forward", "HFAttention", "HFDinov2SelfAttention", "HFSwinAttention",
+           "HFViTLayer", "HFDinov2Layer", "HFSwinLayer", "HFViTEmbeddings", "HFDinov2Embeddings"]
+
+_HF: dict[str, Any] = {}  # transformers objects bound once, outside any traced code (see _bind_transformers)
+
+
+def _bind_transformers() -> None:
+    """Import the transformers pieces the forward paths use (lazily: transformers is optional)."""
+    if _HF:
+        return
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older transformers: no hook-based output capturing; output_attentions arrives as a kwarg
+        _active_collector = None
+    _HF.update(sdpa=sdpa_attention_forward, collector=_active_collector)
+
+
+def _collecting_attentions() -> bool:
+    """Whether the enclosing HF forward collects attention probabilities (``output_attentions=True``, also when it
+    comes from the config and so never reaches the layers as a kwarg)."""
+    collector = _HF.get("collector")
+    if collector is None:
+        return False
+    if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.get; HF's wrapper uses the global then
+        collected = collector.global_var if getattr(collector, "compiling", False) else None
+    else:
+        collected = collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+def _wants_weights(kwargs: dict) -> bool:
+    return bool(kwargs.get("output_attentions")) or _collecting_attentions()
+
+
+# ----------------------------------------------------------------------------------- the attention-interface function
+def _is_causal(module: nn.Module, query: Tensor, attention_mask: Optional[Tensor], kwargs: dict) -> bool:
+    """HF sdpa's rule: causal when asked (kwarg, else ``module.is_causal``, default True) with no mask and q_len > 1."""
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    return bool(is_causal) and attention_mask is None and query.shape[2] > 1
+
+
+def _fusable(module, query, key, value, attention_mask, scaling, kwargs) -> bool:
+    return (attention_mask is None and not _is_causal(module, query, None, kwargs)
+            and kwargs.get("position_bias") is None and kwargs.get("head_mask") is None
+            and isinstance(scaling, (int, float)) and not isinstance(scaling, bool)
+            and query.dtype in FLOAT_DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
+            and key.shape[1] == query.shape[1]  # grouped k/v heads (GQA): HF's sdpa path repeats them
+            and key.shape[-1] == query.shape[-1] == value.shape[-1])
+
+
+def _eager(module, query, key, value, attention_mask, scaling, dropout, recorder, kwargs):
+    """Plain attention returning the probabilities (HF eager: fp32 softmax, dropout on the returned weights)."""
+    if key.shape[1] != query.shape[1]:  # grouped k/v heads
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    lowest = torch.finfo(query.dtype).min
+    bias = attention_mask
+    if bias is not None and bias.dtype == torch.bool:  # sdpa-style mask (True = attend) -> additive
+        bias = torch.zeros(bias.shape, dtype=query.dtype, device=query.device).masked_fill(~bias, lowest)
+    if _is_causal(module, query, attention_mask, kwargs):  # sdpa's top-left aligned causal mask
+        keep = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill(~keep, lowest)
+    if kwargs.get("position_bias") is not None:
+        bias = kwargs["position_bias"] if bias is None else bias + kwargs["position_bias"]
+    if recorder is not None:
+        probs = recorder._record_probs(query, key, float(scaling), bias)
+    else:
+        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if bias is not None:
+            logits = logits + bias
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    if kwargs.get("head_mask") is not None:  # transformers 4.x's per-head mask on the probabilities
+        probs = probs * kwargs["head_mask"]
+    if dropout > 0:
+        probs = F.dropout(probs, p=dropout, training=True)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def hf_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """HF attention-interface function: q/k/v [B, H, N, D] -> ([B, N, H, D], probabilities or None).
+
+    Fused (``vitkern.functional.attention``) when there is nothing it cannot express; see the module docstring
+    for the fallbacks. ``dropout`` is applied only when ``module.training`` (as HF's eager function does).
+    """
+    _bind_transformers()
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if not getattr(module, "training", True):
+        dropout = 0.0
+    recorder = module if isinstance(module, RecordsAttentionMaps) and module._vitkern_attn_maps is not None else None
+    want_weights = recorder is not None or kwargs.get("head_mask") is not None or _wants_weights(kwargs)
+    if not want_weights and _fusable(module, query, key, value, attention_mask, scaling, kwargs):
+        out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout="bnhd",
+                        scale=float(scaling), dropout_p=float(dropout))
+        return out, None
+    if not want_weights:
+        return _HF["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _eager(module, query, key, value, attention_mask, scaling, dropout, recorder, kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ swapping machinery
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _swapped_class(mixin: type, base: type) -> type:
+    """``Vitkern<Base>(mixin, base)``, created once per pair: isinstance(new, base) holds for HF's hooks."""
+    cls = _CLASSES.get((mixin, base))
+    if cls is None:
+        name = f"Vitkern{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name})
+        _CLASSES[(mixin, base)] = cls
+    return cls
+
+
+def _rebuild(mixin: type, base: type) -> nn.Module:
+    """Unpickling / deepcopy: a bare instance of the swapped class (its __dict__ is restored by __setstate__)."""
+    cls = _swapped_class(mixin, base)
+    return cls.__new__(cls)
+
+
+def gelu_approximation(act: Any) -> Optional[str]:
+    """F.gelu's ``approximate`` for an HF / torch GELU activation module, None for any other activation."""
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    if type(act).__module__ == "transformers.activations":
+        if type(act).__name__ == "GELUActivation":  # F.gelu or its Python erf form
+            return "none"
+        if type(act).__name__ in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation"):  # the tanh formula
+            return "tanh"
+    return None
+
+
+class _SwappedHF:
+    """Base of the mixins: builds the swapped instance (sharing everything with the HF module) and pickles it."""
+
+    vitkern_ops: tuple[str, ...] = ()
+
+    @classmethod
+    def from_hf(cls, module: nn.Module):
+        if isinstance(module, _SwappedHF):
+            raise TypeError(f"{cls.__name__}.from_hf: {type(module).__name__} is already a vitkern module")
+        _bind_transformers()
+        klass = _swapped_class(cls, type(module))
+        new = klass.__new__(klass)
+        state = dict(module.__dict__)  # plain attributes (config, sizes, training) and the hook dicts: shared
+        for name in ("_parameters", "_buffers", "_modules"):  # own containers: a child swapped here stays here
+            state[name] = dict(state[name])
+        state["_non_persistent_buffers_set"] = set(state["_non_persistent_buffers_set"])
+        new.__dict__.update(state)
+        return new
+
+    def __reduce_ex__(self, protocol):
+        mixin, base = type(self).__bases__
+        state = {k: v for k, v in self.__dict__.items() if k != "_vitkern_hf_original"}  # a weakref: not picklable
+        return _rebuild, (mixin, base), state
+
+
+def _plain_ln(norm: nn.Module, enabled: bool) -> nn.Module:
+    """A plain torch LayerNorm becomes vitkern's (sharing parameters) when the layer_norm family is on."""
+    return LayerNorm.from_torch(norm) if enabled and type(norm) is nn.LayerNorm else norm
+
+
+def _same_dtype(x: Tensor, *params: Optional[Tensor]) -> bool:
+    return all(p is None or p.dtype == x.dtype for p in params)
+
+
+def _attention_dropout_active(attn: nn.Module) -> bool:
+    return attn.training and float(getattr(attn, "attention_dropout", getattr(attn, "dropout_prob", 0.0)) or 0.0) > 0
+
+
+def _drop_path_active(drop_path: nn.Module) -> bool:
+    return drop_path.training and not isinstance(drop_path, nn.Identity) and getattr(drop_path, "drop_prob", 1.0) > 0
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+class HFAttention(_SwappedHF, RecordsAttentionMaps):
+    """ViT / DeiT ``*Attention`` (``q_proj``/``k_proj``/``v_proj``/``o_proj``) calling ``hf_attention_forward``."""
+
+    vitkern_ops = ("attention",)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, N, D] views of [B, N, H·D]
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        out, weights = hf_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling,
+                                            dropout=self.attention_dropout if self.training else 0.0, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1)), weights
+
+
+class HFDinov2SelfAttention(_SwappedHF, RecordsAttentionMaps):
+    """Dinov2 ``Dinov2SelfAttention`` (``query``/``key``/``value``; the output Linear is its sibling)."""
+
+    vitkern_ops = ("attention",)
+
+    def forward(self, hidden_states: Tensor, **kwargs):
+        shape = hidden_states.shape[0], -1, self.num_attention_heads, self.attention_head_size
+        k = self.key(hidden_states).view(*shape).transpose(1, 2)
+        v = self.value(hidden_states).view(*shape).transpose(1, 2)
+        q = self.query(hidden_states).view(*shape).transpose(1, 2)
+        kwargs.setdefault("is_causal", self.is_causal)
+        out, probs = hf_attention_forward(self, q, k, v, None, scaling=self.scaling,
+                                          dropout=self.dropout_prob if self.training else 0.0, **kwargs)
+        return out.reshape(out.shape[:-2] + (self.all_head_size,)), probs
+
+
+class HFSwinAttention(_SwappedHF, RecordsAttentionMaps):
+    """Swin ``SwinAttention`` on partitioned windows [B·nW, N, C]: relative position bias (+ shift mask) as an
+    additive mask, so ``hf_attention_forward`` takes HF's sdpa / eager path. It is the eager path (and the
+    attention-map recorder) of :class:`HFSwinLayer`, whose fused path does not call it."""
+
+    vitkern_ops = ("attention",)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        bias = self.relative_position_bias()  # [1, heads, N, N]
+        if attention_mask is not None:  # shift mask [nW, N, N] -> [B·nW, 1, N, N], HF's layout
+            nw, n = attention_mask.shape[0], input_shape[1]
+            mask = attention_mask[None, :, None].expand(input_shape[0] // nw, -1, -1, -1, -1).reshape(-1, 1, n, n)
+            bias = bias + mask
+        out, weights = hf_attention_forward(self, q, k, v, bias, scaling=self.scaling,
+                                            dropout=self.attention_dropout if self.training else 0.0, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1)), weights
+
+
+# ------------------------------------------------------------------------------------------------ encoder layers
+def _mlp_tail(h: Tensor, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear, scale: Optional[Tensor], approximate: str):
+    """h + scale · fc2(gelu(fc1(norm(h)))): the second half of a pre-norm block, one fused op."""
+    return ln_mlp(h, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, scale, norm.eps, approximate)
+
+
+def _check_mlp(name: str, norm: nn.Module, fc1: nn.Module, fc2: nn.Module, act: nn.Module) -> str:
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise TypeError(f"{name}: expected a 1-D nn.LayerNorm before the MLP, got {norm!r}")
+    if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
+        raise TypeError(f"{name}: expected the MLP's fc1 / fc2 to be nn.Linear")
+    approx = gelu_approximation(act)
+    if approx is None:
+        raise ValueError(f"{name}: the MLP activation {type(act).__name__} is not GELU (ln_mlp fuses GELU only)")
+    return approx
+
+
+class HFViTLayer(_SwappedHF):
+    """ViT / DeiT encoder layer: LayerNorm -> attention -> + residual, then ``layernorm_after`` + MLP + residual in
+    one ``ln_mlp``. Hidden dropout active in training: HF's forward (on the swapped children)."""
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module, *, layer_norm: bool = True, attention: bool = True):
+        approx = _check_mlp(f"{cls.__name__}.from_hf", layer.layernorm_after, layer.mlp.fc1, layer.mlp.fc2,
+                            layer.mlp.activation_fn)
+        new = super().from_hf(layer)
+        new._vitkern_gelu = approx
+        ops = ["ln_mlp"]
+        new.layernorm_before = _plain_ln(layer.layernorm_before, layer_norm)
+        if new.layernorm_before is not layer.layernorm_before:
+            ops.append("layer_norm")
+        if attention and not isinstance(layer.attention, _SwappedHF):
+            new.attention = HFAttention.from_hf(layer.attention)
+            ops.append("attention")
+        new.vitkern_ops = tuple(ops)
+        return new
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        norm, fc1, fc2 = self.layernorm_after, self.mlp.fc1, self.mlp.fc2
+        if (self.training and self.dropout.p > 0) or not _same_dtype(
+                hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        h, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        return _mlp_tail(h + hidden_states, norm, fc1, fc2, None, self._vitkern_gelu)
+
+
+class HFDinov2Layer(_SwappedHF):
+    """Dinov2 layer: norm1 -> attention -> layer_scale1 -> + residual, then norm2 + MLP + layer_scale2 + residual
+    in one ``ln_mlp``. Drop path active in training: HF's forward."""
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module, *, layer_norm: bool = True, attention: bool = True):
+        approx = _check_mlp(f"{cls.__name__}.from_hf", layer.norm2, layer.mlp.fc1, layer.mlp.fc2,
+                            layer.mlp.activation)
+        new = super().from_hf(layer)
+        new._vitkern_gelu = approx
+        ops = ["ln_mlp"]
+        new.norm1 = _plain_ln(layer.norm1, layer_norm)
+        if new.norm1 is not layer.norm1:
+            ops.append("layer_norm")
+        inner = layer.attention.attention  # Dinov2Attention = attention (Dinov2SelfAttention) + output
+        if attention and not isinstance(inner, _SwappedHF):
+            new.attention = _shallow_with_child(layer.attention, "attention", HFDinov2SelfAttention.from_hf(inner))
+            ops.append("attention")
+        new.vitkern_ops = tuple(ops)
+        return new
+
+    def forward(self, hidden_states: Tensor):
+        norm, fc1, fc2, ls2 = self.norm2, self.mlp.fc1, self.mlp.fc2, self.layer_scale2.lambda1
+        if _drop_path_active(self.drop_path) or not _same_dtype(
+                hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, ls2):
+            return super().forward(hidden_states)
+        h = self.layer_scale1(self.attention(self.norm1(hidden_states))) + hidden_states
+        return _mlp_tail(h, norm, fc1, fc2, ls2, self._vitkern_gelu)
+
+
+def _shallow_with_child(module: nn.Module, name: str, child: nn.Module) -> nn.Module:
+    """A copy of container ``module`` (same class, same parameters and hooks) with child ``name`` replaced, so the
+    original container keeps its own child (restore needs nothing)."""
+    new = type(module).__new__(type(module))
+    state = dict(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        state[key] = dict(state[key])
+    state["_non_persistent_buffers_set"] = set(state["_non_persistent_buffers_set"])
+    new.__dict__.update(state)
+    setattr(new, name, child)
+    return new
+
+
+class HFSwinLayer(_SwappedHF):
+    """Swin V1 block (HF ``SwinLayer``): the attention half as one ``window_attention`` between the qkv GEMM and
+    o_proj, the MLP half as one ``ln_mlp`` (see the module docstring for what runs HF's forward instead)."""
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module, *, layer_norm: bool = True, fuse_mlp: bool = True):
+        attn = layer.attention
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "relative_position_bias", "scaling",
+                     "num_attention_heads"):
+            if not hasattr(attn, name):
+                raise TypeError(f"{cls.__name__}.from_hf: {type(attn).__name__} has no {name!r} (transformers 5.x "
+                                "SwinAttention expected)")
+        if (attn.q_proj.bias is None) != (attn.k_proj.bias is None) or (attn.q_proj.bias is None) != (
+                attn.v_proj.bias is None):
+            raise ValueError(f"{cls.__name__}.from_hf: q/k/v Linears must all have a bias or all have none")
+        approx = _check_mlp(f"{cls.__name__}.from_hf", layer.layernorm_after, layer.mlp.fc1, layer.mlp.fc2,
+                            layer.mlp.activation_fn) if fuse_mlp else None
+        new = super().from_hf(layer)
+        new._vitkern_gelu = approx  # None: the MLP half stays HF's modules
+        new._vitkern_ln_linear = fuse_mlp and isinstance(layer.layernorm_before, nn.LayerNorm)
+        new.__dict__["_vitkern_hf_original"] = weakref.ref(layer)
+        ops = ["window_attention"] + (["ln_mlp", "ln_linear"] if fuse_mlp else [])
+        if layer_norm:  # used where the LayerNorms are not fused (ln_mlp off) and on HF's path
+            new.layernorm_before = _plain_ln(layer.layernorm_before, True)
+            new.layernorm_after = _plain_ln(layer.layernorm_after, True)
+            if any(type(m) is LayerNorm for m in (new.layernorm_before, new.layernorm_after)):
+                ops.append("layer_norm")
+        if not isinstance(attn, _SwappedHF):
+            new.attention = HFSwinAttention.from_hf(attn)  # the eager path and the attention-map recorder
+        new.vitkern_ops = tuple(ops)
+        return new
+
+    def _vitkern_undo(self) -> None:
+        """HF's forward shrinks ``window_size`` / ``shift_size`` in place for small maps: hand that state back."""
+        original = self.__dict__.get("_vitkern_hf_original")
+        original = original() if original is not None else None
+        if original is not None:
+            original.window_size, original.shift_size = self.window_size, self.shift_size
+
+    def _fused_ok(self, x: Tensor, kwargs: dict) -> bool:
+        attn = self.attention
+        table = attn.relative_position_bias.relative_position_bias_table
+        window, shift = self.window_size, self.shift_size
+        training = self.training and (self.dropout.p > 0 or _drop_path_active(self.drop_path)
+                                      or _attention_dropout_active(attn))
+        return (not training and isinstance(window, int) and isinstance(shift, int)
+                and tuple(attn.relative_position_bias.window_size) == (window, window)  # else HF's own error
+                and 0 <= shift < window and attn._vitkern_attn_maps is None and not _wants_weights(kwargs)
+                and _same_dtype(x, table, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                                self.layernorm_before.weight, self.layernorm_before.bias))
+
+    def forward(self, hidden_states: Tensor, input_dimensions: tuple[int, int], always_partition: bool = False,
+                **kwargs):
+        if not always_partition:
+            self.set_shift_and_window_size(input_dimensions)  # HF's clamping (in place, as HF does)
+        if not self._fused_ok(hidden_states, kwargs):
+            return super().forward(hidden_states, input_dimensions, always_partition, **kwargs)
+        attn = self.attention
+        height, width = input_dimensions
+        B, L, C = hidden_states.shape
+        # [3C, C]: q | k | v rows (head-major each), the packed layout window_attention reads; concatenated in the
+        # graph so gradients reach the three Linears and nothing stale is ever used
+        w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        b_qkv = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        norm = self.layernorm_before
+        if self._vitkern_ln_linear:
+            qkv = ln_linear(hidden_states, norm.weight, norm.bias, w_qkv, b_qkv, norm.eps)
+        else:
+            qkv = F.linear(norm(hidden_states), w_qkv, b_qkv)
+        table = attn.relative_position_bias.relative_position_bias_table
+        out = window_attention(qkv.view(B, height, width, 3 * C), table, attn.num_attention_heads, self.window_size,
+                               self.shift_size, qkv_bias=b_qkv, scale=attn.scaling,
+                               pad_first=True)  # HF pads, then rolls the padded map
+        h = hidden_states + self.drop_path(attn.o_proj(out).view(B, L, C))
+        if self._vitkern_gelu is not None and _same_dtype(h, self.mlp.fc1.weight, self.mlp.fc2.weight,
+                                                          self.layernorm_after.weight):
+            return _mlp_tail(h, self.layernorm_after, self.mlp.fc1, self.mlp.fc2, None, self._vitkern_gelu), None
+        return self.dropout(self.mlp(self.layernorm_after(h))) + h, None
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings
+def _conv_ok(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and tuple(conv.stride) == tuple(conv.kernel_size) and conv.groups == 1
+            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros")
+
+
+def _check_embeddings(name: str, module: nn.Module) -> None:
+    if not _conv_ok(module.patch_embeddings.projection):
+        raise TypeError(f"{name}: patch_embeddings.projection must be a Conv2d with stride == kernel_size, "
+                        "no padding, dilation or groups")
+
+
+def _embed(self, pixel_values: Tensor, prefix: Tensor) -> Tensor:
+    proj = self.patch_embeddings.projection
+    return patch_embed(pixel_values.to(proj.weight.dtype), proj.weight, proj.bias, self.position_embeddings, prefix)
+
+
+def _embed_ok(self, pixel_values: Tensor) -> bool:
+    proj = self.patch_embeddings.projection
+    return (not (self.training and self.dropout.p > 0) and pixel_values.dim() == 4 and pixel_values.is_floating_point()
+            and pixel_values.shape[1] == self.patch_embeddings.num_channels
+            and _same_dtype(proj.weight, proj.bias, self.position_embeddings, self.cls_token))
+
+
+class HFViTEmbeddings(_SwappedHF):
+    """ViT / DeiT embeddings (patch projection, class [+ distillation] token, position embedding) in one
+    ``patch_embed``."""
+
+    vitkern_ops = ("patch_embed",)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module):
+        _check_embeddings(f"{cls.__name__}.from_hf", module)
+        return super().from_hf(module)
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None,
+                interpolate_pos_encoding: bool = False) -> Tensor:
+        height, width = pixel_values.shape[-2:]
+        same_grid = (height, width) == tuple(self.image_size) and (not interpolate_pos_encoding or height == width)
+        if bool_masked_pos is not None or not same_grid or not _embed_ok(self, pixel_values):
+            return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
+        dist = getattr(self, "distillation_token", None)
+        prefix = self.cls_token if dist is None else torch.cat([self.cls_token, dist], dim=1)  # [1, P, D]
+        return _embed(self, pixel_values, prefix)
+
+
+class HFDinov2Embeddings(_SwappedHF):
+    """Dinov2 embeddings in one ``patch_embed`` when HF would add the position embedding as it is (square input
+    of the configured grid); otherwise (interpolation, mask tokens) HF's forward."""
+
+    vitkern_ops = ("patch_embed",)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module):
+        _check_embeddings(f"{cls.__name__}.from_hf", module)
+        return super().from_hf(module)
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None) -> Tensor:
+        height, width = pixel_values.shape[-2:]
+        ph, pw = self.patch_embeddings.patch_size
+        same_grid = height == width and (height // ph) * (width // pw) == self.position_embeddings.shape[1] - 1
+        masked = bool_masked_pos is not None and self.use_mask_token
+        if masked or not same_grid or height % ph or width % pw or not _embed_ok(self, pixel_values):
+            return super().forward(pixel_values, bool_masked_pos)
+        return _embed(self, pixel_values, self.cls_token)
