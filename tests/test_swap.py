@@ -94,3 +94,13 @@ def test_a_rule_cannot_replace_the_root_module():
 def test_restore_without_optimize_is_a_no_op():
     model = torch.nn.Sequential(torch.nn.LayerNorm(4))
     assert vitkern.restore(model) == 0 and type(model[0]) is torch.nn.LayerNorm
+
+
+def test_hooks_on_a_replaced_module_keep_firing():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    seen = []
+    model[1].register_forward_hook(lambda m, inp, out: seen.append(out.shape))
+    vitkern.optimize(model)
+    assert isinstance(model[1], vitkern.nn.LayerNorm)
+    model(torch.randn(3, 4))
+    assert seen == [torch.Size([3, 4])]
