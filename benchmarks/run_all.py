@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer cases and shorter reps (a sanity pass)")
     ap.add_argument("--smoke", action="store_true", help="force the CPU smoke path even with CUDA")
     ap.add_argument("--list", action="store_true", help="list the discovered benches and exit")
-    ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock budget per bench")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"wall-clock budget per bench (default: the bench's BUDGET_S, else {DEFAULT_BUDGET_S:.0f})")
     ap.add_argument("--total-budget-s", type=float, default=None, help="wall-clock budget for all benches")
     ap.add_argument("--bench-dir", type=Path, default=BENCH_DIR, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite_end = time.monotonic() + (args.total_budget_s if args.total_budget_s is not None else float("inf"))
     for name, mod in selected.items():
         t0 = time.monotonic()
-        budget = min(args.budget_s, suite_end - t0)
+        budget = min(args.budget_s or getattr(mod, "BUDGET_S", DEFAULT_BUDGET_S), suite_end - t0)
         ctx = Context(
             device=device,
             peaks=peaks,

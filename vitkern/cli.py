@@ -1,4 +1,6 @@
-"""``vitkern`` command line: ``info`` (versions, GPU, backends and why not) and ``check`` (per-op parity table).
+"""``vitkern`` command line: ``info`` (versions, GPU, backends and why not), ``check`` (per-op parity table),
+``parity`` (per-block error of an optimized model vs the original) and ``bench`` (eager vs torch.compile vs vitkern
+on a GPU; in :mod:`vitkern.cli_bench`).
 
 Without a GPU the Triton kernels run in the Triton interpreter, which must be chosen before any kernel module is
 imported: ``main`` sets TRITON_INTERPRET=1 first, and everything that touches kernels is imported after that.
@@ -98,6 +100,54 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    from vitkern import models, parity
+    from vitkern.backends.triton_common import kernels_interpreted
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    img = args.img_size or (None if device == "cuda" else 64)  # the interpreter is slow: small images on CPU
+    try:
+        built = models.create_model(args.model, img_size=img, device=device, dtype=torch.float32,
+                                    **models.parse_kwargs(args.model_arg))
+    except (ValueError, TypeError) as exc:  # unknown name, bad --model-arg
+        print(f"vitkern parity: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    if args.perturb:  # random init leaves LayerNorm weight=1, biases=0: draw them too, so every term is exercised
+        with torch.no_grad():
+            for p in built.module.parameters():
+                p.add_(torch.randn_like(p) * args.perturb)
+    x = built.example_input(args.batch, device=device, generator=torch.Generator().manual_seed(args.seed))
+    interp = device == "cpu" and kernels_interpreted()
+
+    def prefer(dt: torch.dtype) -> str | None:  # bf16 tl.dot is wrong in the Triton 3.6 interpreter
+        return "triton" if interp and dt != torch.bfloat16 else None
+
+    dtypes = [dtype] + ([torch.float32] if dtype != torch.float32 else [])
+    print(f"vitkern parity: {args.model} ({built.source}) img {built.img_size} batch {args.batch} on {device}; "
+          f"optimized vs original in {', '.join(parity.DTYPE_NAMES[d] for d in dtypes)}, float64 original as oracle")
+    print(f"mode: {_mode()}" + ("; Triton kernels in the interpreter for fp32/fp16, bf16 on the reference backend"
+                                 if interp else ""))
+    rows, report, used = parity.model_block_parity(
+        built.module, lambda m: models.logits(m(x.to(next(m.parameters()).dtype))), dtypes, prefer)
+    print(f"\n{report}")
+    for name, ops in used.items():
+        print(f"backends that ran ({name}): " + (", ".join(f"{op}={'/'.join(b)}" for op, b in ops.items()) or "none"))
+    print()
+    print(parity.format_block_rows(rows))
+    failed = [r.path for r in rows if any(e.status.startswith("FAIL") for e in r.errors.values())]
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} blocks within bounds (err <= {parity.BLOCK_TOLERANCE.k:g} x "
+          f"torch err + atol x scale)" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vitkern.cli_bench import cmd_bench as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitkern", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     c.add_argument("--per-op", type=int, default=3, help="how many calls of each op to check")
     c.add_argument("--seed", type=int, default=0)
+    q = sub.add_parser("parity", help="per-block max error of vitkern.optimize(model) vs the original (and logits)")
+    q.add_argument("--model", required=True, help="timm name, torchvision:NAME, hf:NAME or reference:NAME")
+    q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="model dtype (default: bf16 on "
+                   "GPU, fp32 on CPU); fp32 is always compared too")
+    q.add_argument("--img-size", type=int, default=None, help="default: the model's own on GPU, 64 on CPU")
+    q.add_argument("--batch", type=int, default=2)
+    q.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor / config override, repeatable (e.g. depth=2 for a quick CPU run)")
+    q.add_argument("--perturb", type=float, default=0.02, help="std of noise added to every parameter (0: none)")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    q.add_argument("--seed", type=int, default=0)
+    from vitkern.cli_bench import add_parser
+
+    add_parser(sub)
     return p
 
 
@@ -118,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     args = build_parser().parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check}[args.command](args)
+    return {"info": cmd_info, "check": cmd_check, "parity": cmd_parity, "bench": cmd_bench}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Per-op parity of vitkern against float64 on a real (small) model: what ``vitkern check`` prints.
+"""Per-op parity of vitkern against float64 on a real (small) model: what ``vitkern check`` prints; and per-block
+parity of an optimized model against the original: what ``vitkern parity`` prints (at the end of this file).
 
 The model's own modules are hooked to capture the inputs each op sees; every backend that accepts those inputs
 then recomputes the op and is held to the numerics rule of :mod:`vitkern.testing.numerics`. Finally the model is
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import nn
 
 from vitkern import dispatch
 from vitkern.integrations import optimize
-from vitkern.testing.numerics import assert_close, max_abs_err
+from vitkern.testing.numerics import Tolerance, assert_close, max_abs_err
 
 
 @dataclasses.dataclass
@@ -195,6 +196,188 @@ def format_rows(rows: Iterable[ParityRow]) -> str:
          r.status if len(r.status) < 90 else r.status[:87] + "...")
         for r in rows
     ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- per block
+# ``vitkern parity``: the optimized model vs the original, block by block. Both models are hooked at the same
+# module paths (optimize keeps the module tree's names), the float64 original is the oracle, and each block's
+# output is judged by the numerics rule: err(optimized) <= k * err(original in the same dtype) + atol * scale.
+# Errors carry over from block to block in both models alike, so the rule holds along the chain; k = 4 (instead
+# of the per-op 2) because the optimized model's earlier, already-different block outputs feed each later block.
+BLOCK_TOLERANCE = Tolerance(k=4.0)
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _first_tensor(out) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return next((t for t in (_first_tensor(o) for o in out) if t is not None), None)
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return _first_tensor(out.to_tuple())
+    return None
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """Paths of the model's blocks, in forward order: the innermost elements of ``nn.ModuleList`` /
+    ``nn.Sequential`` containers that are themselves composite (timm ``blocks.3``, ``layers.1.blocks.0``,
+    torchvision ``encoder.layers.encoder_layer_3``, ``features.3.1``, HF ``vit.encoder.layer.3``)."""
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    found = []
+    for path, container in model.named_modules():
+        if isinstance(container, (nn.ModuleList, nn.Sequential)):
+            for name, child in container.named_children():
+                if any(True for _ in child.children()) and any(True for _ in child.parameters()):
+                    found.append(f"{path}.{name}" if path else name)
+    found = [p for p in found if not any(q.startswith(p + ".") for q in found)]
+    return sorted(found, key=lambda p: order[p])
+
+
+def capture_blocks(model: nn.Module, run: Callable[[nn.Module], torch.Tensor], paths: Sequence[str]) -> dict:
+    """{path: output of that block (first tensor, detached copy), "logits": run(model)}; a path that is not a
+    module of ``model`` or whose hook never fired is absent."""
+    outs: dict[str, torch.Tensor] = {}
+    hooks = []
+    modules = dict(model.named_modules())
+    for path in paths:
+        if path in modules:
+            def hook(mod, args, out, _path=path):
+                t = _first_tensor(out)
+                if t is not None:
+                    outs[_path] = t.detach().clone()
+            hooks.append(modules[path].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            outs["logits"] = run(model).detach()
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+@dataclasses.dataclass
+class BlockError:
+    diff: float | None = None  # max |optimized - original|, both in this precision
+    err: float | None = None  # max |optimized - float64 original|
+    torch_err: float | None = None  # max |original in this precision - float64 original|
+    bound: float | None = None
+    status: str = ""  # ok | FAIL: ... | n/a: ...
+
+
+@dataclasses.dataclass
+class BlockRow:
+    path: str
+    shape: str
+    scale: float | None  # max |float64 output|
+    errors: dict[str, BlockError]  # precision name -> errors
+
+
+def compare_block(path: str, ref64: torch.Tensor | None, orig: torch.Tensor | None, opt: torch.Tensor | None,
+                  tol: Tolerance = BLOCK_TOLERANCE) -> BlockError:
+    """One block in one precision, judged by the numerics rule against the float64 original."""
+    if ref64 is None or orig is None:
+        return BlockError(status="n/a: the original model produced no output here")
+    if opt is None:
+        return BlockError(status="FAIL: no output at this path in the optimized model (replaced by a parent, or "
+                                 "its forward hook never fired)")
+    if opt.shape != orig.shape:
+        return BlockError(status=f"FAIL: shape {tuple(opt.shape)} != original {tuple(orig.shape)}")
+    e = BlockError(diff=max_abs_err(opt, orig))
+    try:
+        info = assert_close(path, opt, ref64, orig, tol)
+        e.status = "ok"
+    except AssertionError as exc:
+        info = {"err": max_abs_err(opt, ref64), "torch_err": max_abs_err(orig, ref64),
+                "bound": tol.bound(max_abs_err(orig, ref64), opt.dtype, ref64.abs().max().item())}
+        e.status = "FAIL: " + str(exc).split(": ", 1)[-1]
+    e.err, e.torch_err, e.bound = info["err"], info["torch_err"], info["bound"]
+    return e
+
+
+def block_rows(ref64: dict, runs: dict[str, tuple[dict, dict]], paths: Sequence[str],
+               tol: Tolerance = BLOCK_TOLERANCE) -> list[BlockRow]:
+    """``runs``: precision -> (original's captures, optimized's captures); one row per path, then logits."""
+    rows = []
+    for path in [*paths, "logits"]:
+        ref = ref64.get(path)
+        rows.append(BlockRow(path, "-" if ref is None else "x".join(map(str, ref.shape)),
+                             None if ref is None else ref.abs().max().item(),
+                             {p: compare_block(path, ref, orig.get(path), opt.get(path), tol)
+                              for p, (orig, opt) in runs.items()}))
+    return rows
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Collect {op: sorted backend names} chosen by the dispatcher inside the block (its DEBUG log of each new
+    choice; the choice cache is cleared first so that every choice is logged)."""
+    import logging
+
+    seen: dict[str, set[str]] = {}
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            choice = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            if isinstance(choice, dispatch.Choice) and choice.backend is not None:
+                seen.setdefault(choice.problem.op, set()).add(choice.backend.name)
+
+    logger, handler = dispatch.log, _Collect(logging.DEBUG)
+    level = logger.level
+    dispatch._choice_cache.clear()
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def model_block_parity(model: nn.Module, run: Callable[[nn.Module], torch.Tensor], dtypes: Sequence[torch.dtype],
+                       prefer: Callable[[torch.dtype], str | None] = lambda dt: None, **optimize_kwargs):
+    """Per-block parity of ``vitkern.optimize``'d copies of ``model`` against the original, in each dtype.
+
+    ``run(module)`` runs a module on the (fixed) input and returns logits; it must cast the input to the module's
+    dtype. ``prefer(dtype)`` names a backend to prefer (non-strict) for the optimized model in that dtype.
+    Returns (rows, optimize report of the first dtype, {dtype name: {op: backends that ran}}).
+    """
+    paths = block_paths(model)
+    ref64 = capture_blocks(copy.deepcopy(model).double(), run, paths)
+    runs, report, used = {}, None, {}
+    for dt in dtypes:
+        orig = copy.deepcopy(model).to(dt)
+        opt = copy.deepcopy(orig)
+        rep = optimize(opt, **optimize_kwargs)
+        report = report or rep
+        backend = prefer(dt)
+        ctx = dispatch.use_backend(backend, strict=False) if backend else contextlib.nullcontext()
+        with ctx, record_backends() as seen:
+            opt_out = capture_blocks(opt, run, paths)
+        name = DTYPE_NAMES.get(dt, str(dt))
+        runs[name] = (capture_blocks(orig, run, paths), opt_out)
+        used[name] = {op: sorted(b) for op, b in sorted(seen.items())}
+        del orig, opt
+    return block_rows(ref64, runs, paths), report, used
+
+
+def format_block_rows(rows: Sequence[BlockRow]) -> str:
+    precisions = list(rows[0].errors) if rows else []
+    head = ["block", "shape", "max|ref|"]
+    for p in precisions:
+        head += [f"{p} |opt-orig|", f"{p} opt err", f"{p} torch err", f"{p} bound", f"{p} status"]
+    fmt = lambda v: "-" if v is None else f"{v:.2e}"  # noqa: E731
+    table = [head]
+    for r in rows:
+        line = [r.path, r.shape, fmt(r.scale)]
+        for p in precisions:
+            e = r.errors[p]
+            status = e.status if len(e.status) < 60 else e.status[:57] + "..."
+            line += [fmt(e.diff), fmt(e.err), fmt(e.torch_err), fmt(e.bound), status]
+        table.append(line)
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
