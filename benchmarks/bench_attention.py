@@ -7,7 +7,9 @@ tensor the proj linear consumes, so the comparison is what a ViT block pays:
   transpose + reshape (a copy) to [B, N, H·D];
 - ``sdpa-cudnn`` / ``sdpa-flash`` / ``sdpa-efficient``: the same with ``sdpa_kernel([backend])`` forcing one;
 - ``flex``: ``torch.compile(flex_attention)`` (no mask), compiled before timing (ViT-B only: compile time);
-- ``vitkern``: ``vitkern.functional.attention(qkv=..., num_heads=H)`` (strided reads, proj-ready output).
+- ``vitkern``: ``vitkern.functional.attention(qkv=..., num_heads=H)`` (strided reads, proj-ready output);
+- ``vitkern-cuda``: the same call with the CUDA C++ forward forced (backward: Triton), to compare with ``vitkern``
+  (Triton by default) and decide the backend ranking (vitkern/ops/attention_cuda.py).
 
 FLOPs: 4·B·H·N²·D forward; backward 2.5× that (FlashAttention's convention), so fwd+bwd counts 3.5×.
 Cases: ViT-B (B=256 H=12 N=197 D=64), ViT-L@384 (B=128 H=16 N=577 D=64), ViT-H/14 (B=64 H=16 N=257 D=80), and an
@@ -111,6 +113,30 @@ def _vk(case: Case, inp: Any):
     return lambda: attention(qkv=qkv, num_heads=H)
 
 
+def _vk_cuda(case: Case, inp: Any):
+    """The CUDA C++ forward (csrc/ops/attention.cu); fwd+bwd runs the Triton backward on its lse (the CUDA backend
+    rejects backward problems). Strict check first, so a case the CUDA backend rejects is an error row, not a
+    silent Triton measurement; then strict=False so the backward may fall to Triton."""
+    from vitkern.functional.attention import attention
+
+    qkv, H, vk = inp["qkv"], case.params["H"], _vitkern()
+    with vk.use_backend("cuda", op="attention"):
+        vk.explain(attention, qkv=qkv, num_heads=H)
+
+    def fwd():
+        with vk.use_backend("cuda", op="attention", strict=False):
+            return attention(qkv=qkv, num_heads=H)
+
+    return fwd
+
+
+def _cuda_unsupported(case: Case) -> str | None:
+    try:
+        return _vitkern().dispatch.backends("attention")["cuda"].availability()
+    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
+        return f"{type(e).__name__}: {e}"
+
+
 def _explain(case: Case, inp: Any) -> dict[str, Any]:
     from vitkern.functional.attention import attention
 
@@ -129,6 +155,7 @@ PROVIDERS = [
     Provider("sdpa-efficient", _sdpa("EFFICIENT_ATTENTION"), smoke=False),
     Provider("flex", _flex, supports=_vit_b_only, smoke=False),
     Provider("vitkern", _vk, describe=_explain),
+    Provider("vitkern-cuda", _vk_cuda, describe=lambda case, inp: {"backend": "cuda"}, supports=_cuda_unsupported),
 ]
 
 

@@ -11,7 +11,9 @@ returns the attention output before the proj linear:
   [B·nW, heads, N, N] mask (so no flash backend);
 - ``flex``: FlexAttention under torch.compile: score_mod adds the gathered bias, mask_mod keeps same-region
   pairs (the windowing compiled with it);
-- ``vitkern``: ``vitkern.functional.window_attention`` (default dispatch; no roll/partition/mask tensors).
+- ``vitkern``: ``vitkern.functional.window_attention`` (default dispatch; no roll/partition/mask tensors);
+- ``vitkern-cuda``: the same with the CUDA C++ forward forced (backward: Triton), to compare with ``vitkern`` and
+  decide the backend ranking (vitkern/ops/window_attention_cuda.py).
 
 Every row's ``extra`` has ``peak_mib``: the peak memory one call (fwd, or fwd+bwd) allocates beyond its inputs.
 Targets (printed, not asserted): vitkern >= 4x timm-eager, >= 2x sdpa-mask, >= 1.5x flex, fwd and fwd+bwd.
@@ -170,6 +172,29 @@ def _vk(case: Case, inp: Any) -> Callable[[], Tensor]:
     return lambda: wa(inp["qkv"], inp["table"], heads, ws, shift, qkv_bias=inp["qkv_bias"])
 
 
+def _vk_cuda(case: Case, inp: Any) -> Callable[[], Tensor]:
+    """The CUDA C++ forward (csrc/ops/window_attention.cu), Triton backward (the CUDA backend rejects backward
+    problems). Strict check first: a case the CUDA backend rejects is an error row, not a silent Triton run."""
+    _, _, heads, ws, shift = _geometry(case)
+    vk = _vitkern()
+    wa = vk.functional.window_attention
+    with vk.use_backend("cuda", op="window_attention"):
+        vk.explain("window_attention", inp["qkv"], inp["table"], heads, ws, shift, qkv_bias=inp["qkv_bias"])
+
+    def fwd() -> Tensor:
+        with vk.use_backend("cuda", op="window_attention", strict=False):
+            return wa(inp["qkv"], inp["table"], heads, ws, shift, qkv_bias=inp["qkv_bias"])
+
+    return fwd
+
+
+def _cuda_unsupported(case: Case) -> str | None:
+    try:
+        return _vitkern().dispatch.backends("window_attention")["cuda"].availability()
+    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
+        return f"{type(e).__name__}: {e}"
+
+
 # ------------------------------------------------------------------------------------------------ describe
 _LAST_SETUP: dict[tuple[Any, int], Callable[[], Any]] = {}
 
@@ -226,6 +251,7 @@ PROVIDERS = [
     Provider("sdpa-mask", _remember(_sdpa_mask), describe=_describe(_sdpa_mask)),
     Provider("flex", _remember(_flex), describe=_describe(_flex), smoke=False),
     Provider("vitkern", _remember(_vk), describe=_describe(_vk, vitkern_backend=True)),
+    Provider("vitkern-cuda", _remember(_vk_cuda), describe=_describe(_vk_cuda), supports=_cuda_unsupported),
 ]
 
 

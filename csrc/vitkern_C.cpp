@@ -63,6 +63,27 @@ TORCH_LIBRARY(vitkern_C, m) {
   m.def("layer_norm_bwd.out(Tensor dy, Tensor? dsum, Tensor xs, Tensor? weight, Tensor mean, Tensor rstd, "
         "bool need_dw, bool need_db, *, Tensor(a!) dx) -> (Tensor, Tensor)");
 
+  // Attention forward (tensor cores, online softmax), the contract of vitkern/ops/attention.py's backends:
+  // q [B, H, N_Q, D], k/v [B, H, N_K, D] as strided views (unit stride in D; batch/head/row strides multiples of 8;
+  // the packed qkv linear output viewed per head qualifies), fp16/bf16, D in {32, 64, 80, 96, 128}
+  // -> (out [B, H, N_Q, D], lse [B, H, N_Q] fp32 natural-log logsumexp: what the Triton backward consumes).
+  // kernel_path: 0 auto, 1 resident K/V in shared memory (ViT lengths), 2 streaming. The .out variant writes a
+  // caller-provided out view (e.g. of the [B, N, H·D] proj input) and contiguous lse.
+  // Kernels: CUDA + Meta (csrc/ops/attention.cu). No backward: autograd runs the Triton one.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int kernel_path=0) -> (Tensor, Tensor)");
+  m.def("attention_fwd.out(Tensor q, Tensor k, Tensor v, float scale, int kernel_path=0, *, Tensor(a!) out, "
+        "Tensor(b!) lse) -> ()");
+
+  // Swin (shifted-)window attention forward on the un-partitioned layout, the contract of
+  // vitkern/ops/window_attention.py's backends: qkv [B, H, W, 3·heads·D] contiguous fp16/bf16, qkv_bias [3·heads·D]
+  // (qkv's dtype; the q/k/v of padded tokens) or None, table [(2wh-1)(2ww-1), heads] fp32, wh·ww <= 256, D in
+  // {32, 64, 80, 96, 128}, 0 <= shift < window, pad_first: torchvision/HF order (pad, then roll)
+  // -> (out [B, H, W, heads·D], lse [B·nW, heads, wh·ww] fp32). Kernels: CUDA + Meta (csrc/ops/window_attention.cu).
+  m.def("window_attention_fwd(Tensor qkv, Tensor? qkv_bias, Tensor table, int heads, int[2] window, int[2] shift, "
+        "float scale, float mask_value, bool pad_first) -> (Tensor, Tensor)");
+  m.def("window_attention_fwd.out(Tensor qkv, Tensor? qkv_bias, Tensor table, int heads, int[2] window, "
+        "int[2] shift, float scale, float mask_value, bool pad_first, *, Tensor(a!) out, Tensor(b!) lse) -> ()");
+
   // Test hooks (leading underscore: not API).
   m.def("_dispatch_selftest(ScalarType dtype, int head_dim) -> str", &vitkern::dispatch_selftest);
   m.def("_device_arch_probe(Device device) -> int[]", &vitkern::device_arch_probe);

@@ -2,7 +2,9 @@
 # The ONE command for a GPU session: versions -> (optional) CUDA extension JIT build -> GPU tests -> benchmarks,
 # with logs and results copied to $OUT and a short summary printed LAST (the device tool returns only the tail).
 #
-#   scripts/gpu_suite.sh [--quick] [--only NAME[,NAME]] [--tests "PATH ..."] [--no-tests] [--no-bench] [-- extra pytest args]
+#   scripts/gpu_suite.sh [--quick] [--only NAME[,NAME]] [--tests "PATH ..."] [--no-tests] [--no-bench] [--sanitize]
+#                        [-- extra pytest args]
+#   --sanitize: compute-sanitizer memcheck/racecheck/synccheck over small shapes of the CUDA attention kernels
 #
 # The whole suite outgrows one 10-minute device command as op families land: split it per family, e.g.
 #   scripts/gpu_suite.sh --only layernorm --tests "tests/test_layer_norm.py tests/test_layer_norm_cuda.py tests/test_extension.py"
@@ -22,7 +24,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 budget="${SUITE_BUDGET_S:-570}"
-quick=() only=() run_tests=1 run_bench=1 pytest_extra=() test_paths=(tests/)
+quick=() only=() run_tests=1 run_bench=1 run_sanitizer=0 pytest_extra=() test_paths=(tests/)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=(--quick) ;;
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
     --tests) read -r -a test_paths <<<"$2"; shift ;;
     --no-tests) run_tests=0 ;;
     --no-bench) run_bench=0 ;;
+    --sanitize) run_sanitizer=1 ;;
     --) shift; pytest_extra=("$@"); break ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -99,6 +102,22 @@ if [ "$run_tests" = 1 ]; then
   tail -n 3 "$logs/pytest.log"
 fi
 
+sanitizer_rc=skipped
+if [ "$run_sanitizer" = 1 ]; then  # memcheck / racecheck / synccheck over small shapes of every CUDA kernel
+  hr; echo "compute-sanitizer ..."
+  sanitizer_rc=0
+  for tool in memcheck racecheck synccheck; do
+    for workload in tests/test_attention_cuda.py; do  # its __main__ runs every CUDA attention/window kernel path
+      [ -f "$workload" ] || continue
+      cap=$(cap_for 120 60)
+      run_capped "$cap" "$logs/sanitizer_${tool}_$(basename "$workload" .py).log" \
+        compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" "$workload"
+      rc=$?; echo "  $tool $workload: rc=$rc"; [ "$rc" != 0 ] && sanitizer_rc=$rc
+      cat "$logs/sanitizer_${tool}_$(basename "$workload" .py).log" >>"$logs/sanitizer.log"
+    done
+  done
+fi
+
 bench_rc=skipped results=""
 if [ "$run_bench" = 1 ]; then
   hr; cap=$(cap_for 100000 25); echo "benchmarks (cap ${cap}s) ..."
@@ -113,7 +132,7 @@ fi
 
 if [ -n "${OUT:-}" ]; then  # the device tool returns <= 8 files, 16 MiB each, <= 2 folder levels
   mkdir -p "$OUT"
-  for f in env.txt build.log pytest.log bench.log; do
+  for f in env.txt build.log pytest.log sanitizer.log bench.log; do
     [ -f "$logs/$f" ] && tail -c 15000000 "$logs/$f" >"$OUT/$f"
   done
   if [ -n "$results" ] && [ -d "$results" ]; then
@@ -129,6 +148,7 @@ if [ "$pytest_rc" != skipped ]; then
   echo "pytest -m gpu: rc=$pytest_rc  ${counts:-no summary line (see pytest.log)}"
   grep -E '^(FAILED|ERROR) ' "$logs/pytest.log" | head -n 15
 fi
+echo "compute-sanitizer: rc=$sanitizer_rc"
 echo "benchmarks: rc=$bench_rc  results=${results:-none}${OUT:+  (copied to \$OUT: results.tar.gz, summary.md, logs)}"
 if [ -n "$results" ] && [ -f "$results/summary.md" ]; then cat "$results/summary.md"; fi
 

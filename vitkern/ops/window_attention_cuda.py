@@ -1,0 +1,105 @@
+"""The CUDA C++ backend of the shifted-window attention op family (kernel: csrc/ops/window_attention.cu(h), op
+``torch.ops.vitkern_C.window_attention_fwd``).
+
+Forward only: one CTA per (image, window, head) keeps the whole window (N = wh·ww <= 256 tokens) on chip, with the
+roll / pad / partition / reverse index math, the relative-position-bias gather and the shift mask computed in-kernel
+(timm's roll-then-pad order, or torchvision/HF's pad-then-roll with ``pad_first``). It writes the contract's
+``out`` and ``lse`` [B·nW, heads, N] fp32, which the Triton backward consumes (it recomputes P from the lse).
+Backward problems are rejected with a reason, so after a CUDA forward the dispatcher runs the Triton backward and
+``dispatch.select`` on the backward problem says so; force ``cuda`` with ``strict=False`` to train with it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from vitkern import dispatch, memory
+from vitkern._extension import extension_status
+from vitkern.ops.attention_cuda import (
+    BACKWARD_REASON, CUDA_DTYPES, CUDA_HEAD_DIMS, device_reason, extension_reason,
+)
+from vitkern.ops.window_attention import MAX_TOKENS, OP, num_windows
+
+__all__ = ["WindowAttentionCuda"]
+
+CUDA_MAX_TOKENS = 256  # csrc/ops/window_attention.cuh kWinMaxTokens
+assert CUDA_MAX_TOKENS == MAX_TOKENS  # same window limit as the Triton backend
+
+
+def window_smem_bytes(window: tuple[int, int], head_dim: int, itemsize: int = 2) -> int:
+    """Shared memory of one CTA: mirror of window_smem_bytes in csrc/ops/window_attention.cuh (the C++ launch check is
+    the backstop). Q, K, V rows (N rounded up to 16) of D + 8 elements, the table column (fp32), 3 ints per token."""
+    wh, ww = window
+    n16 = -(-wh * ww // 16) * 16
+    return 3 * n16 * (head_dim + 8) * itemsize + (2 * wh - 1) * (2 * ww - 1) * 4 + 3 * n16 * 4
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
+
+
+def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """The kernel reads 16-byte vectors: a contiguous tensor whose data starts misaligned (a storage offset) is
+    copied (rare; allocations are aligned)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+class WindowAttentionCuda(dispatch.Backend):
+    """Hand-written CUDA window attention forward: one (image, window, head) per CTA, mma.sync tensor cores, fp32
+    exp2 softmax, no roll/partition/mask tensors."""
+
+    name = "cuda"
+    # Ranked AFTER Triton (10) until measured; flipped (globally or per shape class) only together with committed
+    # benchmark numbers (benchmarks/bench_window_attention.py, provider "vitkern-cuda" vs "vitkern").
+    cuda_rank = 20
+
+    def availability(self) -> str | None:
+        return extension_reason("window_attention_fwd")
+
+    def reject_reasons(self, problem: dispatch.Problem) -> list[str]:
+        if problem.direction == dispatch.BACKWARD:
+            return [BACKWARD_REASON]
+        reasons = []
+        if problem.device != "cuda":
+            reasons.append(f"device {problem.device!r}: the CUDA kernels need CUDA tensors")
+        if problem.dtype not in CUDA_DTYPES:
+            reasons.append(f"dtype {problem.dtype} not in {[str(d) for d in CUDA_DTYPES]} (tensor-core kernel)")
+        window, d = tuple(problem.attr("window")), problem.attr("head_dim")
+        if window[0] * window[1] > CUDA_MAX_TOKENS:
+            reasons.append(f"window {window[0]}x{window[1]} has {window[0] * window[1]} tokens > {CUDA_MAX_TOKENS} "
+                           "(one window must fit on chip)")
+        if d not in CUDA_HEAD_DIMS:
+            reasons.append(f"head_dim {d} not in {CUDA_HEAD_DIMS} (one kernel per head dim)")
+        if not problem.attr("contiguous", True):
+            reasons.append("qkv/table/qkv_bias/dout are not contiguous")
+        if 0 in problem.shape("qkv"):
+            reasons.append("empty input")
+        if problem.device == "cuda" and not reasons:
+            index = problem.attr("device_index", 0) or 0
+            why = device_reason(index, extension_status().info().get("cuda_archs", ""))
+            if why:
+                reasons.append(why)
+            elif window_smem_bytes(window, d) > _smem_optin(index):
+                reasons.append(f"a {window[0]}x{window[1]} window at head_dim {d} needs "
+                               f"{window_smem_bytes(window, d)} bytes of shared memory > {_smem_optin(index)} on "
+                               f"cuda:{index}")
+        return reasons
+
+    def forward(self, qkv, qkv_bias, table, heads, window, shift, scale, mask_value, pad_first):
+        B, H, W, three_c = qkv.shape
+        n = window[0] * window[1]
+        out = memory.empty((B, H, W, three_c // 3), qkv.dtype, qkv.device)
+        lse = memory.empty((B * num_windows(H, W, window), heads, n), torch.float32, qkv.device)
+        # the kernel takes the bias in qkv's dtype (padded q/k/v rounded like the linear's output, as the Triton
+        # kernel does) and the table in fp32 (exact upcast; [T, heads] is tiny)
+        bias = _aligned_copy(qkv_bias.to(qkv.dtype).contiguous()) if qkv_bias is not None else None
+        torch.ops.vitkern_C.window_attention_fwd.out(
+            _aligned_copy(qkv), bias, table.float().contiguous(), heads, list(window), list(shift), float(scale),
+            float(mask_value), bool(pad_first), out=out, lse=lse)
+        return out, lse
+
+
+dispatch.register_backend(OP, WindowAttentionCuda())
