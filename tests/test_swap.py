@@ -104,3 +104,10 @@ def test_hooks_on_a_replaced_module_keep_firing():
     assert isinstance(model[1], vitkern.nn.LayerNorm)
     model(torch.randn(3, 4))
     assert seen == [torch.Size([3, 4])]
+
+
+def test_explain_also_states_the_backward_choice():
+    x = torch.randn(2, 10, 3 * 32)
+    choice = vitkern.explain("attention", qkv=x, num_heads=2)
+    assert choice.problem.direction == "forward" and choice.backward.problem.direction == "backward"
+    assert "attention backward" in str(choice)

@@ -79,6 +79,7 @@ class Choice:
     why: str
     rejected: dict[str, list[str]]
     considered: list[str]
+    backward: "Choice | str | None" = None  # explain() fills it: the backward's choice (or why none can run)
 
     def __str__(self) -> str:
         lines = [f"vitkern.{self.problem.describe()}"]
@@ -88,6 +89,10 @@ class Choice:
                 continue
             reasons = self.rejected.get(name)
             lines.append(f"     {name}: " + ("rejected: " + "; ".join(reasons) if reasons else "supported, lower preference"))
+        if isinstance(self.backward, Choice):
+            lines += ["  " + line for line in str(self.backward).splitlines()]
+        elif self.backward is not None:
+            lines.append(f"  backward: {self.backward}")
         return "\n".join(lines)
 
     @property
@@ -236,7 +241,14 @@ def explain(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Choice:
     name = getattr(op, "__vitkern_op__", op)
     if name not in _DESCRIBERS:
         raise KeyError(f"explain: unknown op {op!r}; known ops: {sorted(_DESCRIBERS)}")
-    return select(_DESCRIBERS[name](*args, **kwargs))
+    forward = select(_DESCRIBERS[name](*args, **kwargs))
+    # the backward of a training step is chosen on its own (e.g. a CUDA forward followed by the Triton backward);
+    # its problem has the forward's shapes, so this is the choice autograd will make for these inputs
+    try:
+        backward = select(dataclasses.replace(forward.problem, direction=BACKWARD))
+    except BackendError as e:
+        backward = f"no backend: {e}"
+    return dataclasses.replace(forward, backward=backward)
 
 
 def tensor_problem(
