@@ -10,6 +10,13 @@ forward and forward+backward. Providers, side by side on the same inputs:
   (its compile takes minutes);
 - ``cublas-gemms``: the two GEMMs alone, ``xn @ W1ᵀ`` and ``h @ W2ᵀ`` on precomputed inputs (and their 4 backward
   GEMMs in fwd+bwd): the ceiling. Its own baseline (it computes something else, so it is not checked).
+- ``vitkern-cuda``: the CUDA C++ forward (csrc/ops/ln_mlp.cu: LayerNorm kernel + cuBLASLt GEMMs with epilogues;
+  erf GELU: bias epilogue + GELU kernel), called through the backend's whole-op ``fused_forward``; fwd+bwd adds the
+  op's own backward (Triton). Compared with ``vitkern`` (Triton) to decide the backend ranking
+  (vitkern/ops/ln_mlp_cuda.py); skipped with the reason where vitkern._C cannot run.
+- ``eager-tanh``, ``vitkern-cuda-tanh-epilogue``, ``vitkern-cuda-tanh-kernel``: the same with the tanh GELU (the only
+  one cuBLASLt's GELU epilogue computes): cuBLASLt's GELU(+aux) epilogue vs the bias epilogue + a separate GELU
+  kernel, to keep the faster as the CUDA backend's ``gelu_impl="auto"`` choice (issue 8).
 
 FLOPs are the GEMMs' (fwd 4·M·D·H, fwd+bwd 12·M·D·H) for every provider, so TFLOP/s compare directly.
 Targets (printed, not asserted), per width and direction: vitkern ≥ 1.2× eager, ≥ 1.05× compile max-autotune (768),
@@ -102,6 +109,61 @@ def _gemms(case: Case, inp: Any):
     return lambda: (xn @ w1.t(), h @ w2.t())
 
 
+def _eager_tanh(case: Case, inp: Any):
+    x, ln_w, ln_b, w1, b1, w2, b2 = (inp[k] for k in _ARGS)
+    return lambda: x + F.linear(F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], ln_w, ln_b, EPS), w1, b1),
+                                       approximate="tanh"), w2, b2)
+
+
+def _cuda_backend() -> Any:
+    return _vitkern().dispatch.backends("ln_mlp")["cuda"]
+
+
+class _CudaLnMlp(torch.autograd.Function):
+    """Forward: the CUDA backend's whole-op forward (called directly: the op routes to it only once
+    vitkern/ops/ln_mlp.py declares BACKEND_FUSED_FORWARD, and forcing by use_backend would not reach the backward the
+    harness runs later); backward: the op's own backward (vitkern::ln_mlp_bwd, default dispatch: Triton) from the
+    CUDA forward's pre/h/mean/rstd, which is what autograd runs after a CUDA forward."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, approximate: str, gelu_impl: str):
+        save = any(ctx.needs_input_grad[:7])
+        y, pre, h, mean, rstd = _cuda_backend().fused_forward(x, ln_w, ln_b, w1, b1, w2, b2, None, EPS, approximate,
+                                                              save, gelu_impl=gelu_impl)
+        ctx.approximate = approximate
+        ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, b2, pre, h, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, ln_w, ln_b, w1, b1, w2, b2, pre, h, mean, rstd = ctx.saved_tensors
+        grads = torch.ops.vitkern.ln_mlp_bwd(dy.contiguous(), x, ln_w, ln_b, w1, b1, w2, b2, None, pre, h, mean, rstd,
+                                             EPS, ctx.approximate)
+        return (*grads[:7], None, None)
+
+
+def _vk_cuda(approximate: str, gelu_impl: str):
+    def setup(case: Case, inp: Any):
+        args = [inp[k] for k in _ARGS]
+        return lambda: _CudaLnMlp.apply(*args, approximate, gelu_impl)
+
+    return setup
+
+
+def _cuda_unsupported(case: Case) -> str | None:
+    try:
+        return _cuda_backend().availability()
+    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
+        return f"{type(e).__name__}: {e}"
+
+
+def _cuda_describe(gelu_impl: str):
+    def describe(case: Case, inp: Any) -> dict[str, Any]:
+        return {"backend": f"cuda (gelu_impl={gelu_impl})"}
+
+    return describe
+
+
 def _describe(case: Case, inp: Any) -> dict[str, Any]:
     choice = _vitkern().explain("ln_mlp", *(inp[k] for k in _ARGS), None, EPS)
     return {"backend": str(choice.backend_name), "explain": str(choice)}
@@ -115,6 +177,12 @@ PROVIDERS = [
     Provider("eager", _eager),
     Provider("vitkern", _vk, describe=_describe),
     Provider("cublas-gemms", _gemms, baseline="cublas-gemms"),
+    Provider("vitkern-cuda", _vk_cuda("none", "auto"), describe=_cuda_describe("auto"), supports=_cuda_unsupported),
+    Provider("eager-tanh", _eager_tanh, baseline="eager-tanh"),
+    Provider("vitkern-cuda-tanh-epilogue", _vk_cuda("tanh", "epilogue"), baseline="eager-tanh",
+             describe=_cuda_describe("epilogue"), supports=_cuda_unsupported),
+    Provider("vitkern-cuda-tanh-kernel", _vk_cuda("tanh", "kernel"), baseline="eager-tanh",
+             describe=_cuda_describe("kernel"), supports=_cuda_unsupported),
     # last, and only at one width: its compile is the slow part of this bench
     Provider("torch.compile-max-autotune", _compiled, supports=_compile_width_only, smoke=False),
 ]

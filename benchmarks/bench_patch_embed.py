@@ -7,7 +7,10 @@ require grad). Providers, all on the same inputs:
 - ``eager``: timm's path, ``Conv2d -> flatten -> transpose -> cat(cls) -> + pos_embed`` (the baseline);
 - ``unfold+linear``: ``F.unfold -> transpose -> F.linear -> cat -> +`` (the im2col formulation);
 - ``torch.compile``: the eager function compiled (default mode, fresh per case);
-- ``vitkern``: ``vitkern.functional.patch_embed`` (one implicit-GEMM launch writes every row of the buffer).
+- ``vitkern``: ``vitkern.functional.patch_embed`` (one implicit-GEMM launch writes every row of the buffer);
+- ``vitkern-cuda``: the same call with the CUDA C++ forward forced (csrc/ops/patch_embed.cu: gather kernel + one
+  cuBLASLt GEMM writing the tokens in place, bias and pos embed fused; backward: Triton), to compare with ``vitkern``
+  (Triton by default) and decide the backend ranking (vitkern/ops/patch_embed_cuda.py).
 
 Targets (printed, not asserted): vitkern forward >= 2x eager and >= 1.2x torch.compile at both shapes.
 """
@@ -107,6 +110,28 @@ def _vk(case: Case, inp: Any):
     return lambda: pe(x, w, b, pos, cls)
 
 
+def _vk_cuda(case: Case, inp: Any):
+    """Strict check first, so a case the CUDA backend rejects is an error row, not a silent Triton measurement; then
+    strict=False so the backward (which the CUDA backend rejects) falls to Triton."""
+    x, w, b, cls, pos = _args(inp)
+    vk, pe = _vitkern(), _vitkern().functional.patch_embed
+    with vk.use_backend("cuda", op="patch_embed"):
+        vk.explain("patch_embed", x, w, b, pos, cls)
+
+    def fwd():
+        with vk.use_backend("cuda", op="patch_embed", strict=False):
+            return pe(x, w, b, pos, cls)
+
+    return fwd
+
+
+def _cuda_unsupported(case: Case) -> str | None:
+    try:
+        return _vitkern().dispatch.backends("patch_embed")["cuda"].availability()
+    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
+        return f"{type(e).__name__}: {e}"
+
+
 def _explain(case: Case, inp: Any) -> dict[str, Any]:
     x, w, b, cls, pos = _args(inp)
     choice = _vitkern().explain("patch_embed", x, w, b, pos, cls)
@@ -118,6 +143,7 @@ PROVIDERS = [
     Provider("unfold+linear", _unfold),
     Provider("torch.compile", _compiled, smoke=False),
     Provider("vitkern", _vk, describe=_explain),
+    Provider("vitkern-cuda", _vk_cuda, describe=lambda case, inp: {"backend": "cuda"}, supports=_cuda_unsupported),
 ]
 
 

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,10 +25,10 @@ import vitkern
 from test_layer_norm import grad_names, make_inputs, reference, vitkern_ln  # shared LayerNorm test helpers
 from vitkern._extension import extension_status
 from vitkern.ops.layer_norm_cuda import CUDA_MAX_N, LayerNormCuda
+from vitkern.testing.sanitizer import run_under_sanitizer
 from vitkern.testing import check_forward_backward, randn, seed_for
 from vitkern.testing.numerics import assert_close
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DTYPE_IDS = ["bf16", "fp16", "fp32"]
 
@@ -373,17 +370,6 @@ print("sanitizer workload done")
 """
 
 
-def _compute_sanitizer() -> str | None:
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        cand = os.path.join(home, "bin", "compute-sanitizer") if home else None
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -395,13 +381,4 @@ def _compute_sanitizer() -> str | None:
     ],
 )
 def test_compute_sanitizer(cuda_ops, sanitizer_tool, clean):
-    tool = _compute_sanitizer()
-    if tool is None:
-        pytest.skip("compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="0")
-    r = subprocess.run([tool, "--tool", sanitizer_tool, "--error-exitcode", "3", sys.executable, "-c", SANITIZER_SCRIPT],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
-    assert "sanitizer workload done" in out, out[-4000:]
-    assert clean in out, out[-4000:]
-    assert r.returncode == 0, out[-4000:]
+    run_under_sanitizer(sanitizer_tool, SANITIZER_SCRIPT, clean)

@@ -26,10 +26,11 @@ from test_window_attention import (  # shared Swin test helpers
 from vitkern.functional.window_attention import window_attention
 from vitkern.nn.window_attention import ShiftedWindowAttention
 from vitkern.ops import window_attention as wa_op
-from vitkern.ops.attention_cuda import BACKWARD_REASON, CUDA_HEAD_DIMS
+from vitkern.backends.cuda_common import BACKWARD_REASON
+from vitkern.ops.attention_cuda import CUDA_HEAD_DIMS
 from vitkern.ops.window_attention_cuda import WindowAttentionCuda, window_smem_bytes
 from vitkern.reference import swin as ref_swin
-from vitkern.testing import Tolerance, check_forward_backward, poison_outputs, seed_for
+from vitkern.testing import Tolerance, check_forward_backward, poison_outputs
 from vitkern.testing.numerics import assert_close
 
 OP = "window_attention"
@@ -87,13 +88,13 @@ def test_rejects_what_the_kernel_cannot_run():
 
 @pytest.mark.parametrize("window, d", [((7, 7), 32), ((12, 12), 32), ((16, 16), 128), ((3, 5), 64), ((1, 1), 80)])
 def test_accepts_supported_problems(window, d, monkeypatch):
-    monkeypatch.setattr("vitkern.ops.window_attention_cuda.device_reason", lambda *a: None)
+    monkeypatch.setattr("vitkern.backends.cuda_common.device_reason", lambda *a: None)
     monkeypatch.setattr("vitkern.ops.window_attention_cuda._smem_optin", lambda index: 227 * 1024)  # H100 / H200
     assert _backend().reject_reasons(_problem(qkv=(2, 20, 20, 3 * 2 * d), window=window, head_dim=d)) == []
 
 
 def test_rejects_windows_that_exceed_the_device_shared_memory(monkeypatch):
-    monkeypatch.setattr("vitkern.ops.window_attention_cuda.device_reason", lambda *a: None)
+    monkeypatch.setattr("vitkern.backends.cuda_common.device_reason", lambda *a: None)
     monkeypatch.setattr("vitkern.ops.window_attention_cuda._smem_optin", lambda index: 163 * 1024)  # A100
     need = window_smem_bytes((16, 16), 128)
     assert need > 163 * 1024

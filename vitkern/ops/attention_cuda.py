@@ -15,12 +15,10 @@ why.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from vitkern import dispatch, memory
-from vitkern._extension import _arch_covers, extension_status
+from vitkern.backends.cuda_common import CudaBackend
 from vitkern.ops.attention import OP
 
 __all__ = ["AttentionCuda"]
@@ -28,32 +26,6 @@ __all__ = ["AttentionCuda"]
 CUDA_HEAD_DIMS = (32, 64, 80, 96, 128)  # csrc/common/dispatch.h VITKERN_HEADDIM_SWITCH
 CUDA_DTYPES = (torch.float16, torch.bfloat16)  # mma.sync m16n8k16 inputs
 _MAX_GRID = 2**31 - 1
-BACKWARD_REASON = ("no CUDA backward kernel: the backward runs on the next backend in order (Triton on a GPU), "
-                   "from this forward's output and lse")
-
-
-@functools.lru_cache(maxsize=None)
-def device_reason(index: int, archs: str) -> str | None:
-    """Why vitkern._C (compiled for ``archs``) cannot run on cuda:``index``; None if it can."""
-    major, minor = torch.cuda.get_device_capability(index)
-    if any(_arch_covers(a, major, minor) for a in archs.split(",") if a.strip()):
-        return None
-    return f"vitkern._C was compiled for [{archs}], not for cuda:{index} (sm_{major}{minor})"
-
-
-def extension_reason(op_name: str) -> str | None:
-    """Why ``torch.ops.vitkern_C.<op_name>`` cannot run in this process (None if it can)."""
-    st = extension_status()
-    if not st.available:
-        return f"CUDA extension unavailable: {st.reason}"
-    try:
-        getattr(torch.ops.vitkern_C, op_name)
-    except (AttributeError, RuntimeError):
-        return (f"CUDA extension {st.path or 'vitkern_C'} has no op {op_name} (built from older sources); rebuild it "
-                "with `bash scripts/build_csrc.sh --inplace`")
-    if not st.can_run:
-        return f"CUDA extension cannot run here: {st.reason}"
-    return None
 
 
 def vector_ready(t: torch.Tensor) -> bool:
@@ -64,28 +36,14 @@ def vector_ready(t: torch.Tensor) -> bool:
     return all(s % 8 == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1]))
 
 
-class AttentionCuda(dispatch.Backend):
+class AttentionCuda(CudaBackend):
     """Hand-written CUDA flash-attention forward: mma.sync m16n8k16 tensor cores, fp32 online softmax in exp2, any
     N; at ViT lengths one CTA keeps a head's whole K/V in shared memory and walks several query tiles against it."""
 
-    name = "cuda"
-    # Ranked AFTER Triton (10) until measured: the dispatcher must prefer the measured-faster backend, and an
-    # unmeasured kernel must not become the default. A GPU session flips this (globally, or per shape class in
-    # reject_reasons / a rank table) only together with committed benchmark numbers (benchmarks/bench_attention.py,
-    # provider "vitkern-cuda" vs "vitkern").
-    cuda_rank = 20
+    op_name = "attention_fwd"  # ranked after Triton until measured: vitkern/backends/cuda_common.py
 
-    def availability(self) -> str | None:
-        return extension_reason("attention_fwd")
-
-    def reject_reasons(self, problem: dispatch.Problem) -> list[str]:
-        if problem.direction == dispatch.BACKWARD:
-            return [BACKWARD_REASON]
+    def op_reasons(self, problem: dispatch.Problem) -> list[str]:
         reasons = []
-        if problem.device != "cuda":
-            reasons.append(f"device {problem.device!r}: the CUDA kernels need CUDA tensors")
-        if problem.dtype not in CUDA_DTYPES:
-            reasons.append(f"dtype {problem.dtype} not in {[str(d) for d in CUDA_DTYPES]} (tensor-core kernel)")
         B, H, nq, d = problem.shape("q")
         nk = problem.shape("k")[2]
         if d not in CUDA_HEAD_DIMS:
@@ -98,10 +56,6 @@ class AttentionCuda(dispatch.Backend):
             reasons.append(f"dropout on the attention probabilities (dropout_p={problem.attr('dropout_p')}) is not fused")
         if not problem.attr("same_dtype", True):
             reasons.append("q, k, v have different dtypes")
-        if problem.device == "cuda" and not reasons:
-            why = device_reason(problem.attr("device_index", 0) or 0, extension_status().info().get("cuda_archs", ""))
-            if why:
-                reasons.append(why)
         return reasons
 
     def forward(self, q, k, v, scale, o):

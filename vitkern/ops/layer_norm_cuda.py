@@ -8,26 +8,16 @@ why, and ``vitkern.explain`` shows it.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from vitkern import dispatch, memory
-from vitkern._extension import _arch_covers, extension_status
+from vitkern.backends.cuda_common import CudaBackend
 from vitkern.ops.layer_norm import OP
 
 __all__ = ["LayerNormCuda"]
 
 CUDA_MAX_N = 8192  # widest row the kernels are instantiated for (csrc/ops/layer_norm.cuh kMaxWidth)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_reason(index: int, archs: str) -> str | None:
-    major, minor = torch.cuda.get_device_capability(index)
-    if any(_arch_covers(a, major, minor) for a in archs.split(",") if a.strip()):
-        return None
-    return f"vitkern._C was compiled for [{archs}], not for cuda:{index} (sm_{major}{minor})"
 
 
 def _same_param_dtype(weight, bias):
@@ -38,30 +28,16 @@ def _same_param_dtype(weight, bias):
     return weight, bias
 
 
-class LayerNormCuda(dispatch.Backend):
+class LayerNormCuda(CudaBackend):
     """Hand-written CUDA: 16-byte vector loads, one warp per row (several rows per CTA) up to N = 1280, rows held in
     registers, fp32 two-pass statistics, deterministic weight/bias gradients from per-CTA fp32 partials."""
 
-    name = "cuda"
-    # Ranked AFTER Triton (10) until measured: the issue wants the dispatcher to prefer the measured-faster backend,
-    # and an unmeasured kernel must not become the default. The GPU session flips this (e.g. to 5, or per shape in
-    # reject_reasons) only together with committed benchmark numbers (benchmarks/bench_layernorm.py, "vitkern-cuda").
-    cuda_rank = 20
+    dtypes = CUDA_DTYPES  # ranked after Triton until measured: vitkern/backends/cuda_common.py
+    op_name = "layer_norm_fwd"
+    forward_only = False  # forward and backward kernels
 
-    def availability(self) -> str | None:
-        st = extension_status()
-        if not st.available:
-            return f"CUDA extension unavailable: {st.reason}"
-        if not st.can_run:
-            return f"CUDA extension cannot run here: {st.reason}"
-        return None
-
-    def reject_reasons(self, problem: dispatch.Problem) -> list[str]:
+    def op_reasons(self, problem: dispatch.Problem) -> list[str]:
         reasons = []
-        if problem.device != "cuda":
-            reasons.append(f"device {problem.device!r}: the CUDA kernels need CUDA tensors")
-        if problem.dtype not in CUDA_DTYPES:
-            reasons.append(f"dtype {problem.dtype} not in {[str(d) for d in CUDA_DTYPES]}")
         m, n = problem.shape("x")
         if n > CUDA_MAX_N:
             reasons.append(f"row width {n} > {CUDA_MAX_N} (rows are held in registers)")
@@ -70,10 +46,6 @@ class LayerNormCuda(dispatch.Backend):
         wdt = problem.attr("weight_dtype")
         if wdt is not None and wdt not in (problem.dtype, torch.float32):
             reasons.append(f"weight/bias dtype {wdt} is neither x's dtype nor float32")
-        if problem.device == "cuda" and not reasons:
-            why = _device_reason(problem.attr("device_index", 0) or 0, extension_status().info().get("cuda_archs", ""))
-            if why:
-                reasons.append(why)
         return reasons
 
     def forward(self, x, weight, bias, residual, eps):

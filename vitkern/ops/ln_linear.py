@@ -35,6 +35,7 @@ from vitkern.backends import ReferenceBackend, TritonBackend
 from vitkern.ops.layer_norm import LayerNormReference, LayerNormTriton
 
 OP = "ln_linear"
+BACKEND_FUSED_FORWARD = "fused_forward"  # whole-op backends (CUDA: LN kernel + cuBLASLt) implement this method
 TRITON_MAX_K = 8192  # the statistics pre-pass holds one [BLOCK_M, next_pow2(K)] tile per program
 
 
@@ -164,6 +165,9 @@ def ln_linear_fwd(
     x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     backend = dispatch.select(problem(OP, dispatch.FORWARD, x, ln_weight, ln_bias, weight, bias)).backend
+    fused = getattr(backend, BACKEND_FUSED_FORWARD, None)
+    if fused is not None:
+        return fused(x, ln_weight, ln_bias, weight, bias, eps)
     mean, rstd = backend.stats(x, eps)
     y, _ = backend.linear(x, weight.t(), ln=(mean, rstd, ln_weight, ln_bias), bias=bias)
     return y, mean, rstd

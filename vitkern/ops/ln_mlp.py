@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from vitkern import dispatch
-from vitkern.ops.ln_linear import _empty, _unit_col_stride, col_sum, ln_weight_grads, problem, register, stat_dtype
+from vitkern.ops.ln_linear import BACKEND_FUSED_FORWARD, _empty, _unit_col_stride, col_sum, ln_weight_grads, problem, \
+    register, stat_dtype
 
 OP = "ln_mlp"
 APPROXIMATIONS = ("none", "tanh")  # F.gelu's ``approximate``: "none" is the exact erf form (timm's default)
@@ -52,6 +53,9 @@ def ln_mlp_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
     backend = dispatch.select(_problem(dispatch.FORWARD, x, *params)).backend
+    fused = getattr(backend, BACKEND_FUSED_FORWARD, None)
+    if fused is not None:
+        return fused(x, *params, eps, approximate, save_for_backward)
     mean, rstd = backend.stats(x, eps)
     h, pre = backend.linear(x, fc1_weight.t(), ln=(mean, rstd, ln_weight, ln_bias), bias=fc1_bias, gelu=approximate,
                             want_pre=save_for_backward)

@@ -16,10 +16,8 @@ import functools
 import torch
 
 from vitkern import dispatch, memory
-from vitkern._extension import extension_status
-from vitkern.ops.attention_cuda import (
-    BACKWARD_REASON, CUDA_DTYPES, CUDA_HEAD_DIMS, device_reason, extension_reason,
-)
+from vitkern.backends.cuda_common import CudaBackend
+from vitkern.ops.attention_cuda import CUDA_HEAD_DIMS
 from vitkern.ops.window_attention import MAX_TOKENS, OP, num_windows
 
 __all__ = ["WindowAttentionCuda"]
@@ -47,26 +45,14 @@ def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-class WindowAttentionCuda(dispatch.Backend):
+class WindowAttentionCuda(CudaBackend):
     """Hand-written CUDA window attention forward: one (image, window, head) per CTA, mma.sync tensor cores, fp32
     exp2 softmax, no roll/partition/mask tensors."""
 
-    name = "cuda"
-    # Ranked AFTER Triton (10) until measured; flipped (globally or per shape class) only together with committed
-    # benchmark numbers (benchmarks/bench_window_attention.py, provider "vitkern-cuda" vs "vitkern").
-    cuda_rank = 20
+    op_name = "window_attention_fwd"  # ranked after Triton until measured: vitkern/backends/cuda_common.py
 
-    def availability(self) -> str | None:
-        return extension_reason("window_attention_fwd")
-
-    def reject_reasons(self, problem: dispatch.Problem) -> list[str]:
-        if problem.direction == dispatch.BACKWARD:
-            return [BACKWARD_REASON]
+    def op_reasons(self, problem: dispatch.Problem) -> list[str]:
         reasons = []
-        if problem.device != "cuda":
-            reasons.append(f"device {problem.device!r}: the CUDA kernels need CUDA tensors")
-        if problem.dtype not in CUDA_DTYPES:
-            reasons.append(f"dtype {problem.dtype} not in {[str(d) for d in CUDA_DTYPES]} (tensor-core kernel)")
         window, d = tuple(problem.attr("window")), problem.attr("head_dim")
         if window[0] * window[1] > CUDA_MAX_TOKENS:
             reasons.append(f"window {window[0]}x{window[1]} has {window[0] * window[1]} tokens > {CUDA_MAX_TOKENS} "
@@ -77,16 +63,15 @@ class WindowAttentionCuda(dispatch.Backend):
             reasons.append("qkv/table/qkv_bias/dout are not contiguous")
         if 0 in problem.shape("qkv"):
             reasons.append("empty input")
-        if problem.device == "cuda" and not reasons:
-            index = problem.attr("device_index", 0) or 0
-            why = device_reason(index, extension_status().info().get("cuda_archs", ""))
-            if why:
-                reasons.append(why)
-            elif window_smem_bytes(window, d) > _smem_optin(index):
-                reasons.append(f"a {window[0]}x{window[1]} window at head_dim {d} needs "
-                               f"{window_smem_bytes(window, d)} bytes of shared memory > {_smem_optin(index)} on "
-                               f"cuda:{index}")
         return reasons
+
+    def device_reasons(self, problem: dispatch.Problem, index: int) -> list[str]:
+        window, d = tuple(problem.attr("window")), problem.attr("head_dim")
+        need, have = window_smem_bytes(window, d), _smem_optin(index)
+        if need > have:
+            return [f"a {window[0]}x{window[1]} window at head_dim {d} needs {need} bytes of shared memory > {have} "
+                    f"on cuda:{index}"]
+        return []
 
     def forward(self, qkv, qkv_bias, table, heads, window, shift, scale, mask_value, pad_first):
         B, H, W, three_c = qkv.shape

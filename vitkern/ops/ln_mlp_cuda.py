@@ -1,0 +1,111 @@
+"""The CUDA C++ backends of the LayerNorm+Linear and LayerNorm+MLP op families (csrc/ops/ln_mlp.cu: the LayerNorm
+kernel of csrc/ops/layer_norm.cuh, then cuBLASLt GEMMs with bias / GELU / GELU+aux epilogues and the residual
+through beta·C; ops ``torch.ops.vitkern_C.ln_linear_fwd`` and ``ln_mlp_fwd``).
+
+Forward only, whole-op: each backend's ``fused_forward`` takes the op's forward arguments and returns exactly what
+the op's forward returns (:mod:`vitkern.ops.ln_linear`: ``y, mean, rstd``; :mod:`vitkern.ops.ln_mlp`: ``y, pre, h,
+mean, rstd`` with ``pre``/``h`` the fc1 output before/after GELU when saving for backward), so the backward — which
+these backends reject with a reason — runs on the next backend in order (Triton on a GPU) from those tensors.
+
+The op files orchestrate their Triton/reference backends through GEMM primitives (``stats``, ``linear``) that a
+cuBLASLt pipeline does not map onto (cuBLASLt has no LayerNorm prologue; statistics and the normalised input come out
+of one LayerNorm pass here), so they call a backend's ``fused_forward`` when it has one
+(``vitkern.ops.ln_linear.BACKEND_FUSED_FORWARD``).
+
+Ranked after Triton until GPU measurements are committed (see ``cuda_rank``). Needs the optional extension
+``vitkern._C`` and a GPU it was compiled for; otherwise ``availability()`` says why.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vitkern import dispatch, memory
+from vitkern.backends.cuda_common import CudaBackend
+from vitkern.ops import ln_linear as ln_linear_op
+from vitkern.ops import ln_mlp as ln_mlp_op
+
+__all__ = ["LnLinearCuda", "LnMlpCuda"]
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CUDA_MAX_D = 8192  # the LayerNorm kernel's widest row (csrc/ops/layer_norm.cuh kMaxWidth)
+GELU_IMPLS = {"auto": 0, "epilogue": 1, "kernel": 2}  # csrc/ops/ln_mlp.cuh GeluImpl
+LAYER_SCALE_IMPLS = {"auto": 0, "fold": 1, "kernel": 2}  # csrc/ops/ln_mlp.cuh ScaleImpl
+
+
+def _rows(t: Tensor) -> Tensor:
+    """[R, C] with unit column stride and non-overlapping rows (what the C++ op checks), copying only if needed."""
+    return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]) else t.contiguous()
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+class _LnCudaBackend(CudaBackend):
+    dtypes = CUDA_DTYPES  # ranked after Triton until measured: vitkern/backends/cuda_common.py
+
+    def op_reasons(self, problem: dispatch.Problem) -> list[str]:
+        reasons = []
+        _, d = problem.shape("x")
+        if d > CUDA_MAX_D:
+            reasons.append(f"input width {d} > {CUDA_MAX_D} (the LayerNorm kernel holds a row in registers)")
+        bad = [dt for dt in problem.attr("param_dtypes", ()) if dt != problem.dtype]
+        if bad:
+            names = sorted({str(dt) for dt in bad})
+            reasons.append(f"parameter dtypes {names} differ from the input's {problem.dtype}")
+        return reasons
+
+
+class LnLinearCuda(_LnCudaBackend):
+    """LayerNorm kernel (fp32 statistics, LN(x) in x's dtype) + one cuBLASLt GEMM with the bias epilogue."""
+
+    op_name = "ln_linear_fwd"
+
+    def fused_forward(self, x, ln_weight, ln_bias, weight, bias, eps):
+        """The op's forward: (y [M, N], mean [M], rstd [M])."""
+        x, weight = _rows(x), _rows(weight)
+        m, n = x.shape[0], weight.shape[0]
+        y = memory.empty((m, n), x.dtype, x.device)
+        mean = memory.empty((m,), torch.float32, x.device)
+        rstd = memory.empty((m,), torch.float32, x.device)
+        torch.ops.vitkern_C.ln_linear_fwd.out(x, _dense(ln_weight), _dense(ln_bias), weight, _dense(bias), float(eps),
+                                              y=y, mean=mean, rstd=rstd)
+        return y, mean, rstd
+
+
+class LnMlpCuda(_LnCudaBackend):
+    """LayerNorm kernel + cuBLASLt fc1 (GELU epilogue for tanh GELU, else bias epilogue + GELU kernel) + cuBLASLt fc2
+    (bias epilogue, residual through beta·C, layer scale folded into fc2's rows or applied by a small kernel)."""
+
+    op_name = "ln_mlp_fwd"
+    # How fc1's GELU and the layer scale are computed (csrc/ops/ln_mlp.cu): "auto" until the GPU session has
+    # measured the variants (benchmarks/bench_ln_mlp.py: vitkern-cuda-tanh-epilogue vs vitkern-cuda-tanh-kernel).
+    gelu_impl = "auto"
+    layer_scale_impl = "auto"
+
+    def fused_forward(self, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, eps,
+                      approximate, save_for_backward, *, gelu_impl: str | None = None,
+                      layer_scale_impl: str | None = None):
+        """The op's forward: (y [M, D], pre [M, H], h [M, H] (empty unless saving), mean [M], rstd [M])."""
+        x, fc1_weight, fc2_weight = _rows(x), _rows(fc1_weight), _rows(fc2_weight)
+        m, d, hidden = x.shape[0], x.shape[1], fc1_weight.shape[0]
+        y = memory.empty((m, d), x.dtype, x.device)
+        pre = memory.empty((m, hidden), x.dtype, x.device) if save_for_backward else None
+        h = memory.empty((m, hidden), x.dtype, x.device) if save_for_backward else None
+        mean = memory.empty((m,), torch.float32, x.device)
+        rstd = memory.empty((m,), torch.float32, x.device)
+        torch.ops.vitkern_C.ln_mlp_fwd.out(
+            x, _dense(ln_weight), _dense(ln_bias), fc1_weight, _dense(fc1_bias), fc2_weight, _dense(fc2_bias),
+            _dense(layer_scale), float(eps), approximate, GELU_IMPLS[gelu_impl or self.gelu_impl],
+            LAYER_SCALE_IMPLS[layer_scale_impl or self.layer_scale_impl], y=y, pre=pre, h=h, mean=mean, rstd=rstd,
+        )
+        empty = x.new_empty(0)
+        return y, (pre if pre is not None else empty), (h if h is not None else empty), mean, rstd
+
+
+dispatch.register_backend(ln_linear_op.OP, LnLinearCuda())
+dispatch.register_backend(ln_mlp_op.OP, LnMlpCuda())
