@@ -27,6 +27,7 @@ from vitkern.functional.attention import attention
 from vitkern.ops import attention as attn_op
 from vitkern.backends.cuda_common import BACKWARD_REASON
 from vitkern.ops.attention_cuda import CUDA_HEAD_DIMS, AttentionCuda, vector_ready
+from vitkern.testing.backends import check_ran, cuda_forward_triton_backward
 from vitkern.testing.sanitizer import run_under_sanitizer
 from vitkern.testing import Tolerance, check_forward_backward, randn, seed_for
 from vitkern.testing.numerics import assert_close
@@ -206,31 +207,12 @@ def test_no_cpu_kernel(ops):
 
 # ----------------------------------------------------------------------------------------------- GPU
 @pytest.fixture
-def force_cuda(cuda_ops, monkeypatch):
-    """Prefer the cuda backend (strict=False: backward problems fall to Triton by design); yields call counts of the
-    CUDA forward and of the Triton backward so a silent fallback fails."""
-    calls = {"cuda_forward": 0, "triton_backward": 0}
-    table = vitkern.dispatch.backends(OP)
-    fwd, bwd = type(table["cuda"]).forward, type(table["triton"]).backward
-
-    def cuda_forward(self, *args):
-        calls["cuda_forward"] += 1
-        return fwd(self, *args)
-
-    def triton_backward(self, *args):
-        calls["triton_backward"] += 1
-        return bwd(self, *args)
-
-    monkeypatch.setattr(type(table["cuda"]), "forward", cuda_forward)
-    monkeypatch.setattr(type(table["triton"]), "backward", triton_backward)
-    with vitkern.use_backend("cuda", op=OP, strict=False):
+def force_cuda(cuda_ops):
+    """Prefer the cuda backend; counts of the CUDA forwards and Triton backwards (vitkern.testing.backends)."""
+    with cuda_forward_triton_backward(OP) as calls:
         yield calls
 
 
-def _check_ran(calls, before, backward=True):
-    assert calls["cuda_forward"] > before["cuda_forward"], ("the CUDA forward did not run", calls)
-    if backward:
-        assert calls["triton_backward"] > before["triton_backward"], ("the Triton backward did not run", calls)
 
 
 def run_packed_cuda(calls, B, H, N, D, dtype, scale=None, magnitude=1.0):
@@ -240,7 +222,7 @@ def run_packed_cuda(calls, B, H, N, D, dtype, scale=None, magnitude=1.0):
     before = dict(calls)
     report = check_forward_backward(lambda qkv: attention(qkv=qkv, num_heads=H, scale=scale),
                                     lambda qkv: ref_packed(qkv, H, scale), inputs, ["qkv"], seed=seed)
-    _check_ran(calls, before)
+    check_ran(calls, before)
     return report
 
 
@@ -283,7 +265,7 @@ def test_cuda_separate_layouts(force_cuda, dtype, layout, nq, nk, D):
     before = dict(force_cuda)
     check_forward_backward(lambda q, k, v: attention(q, k, v, layout=layout),
                            lambda q, k, v: ref_separate(q, k, v, layout=layout), inputs, ["q", "k", "v"], seed=seed)
-    _check_ran(force_cuda, before)
+    check_ran(force_cuda, before)
 
 
 @pytest.mark.gpu
@@ -310,7 +292,7 @@ def test_cuda_strided_and_misaligned(force_cuda, layout):
         ref = lambda q, k, v: ref_separate(*view(q, k, v))  # noqa: E731
     before = dict(force_cuda)
     check_forward_backward(kernel, ref, inputs, list(inputs), seed=seed)
-    _check_ran(force_cuda, before)
+    check_ran(force_cuda, before)
 
 
 # --- the two kernel paths, called directly
@@ -415,7 +397,7 @@ def test_cuda_torch_compile_fullgraph(force_cuda):
     eager = f(qkv)
     before = dict(force_cuda)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(qkv), eager, atol=0, rtol=0)
-    _check_ran(force_cuda, before, backward=False)
+    check_ran(force_cuda, before, backward=False)
 
 
 @pytest.mark.gpu

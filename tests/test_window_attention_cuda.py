@@ -30,6 +30,7 @@ from vitkern.backends.cuda_common import BACKWARD_REASON
 from vitkern.ops.attention_cuda import CUDA_HEAD_DIMS
 from vitkern.ops.window_attention_cuda import WindowAttentionCuda, window_smem_bytes
 from vitkern.reference import swin as ref_swin
+from vitkern.testing.backends import check_ran, cuda_forward_triton_backward
 from vitkern.testing import Tolerance, check_forward_backward, poison_outputs
 from vitkern.testing.numerics import assert_close
 
@@ -186,31 +187,12 @@ def test_no_cpu_kernel(ops):
 
 # ----------------------------------------------------------------------------------------------- GPU
 @pytest.fixture
-def force_cuda(cuda_ops, monkeypatch):
-    """Prefer the cuda backend (strict=False: backward problems fall to Triton by design); count the CUDA forwards
-    and the Triton backwards."""
-    calls = {"cuda_forward": 0, "triton_backward": 0}
-    table = vitkern.dispatch.backends(OP)
-    fwd, bwd = type(table["cuda"]).forward, type(table["triton"]).backward
-
-    def cuda_forward(self, *args):
-        calls["cuda_forward"] += 1
-        return fwd(self, *args)
-
-    def triton_backward(self, *args):
-        calls["triton_backward"] += 1
-        return bwd(self, *args)
-
-    monkeypatch.setattr(type(table["cuda"]), "forward", cuda_forward)
-    monkeypatch.setattr(type(table["triton"]), "backward", triton_backward)
-    with vitkern.use_backend("cuda", op=OP, strict=False):
+def force_cuda(cuda_ops):
+    """Prefer the cuda backend; counts of the CUDA forwards and Triton backwards (vitkern.testing.backends)."""
+    with cuda_forward_triton_backward(OP) as calls:
         yield calls
 
 
-def _check_ran(calls, before, backward=True):
-    assert calls["cuda_forward"] > before["cuda_forward"], ("the CUDA forward did not run", calls)
-    if backward:
-        assert calls["triton_backward"] > before["triton_backward"], ("the Triton backward did not run", calls)
 
 
 def run_functional_cuda(calls, B, res, window, shift, heads, D, dtype, mask_value=-100.0, bias=True,
@@ -228,7 +210,7 @@ def run_functional_cuda(calls, B, res, window, shift, heads, D, dtype, mask_valu
 
     before = dict(calls)
     check_forward_backward(kernel, reference, inputs, [k for k, v in inputs.items() if v is not None], seed=seed)
-    _check_ran(calls, before)
+    check_ran(calls, before)
 
 
 # (B, map, window, shift, heads, head_dim, extra kwargs)
@@ -285,7 +267,7 @@ def test_cuda_block_parity(force_cuda, B, res, ws, shift, heads, D, dtype):
     before = dict(force_cuda)
     check_forward_backward(lambda x, **kw: torch.func.functional_call(fused, _params(**kw), (x,)),
                            _block_reference(_BlockAttnPath(block)), inputs, GRADS, seed=seed)
-    _check_ran(force_cuda, before)
+    check_ran(force_cuda, before)
 
 
 def _fwd(backend, inputs, heads, window, shift, scale, mask_value=-100.0, pad_first=False):
@@ -341,7 +323,7 @@ def test_cuda_torch_compile_fullgraph(force_cuda):
     before = dict(force_cuda)
     # inductor may pick other GEMM kernels for the two linears: bf16 rounding differences only
     torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), eager, atol=2e-2, rtol=2e-2)
-    _check_ran(force_cuda, before, backward=False)
+    check_ran(force_cuda, before, backward=False)
 
 
 @pytest.mark.gpu
