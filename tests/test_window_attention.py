@@ -111,9 +111,12 @@ def _functional_case(B, res, window, shift, heads, D, dtype, device, bias=True, 
     return inputs, seed
 
 
-def run_functional_parity(B, res, window, shift, heads, D, dtype, device, mask_value=-100.0, bias=True,
-                          pad_first=False):
-    inputs, seed = _functional_case(B, res, window, shift, heads, D, dtype, device, bias, (mask_value, pad_first))
+def check_functional(B, res, window, shift, heads, D, dtype, device, mask_value=-100.0, bias=True, pad_first=False,
+                     salt=()):
+    """vitkern.functional.window_attention vs the op's plain-PyTorch reference, outputs and every gradient, on
+    whichever backend the caller forces; ``salt`` makes the inputs differ from another backend's run of the case."""
+    inputs, seed = _functional_case(B, res, window, shift, heads, D, dtype, device, bias,
+                                    (*salt, mask_value, pad_first))
 
     def kernel(qkv, table, qkv_bias):
         return window_attention(qkv, table, heads, window, shift, qkv_bias=qkv_bias, mask_value=mask_value,
@@ -123,9 +126,14 @@ def run_functional_parity(B, res, window, shift, heads, D, dtype, device, mask_v
         return wa_op.reference_forward(qkv, qkv_bias, table, heads, window, shift, D ** -0.5, mask_value,
                                        pad_first)[0]
 
+    return check_forward_backward(kernel, reference, inputs, [k for k, v in inputs.items() if v is not None],
+                                  seed=seed)
+
+
+def run_functional_parity(B, res, window, shift, heads, D, dtype, device, mask_value=-100.0, bias=True,
+                          pad_first=False):
     with vitkern.use_backend("triton", op=OP):
-        return check_forward_backward(kernel, reference, inputs, [k for k, v in inputs.items() if v is not None],
-                                      seed=seed)
+        return check_functional(B, res, window, shift, heads, D, dtype, device, mask_value, bias, pad_first)
 
 
 @pytest.mark.interpreter

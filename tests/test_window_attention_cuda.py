@@ -21,7 +21,7 @@ import torch
 
 import vitkern
 from test_window_attention import (  # shared Swin test helpers
-    GRADS, SWIN_STAGES, _BlockAttnPath, _block_reference, _functional_case, _params, make_case,
+    GRADS, SWIN_STAGES, _BlockAttnPath, _block_reference, _functional_case, _params, check_functional, make_case,
 )
 from vitkern.functional.window_attention import window_attention
 from vitkern.nn.window_attention import ShiftedWindowAttention
@@ -197,19 +197,8 @@ def force_cuda(cuda_ops):
 
 def run_functional_cuda(calls, B, res, window, shift, heads, D, dtype, mask_value=-100.0, bias=True,
                         pad_first=False):
-    inputs, seed = _functional_case(B, res, window, shift, heads, D, dtype, "cuda", bias,
-                                    ("cuda", mask_value, pad_first))
-
-    def kernel(qkv, table, qkv_bias):
-        return window_attention(qkv, table, heads, window, shift, qkv_bias=qkv_bias, mask_value=mask_value,
-                                pad_first=pad_first)
-
-    def reference(qkv, table, qkv_bias):  # plain PyTorch in the inputs' dtype (float64 for the oracle)
-        return wa_op.reference_forward(qkv, qkv_bias, table, heads, window, shift, D ** -0.5, mask_value,
-                                       pad_first)[0]
-
     before = dict(calls)
-    check_forward_backward(kernel, reference, inputs, [k for k, v in inputs.items() if v is not None], seed=seed)
+    check_functional(B, res, window, shift, heads, D, dtype, "cuda", mask_value, bias, pad_first, salt=("cuda",))
     check_ran(calls, before)
 
 
