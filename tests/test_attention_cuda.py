@@ -28,7 +28,7 @@ from vitkern.ops import attention as attn_op
 from vitkern.backends.cuda_common import BACKWARD_REASON
 from vitkern.ops.attention_cuda import CUDA_HEAD_DIMS, AttentionCuda, vector_ready
 from vitkern.testing.backends import check_ran, cuda_forward_triton_backward
-from vitkern.testing.sanitizer import run_under_sanitizer
+from vitkern.testing.sanitizer import run_under_sanitizer, workload
 from vitkern.testing import Tolerance, check_forward_backward, randn, seed_for
 from vitkern.testing.numerics import assert_close
 
@@ -414,14 +414,8 @@ def test_cuda_input_checks(cuda_ops):
 # Small shapes of every kernel instantiation class: both attention paths (tails at N = 1, 50, 70, 197), and the
 # window kernel (shifted + padded, pad_first, ws 12 with several query tiles per warp). Also runnable by hand:
 #   PYTHONPATH=. compute-sanitizer --tool memcheck --error-exitcode 3 python tests/test_attention_cuda.py
+# the body of a vitkern.testing.sanitizer.workload (which loads the extension as `ops`)
 SANITIZER_SCRIPT = r"""
-import torch
-from vitkern._extension import extension_status, load_jit
-st = extension_status()
-if not st.available:  # the parent JIT-built it (VITKERN_BUILD_CUDA=1): reuse that build
-    st = load_jit()
-assert st.can_run, st.reason
-ops = torch.ops.vitkern_C
 for dtype in (torch.bfloat16, torch.float16):
     for B, H, N, D in ((1, 2, 50, 64), (2, 1, 197, 80), (1, 1, 70, 128), (1, 1, 1, 32), (1, 1, 33, 96)):
         qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=dtype)
@@ -435,8 +429,6 @@ for dtype in (torch.bfloat16, torch.float16):
         table = torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads, device="cuda")
         b = torch.randn(3 * heads * D, device="cuda", dtype=dtype) if bias else None
         out, lse = ops.window_attention_fwd(qkv, b, table, heads, list(ws), list(shift), D ** -0.5, -100.0, pad_first)
-torch.cuda.synchronize()
-print("sanitizer workload done")
 """
 
 
@@ -456,4 +448,4 @@ def test_compute_sanitizer(cuda_ops, sanitizer_tool, clean):
 
 
 if __name__ == "__main__":  # the sanitizer workload, for running compute-sanitizer by hand
-    exec(SANITIZER_SCRIPT)
+    exec(workload(SANITIZER_SCRIPT))

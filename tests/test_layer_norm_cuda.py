@@ -349,14 +349,8 @@ def test_cuda_ops_torch_compile_and_opcheck(cuda_ops):
     torch.library.opcheck(cuda_ops.layer_norm_bwd.default, (x, x, x, w, stats, stats, True, True))
 
 
+# the body of a vitkern.testing.sanitizer.workload (which loads the extension as `ops`)
 SANITIZER_SCRIPT = r"""
-import torch, vitkern
-from vitkern._extension import extension_status, load_jit
-st = extension_status()
-if not st.available:  # the parent JIT-built it (VITKERN_BUILD_CUDA=1): reuse that build
-    st = load_jit()
-assert st.can_run, st.reason
-ops = torch.ops.vitkern_C
 for dtype in (torch.bfloat16, torch.float32):
     for m, n, off in ((5, 768, 0), (3, 1000, 1), (2, 4096, 0), (7, 100, 0), (1, 8192, 3)):
         base = torch.randn(m, n + off, device="cuda", dtype=dtype)
@@ -365,8 +359,6 @@ for dtype in (torch.bfloat16, torch.float32):
         w = torch.randn(n, device="cuda", dtype=torch.float32)
         y, s, mean, rstd = ops.layer_norm_fwd(x, w, w, r, 1e-6)
         dx, dw, db = ops.layer_norm_bwd(torch.randn_like(y), torch.randn_like(y), s, w, mean, rstd, True, True)
-torch.cuda.synchronize()
-print("sanitizer workload done")
 """
 
 

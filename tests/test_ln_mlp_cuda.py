@@ -511,14 +511,8 @@ def test_cuda_linear_forward_backward(cuda_ops, dtype):
 
 
 # ----------------------------------------------------------------------------------------------- GPU: sanitizer
+# the body of a vitkern.testing.sanitizer.workload (which loads the extension as `ops`)
 SANITIZER_SCRIPT = r"""
-import torch, vitkern
-from vitkern._extension import extension_status, load_jit
-st = extension_status()
-if not st.available:  # the parent JIT-built it (VITKERN_BUILD_CUDA=1): reuse that build
-    st = load_jit()
-assert st.can_run, st.reason
-ops = torch.ops.vitkern_C
 for dtype in (torch.bfloat16, torch.float32):
     for m, d, hidden, off in ((5, 384, 1536, 0), (37, 100, 300, 1), (300, 192, 768, 0)):
         base = torch.randn(m, d + off, device="cuda", dtype=dtype)
@@ -530,8 +524,6 @@ for dtype in (torch.bfloat16, torch.float32):
                 ops.ln_mlp_fwd(x, *p, 1e-6, approximate, True, gelu_impl, ls_impl)
                 ops.ln_mlp_fwd(x, *p, 1e-6, approximate, False, gelu_impl, ls_impl)
         ops.ln_linear_fwd(x, p[0], p[1], p[2], p[3], 1e-6)
-torch.cuda.synchronize()
-print("sanitizer workload done")
 """
 
 

@@ -328,14 +328,8 @@ def test_gpu_dispatch_lists_cuda_after_triton(cuda_ops):
     assert "cuda: supported, lower preference" in str(choice)
 
 
+# the body of a vitkern.testing.sanitizer.workload (which loads the extension as `ops`)
 SANITIZER_SCRIPT = r"""
-import torch, vitkern
-from vitkern._extension import extension_status, load_jit
-st = extension_status()
-if not st.available:
-    st = load_jit()
-assert st.can_run, st.reason
-ops = torch.ops.vitkern_C
 for dtype in (torch.bfloat16, torch.float32):
     for B, p, D, P, covers, cl, x_dtype in ((2, 16, 96, 1, True, False, torch.uint8), (3, 14, 40, 5, False, True, None),
                                             (2, 8, 37, 0, False, False, None)):
@@ -351,8 +345,6 @@ for dtype in (torch.bfloat16, torch.float32):
         for pos_impl in (1, 2):
             ops.patch_embed_fwd(x, norm, w, b, pos, prefix, covers, pos_impl)
         ops.patch_embed_fwd(x, None, w, None, None, prefix, False, 0)
-torch.cuda.synchronize()
-print("sanitizer workload done")
 """
 
 
