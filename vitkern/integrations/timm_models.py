@@ -18,7 +18,7 @@ from vitkern.nn.layer_norm import LayerNorm as VitkernLayerNorm
 from vitkern.nn.patch_embed import FusedViTPatchEmbed
 from vitkern.nn.patch_embed import PatchEmbed as VitkernPatchEmbed
 from vitkern.nn.swin_block import SwinBlock, swin_block_blocker
-from vitkern.nn.vit_block import ViTBlock, _drop_p, mlp_fusion_blocker
+from vitkern.nn.vit_block import ViTBlock, _drop_p, mlp_fusion_blocker, swappable_attention
 from vitkern.nn.window_attention import WindowAttention as VitkernWindowAttention
 
 
@@ -50,8 +50,7 @@ def _vit_block_classes() -> tuple:
 def _vit_block_accepts(m: nn.Module, parent, options: SwapOptions) -> bool | str:
     if not _exact(m, *_vit_block_classes()):
         return False
-    attn_ok = options.attention and (VitkernAttention.accepts_timm(m.attn) is True
-                                     or type(m.attn).__module__ == "vitkern.reference.layers")
+    attn_ok = options.attention and swappable_attention(m.attn)
     mlp_why = mlp_fusion_blocker(m) if options.ln_mlp else "ln_mlp=False"
     if not attn_ok and mlp_why is not None:
         return f"nothing to fuse (attention: {type(m.attn).__name__} not swappable or disabled; mlp: {mlp_why})"
@@ -136,8 +135,8 @@ def _plain_patch_embed_accepts(m: nn.Module, parent, options: SwapOptions) -> bo
 
 def _plain_patch_embed_replace(m: nn.Module, parent, o: SwapOptions) -> VitkernPatchEmbed:
     new = VitkernPatchEmbed.from_timm(m)
-    if o.layer_norm and type(new.norm) is not VitkernLayerNorm and isinstance(new.norm, nn.LayerNorm):
-        new.norm = VitkernLayerNorm.from_torch(new.norm)  # Swin's norm after the projection
+    if o.layer_norm:
+        new.norm = VitkernLayerNorm.swap_in(new.norm)  # Swin's norm after the projection
     return new
 
 

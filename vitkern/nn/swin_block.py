@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.nn.layer_norm import LayerNorm
-from vitkern.nn.vit_block import _drop_p, _is_plain_layer_norm, mlp_fusion_blocker
+from vitkern.nn.vit_block import _drop_p, _is_plain_layer_norm, mlp_fusion_blocker, training_noise
 from vitkern.nn.window_attention import ShiftedWindowAttention
 
 __all__ = ["SwinBlock"]
@@ -54,10 +54,7 @@ class SwinBlock(nn.Module):
         if window_attention and swin_block_blocker(block) is None:
             new.attn = ShiftedWindowAttention.from_timm_block(block)
         if layer_norm:
-            for name in ("norm1", "norm2"):
-                m = getattr(new, name)
-                if _is_plain_layer_norm(m) and not isinstance(m, LayerNorm):
-                    setattr(new, name, LayerNorm.from_torch(m))
+            new.norm1, new.norm2 = LayerNorm.swap_in(new.norm1), LayerNorm.swap_in(new.norm2)
         fused_attn = isinstance(new.attn, ShiftedWindowAttention)
         new.fuse_ln_qkv = ln_mlp and fused_attn and _is_plain_layer_norm(new.norm1)
         new.fuse_mlp = ln_mlp and mlp_fusion_blocker(new) is None
@@ -82,20 +79,16 @@ class SwinBlock(nn.Module):
             return self._timm_attn(x)
         return self.attn(x)
 
-    def _training_noise(self) -> bool:
-        return self.training and any(_drop_p(m) > 0 for m in (
-            self.drop_path1, self.drop_path2, getattr(self.mlp, "drop1", None), getattr(self.mlp, "drop2", None)))
-
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, H, W, C] -> [B, H, W, C]
         recording = getattr(self.attn, "_vitkern_attn_maps", None) is not None
-        if recording or self._training_noise() or not self.fuse_ln_qkv:
+        if recording or training_noise(self) or not self.fuse_ln_qkv:
             x = x + self.drop_path1(self._attn(self.norm1(x)))
         else:
             n1, attn = self.norm1, self.attn
             qkv = ln_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)
             x = x + attn.project(attn.attend(qkv))
-        if recording or self._training_noise() or not self.fuse_mlp:
+        if recording or training_noise(self) or not self.fuse_mlp:
             return x + self.drop_path2(self.mlp(self.norm2(x)))
         n2, mlp = self.norm2, self.mlp
         return ln_mlp(x, n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, None,

@@ -35,10 +35,21 @@ def _is_plain_layer_norm(m: nn.Module) -> bool:
     return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
 
 
-def _is_reference_attention(m: nn.Module) -> bool:
+def swappable_attention(attn: nn.Module) -> bool:
+    """timm's ``Attention`` (not a subclass changing forward) or ``vitkern.reference``'s: vitkern.nn.Attention
+    takes it over sharing its parameters."""
     from vitkern.reference.layers import Attention as ReferenceAttention
 
-    return type(m) is ReferenceAttention
+    return Attention.accepts_timm(attn) is True or type(attn) is ReferenceAttention
+
+
+def training_noise(block: nn.Module) -> bool:
+    """Stochastic depth or MLP dropout active in a pre-norm block: those halves run unfused, exactly as the original."""
+    if not block.training:
+        return False
+    mlp = block.mlp
+    return any(_drop_p(m) > 0 for m in (block.drop_path1, block.drop_path2, getattr(mlp, "drop1", None),
+                                         getattr(mlp, "drop2", None)))
 
 
 def mlp_fusion_blocker(block: nn.Module) -> Optional[str]:
@@ -74,13 +85,10 @@ class ViTBlock(nn.Module):
         new = cls()
         for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
             setattr(new, name, getattr(block, name, None) or nn.Identity())
-        if attention and (Attention.accepts_timm(new.attn) is True or _is_reference_attention(new.attn)):
+        if attention and swappable_attention(new.attn):
             new.attn = Attention.from_timm(new.attn)
         if layer_norm:
-            for name in ("norm1", "norm2"):
-                m = getattr(new, name)
-                if type(m) is nn.LayerNorm or type(m).__module__.split(".")[0] == "timm" and _is_plain_layer_norm(m):
-                    setattr(new, name, LayerNorm.from_torch(m))
+            new.norm1, new.norm2 = LayerNorm.swap_in(new.norm1), LayerNorm.swap_in(new.norm2)
         new.fuse_ln_qkv = (ln_mlp and isinstance(new.attn, Attention) and new.attn.gate is None
                            and _is_plain_layer_norm(new.norm1))
         new.fuse_mlp = ln_mlp and mlp_fusion_blocker(new) is None
@@ -95,18 +103,10 @@ class ViTBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"fuse_ln_qkv={self.fuse_ln_qkv}, fuse_mlp={self.fuse_mlp}"
 
-    def _training_noise(self) -> bool:
-        """Stochastic depth or MLP dropout active: those run unfused, exactly as timm."""
-        if not self.training:
-            return False
-        mlp = self.mlp
-        return any(_drop_p(m) > 0 for m in (self.drop_path1, self.drop_path2, getattr(mlp, "drop1", None),
-                                             getattr(mlp, "drop2", None)))
-
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         # x: [B, N, C] -> [B, N, C]
         recording = getattr(self.attn, "_vitkern_attn_maps", None) is not None
-        if attn_mask is not None or is_causal or recording or self._training_noise():
+        if attn_mask is not None or is_causal or recording or training_noise(self):
             masks = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **masks)))
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
