@@ -224,11 +224,6 @@ class _SwappedHF:
         return _rebuild, (mixin, base), state
 
 
-def _plain_ln(norm: nn.Module, enabled: bool) -> nn.Module:
-    """A plain torch LayerNorm becomes vitkern's (sharing parameters) when the layer_norm family is on."""
-    return LayerNorm.from_torch(norm) if enabled and type(norm) is nn.LayerNorm else norm
-
-
 def _same_dtype(x: Tensor, *params: Optional[Tensor]) -> bool:
     return all(p is None or p.dtype == x.dtype for p in params)
 
@@ -325,7 +320,7 @@ class HFViTLayer(_SwappedHF):
         new = super().from_hf(layer)
         new._vitkern_gelu = approx
         ops = ["ln_mlp"]
-        new.layernorm_before = _plain_ln(layer.layernorm_before, layer_norm)
+        new.layernorm_before = LayerNorm.swap_in(layer.layernorm_before) if layer_norm else layer.layernorm_before
         if new.layernorm_before is not layer.layernorm_before:
             ops.append("layer_norm")
         if attention and not isinstance(layer.attention, _SwappedHF):
@@ -354,7 +349,7 @@ class HFDinov2Layer(_SwappedHF):
         new = super().from_hf(layer)
         new._vitkern_gelu = approx
         ops = ["ln_mlp"]
-        new.norm1 = _plain_ln(layer.norm1, layer_norm)
+        new.norm1 = LayerNorm.swap_in(layer.norm1) if layer_norm else layer.norm1
         if new.norm1 is not layer.norm1:
             ops.append("layer_norm")
         inner = layer.attention.attention  # Dinov2Attention = attention (Dinov2SelfAttention) + output
@@ -409,8 +404,8 @@ class HFSwinLayer(_SwappedHF):
         new.__dict__["_vitkern_hf_original"] = weakref.ref(layer)
         ops = ["window_attention"] + (["ln_mlp", "ln_linear"] if fuse_mlp else [])
         if layer_norm:  # used where the LayerNorms are not fused (ln_mlp off) and on HF's path
-            new.layernorm_before = _plain_ln(layer.layernorm_before, True)
-            new.layernorm_after = _plain_ln(layer.layernorm_after, True)
+            new.layernorm_before = LayerNorm.swap_in(layer.layernorm_before)
+            new.layernorm_after = LayerNorm.swap_in(layer.layernorm_after)
             if any(type(m) is LayerNorm for m in (new.layernorm_before, new.layernorm_after)):
                 ops.append("layer_norm")
         if not isinstance(attn, _SwappedHF):

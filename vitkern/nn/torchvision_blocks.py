@@ -70,10 +70,6 @@ def _fused_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Sequential) -> Tensor:
                   mlp[1].approximate)
 
 
-def _maybe_vitkern_norm(norm: nn.Module, swap: bool) -> nn.Module:
-    return LayerNorm.from_torch(norm) if swap and type(norm) is nn.LayerNorm else norm
-
-
 def _ops(*pairs: tuple[str, bool]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(op for op, used in pairs if used))
 
@@ -108,12 +104,13 @@ class TorchvisionEncoderBlock(nn.Module):
         nn.Module.__init__(new)
         new.num_heads = getattr(block, "num_heads", block.self_attention.num_heads)
         new.fuse_qkv, new.fuse_mlp = bool(attention and ln_linear), bool(ln_mlp)
-        new.ln_1 = _maybe_vitkern_norm(block.ln_1, layer_norm)  # used when qkv is not fused (or not this call)
+        # ln_1 runs when qkv is not fused (or not in this call)
+        new.ln_1 = LayerNorm.swap_in(block.ln_1) if layer_norm else block.ln_1
         attn = block.self_attention
         new.self_attention = MultiheadAttention.from_torch(attn) if attention and type(attn) is nn.MultiheadAttention \
             else attn
         new.dropout = block.dropout
-        new.ln_2 = _maybe_vitkern_norm(block.ln_2, layer_norm)
+        new.ln_2 = LayerNorm.swap_in(block.ln_2) if layer_norm else block.ln_2
         new.mlp = block.mlp
         new.training = block.training
         fused_attn = isinstance(new.self_attention, MultiheadAttention)
@@ -213,12 +210,12 @@ class TorchvisionSwinBlock(nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.fuse_qkv, new.fuse_mlp = bool(window_attention and ln_linear), bool(ln_mlp)
-        new.norm1 = _maybe_vitkern_norm(block.norm1, layer_norm)
+        new.norm1 = LayerNorm.swap_in(block.norm1) if layer_norm else block.norm1
         attn = block.attn
         new.attn = TorchvisionShiftedWindowAttention.from_torchvision(attn) if window_attention and not \
             isinstance(attn, TorchvisionShiftedWindowAttention) else attn
         new.stochastic_depth = block.stochastic_depth
-        new.norm2 = _maybe_vitkern_norm(block.norm2, layer_norm)
+        new.norm2 = LayerNorm.swap_in(block.norm2) if layer_norm else block.norm2
         new.mlp = block.mlp
         new.training = block.training
         fused_attn = isinstance(new.attn, TorchvisionShiftedWindowAttention)
