@@ -33,7 +33,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
     @classmethod
     def swap_in(cls, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` replaced by a vitkern LayerNorm sharing its parameters if :meth:`accepts_torch` it, else itself."""
+        """A vitkern LayerNorm sharing ``module``'s parameters if :meth:`accepts_torch` takes it, else ``module``."""
         return cls.from_torch(module) if cls.accepts_torch(module) is True else module
 
     @classmethod
