@@ -2,11 +2,12 @@
 
 Each integration module (``torch_nn``, ``timm_models``, ``torchvision_models``, ``hf_models``; ``timm_models`` also
 covers ``vitkern.reference``, which has timm's structure) registers :class:`SwapRule` s: which modules a rule
-replaces, and with what. :func:`optimize` walks the model from the root; at each submodule the rules are tried in priority order (block-level rules first), the first that
-accepts it replaces it with a module that *shares* the original's parameters (training after the swap updates the
-same tensors), and the walk does not descend into a replaced module (the replacement owns that subtree). A rule
-that declines with a reason is listed in the report, and the walk goes on into the children, so a block that cannot
-be fused as a whole still gets its LayerNorms and attention swapped one by one. :func:`restore` undoes everything.
+replaces, and with what. :func:`optimize` walks the model from the root; at each submodule the rules are tried in
+priority order (block-level rules first), the first that accepts it replaces it with a module that *shares* the
+original's parameters (training after the swap updates the same tensors), and the walk does not descend into a
+replaced module (the replacement owns that subtree). A rule that declines with a reason is listed in the report, and
+the walk goes on into the children, so a block that cannot be fused as a whole still gets its LayerNorms and
+attention swapped one by one. :func:`restore` undoes everything.
 """
 
 from __future__ import annotations
