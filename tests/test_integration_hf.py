@@ -61,7 +61,7 @@ MODELS = {
     "vit": (_vit, (32, 32), {"hf.ViTLayer": 2, "hf.Embeddings": 1, "torch.nn.LayerNorm": 1}),
     "deit_teacher": (_deit, (32, 32), {"hf.ViTLayer": 2, "hf.Embeddings": 1, "torch.nn.LayerNorm": 1}),
     "dinov2": (_dinov2, (32, 32), {"hf.Dinov2Layer": 2, "hf.Embeddings": 1, "torch.nn.LayerNorm": 1}),
-    "swin": (_swin, (36, 32), {"hf.SwinLayer": 4, "torch.nn.LayerNorm": 3}),
+    "swin": (_swin, (36, 32), {"hf.SwinLayer": 4, "hf.SwinPatchEmbeddings": 1, "torch.nn.LayerNorm": 3}),
 }
 
 
@@ -149,7 +149,7 @@ def test_optimized_model_matches_original(name, fused_calls):
 
     out, grads = _forward_backward(opt, x, seed_for("w", name))
     if name == "swin":  # every block fused, also the padded + shifted one and the clamped ones
-        assert fused_calls == {"window_attention": 4, "ln_linear": 4, "ln_mlp": 4}
+        assert fused_calls == {"window_attention": 4, "ln_linear": 4, "ln_mlp": 4, "patch_embed": 1}
     else:
         assert fused_calls == {"attention": 2, "ln_mlp": 2, "patch_embed": 1}
     assert set(out) == set(base) and len(out) > 3  # hidden states of every layer are still captured
@@ -237,7 +237,7 @@ def test_triton_kernels_end_to_end(monkeypatch):
 
     monkeypatch.setattr(dispatch, "select", record)
     for name, ops in (("vit", {"attention", "ln_mlp", "layer_norm", "patch_embed"}),
-                      ("swin", {"window_attention", "ln_linear", "ln_mlp", "layer_norm"})):
+                      ("swin", {"window_attention", "ln_linear", "ln_mlp", "layer_norm", "patch_embed"})):
         model = _build(name)
         x = _image(name, batch=1, tag="triton")
         ref64, grads64 = _forward_backward(copy.deepcopy(model).double(), x.double(), seed_for("tw", name))
@@ -279,8 +279,9 @@ def test_training_fallbacks_keep_hf_semantics(fused_calls):
         out = opt(x).logits
         torch.testing.assert_close(out, base, atol=1e-5, rtol=1e-5)
         # Swin's drop path grows linearly from 0: its first block has none and stays fused
-        # (ViT: HF's forward still calls the swapped attention, fused: its dropout is off)
-        assert fused_calls == ({"window_attention": 1, "ln_linear": 1, "ln_mlp": 1} if name == "swin"
+        # (ViT: HF's forward still calls the swapped attention, fused: its dropout is off). Swin's patch embeddings
+        # have no dropout of their own (SwinEmbeddings' comes after its norm): fused in training too
+        assert fused_calls == ({"window_attention": 1, "ln_linear": 1, "ln_mlp": 1, "patch_embed": 1} if name == "swin"
                                else {"attention": 2})
         opt.eval()
         with torch.no_grad():
@@ -385,6 +386,22 @@ def test_attention_function_fallbacks_match_hf(case):
         torch.testing.assert_close(weights, expect, atol=1e-6, rtol=1e-5)
     else:
         assert weights is None
+
+
+def test_swin_patch_embeddings_pad_a_partial_patch_like_hf(fused_calls):
+    """An image side that is not a multiple of the patch: HF pads right / bottom with zeros, so does the swap."""
+    model = _build("swin")
+    x = randn((2, 3, 38, 30), dtype=torch.float32, device="cpu", seed=seed_for("hf-swin-pad"))
+    ref64, grads64 = _forward_backward(copy.deepcopy(model).double(), x.double(), seed_for("w-pad"))
+    base, base_grads = _forward_backward(copy.deepcopy(model), x, seed_for("w-pad"))
+    report = vitkern.optimize(model, ln_mlp=False, window_attention=False, layer_norm=False, attention=False)
+    assert [s.path for s in report.swapped] == ["swin.embeddings.patch_embeddings"]
+    out, grads = _forward_backward(model, x, seed_for("w-pad"))
+    assert fused_calls == {"patch_embed": 1}
+    for key in ("logits", "hidden_states[0]"):  # hidden_states[0]: the embeddings, [B, 10 * 8, D]
+        assert_close(f"swin pad {key}", out[key], ref64[key], base[key])
+    for key in ("pixel_values", "swin.embeddings.patch_embeddings.projection.weight"):
+        assert_close(f"swin pad grad {key}", grads[key], grads64[key], base_grads[key])
 
 
 def test_family_options_and_what_is_left():

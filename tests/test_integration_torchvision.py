@@ -23,6 +23,7 @@ from vitkern import dispatch
 from vitkern.nn import multihead_attention as mha_module
 from vitkern.nn.torchvision_blocks import TorchvisionEncoderBlock, TorchvisionShiftedWindowAttention, \
     TorchvisionSwinBlock
+from vitkern.nn.torchvision_embed import TorchvisionSwinPatchEmbed, TorchvisionViTConvProj
 from vitkern.reference.cnn_attention import CNNAttentionClassifier
 from vitkern.testing import Tolerance, assert_close, check_forward_backward, randn, seed_for
 
@@ -96,9 +97,10 @@ def check_against_original(name, optimized, original, x, tol=Tolerance(), grad_t
 
 # ----------------------------------------------------------------------------------------------- optimize
 VIT_OPTIONS = {
-    "all": ({}, {"block": 2, "mha": 0}),
-    "no_ln_mlp": ({"ln_mlp": False}, {"block": 0, "mha": 2}),  # per-layer rules: MHA + LayerNorms
-    "no_attention": ({"attention": False}, {"block": 2, "mha": 0}),  # blocks fuse the MLP half only
+    "all": ({}, {"block": 2, "mha": 0, "embed": 1}),
+    "no_ln_mlp": ({"ln_mlp": False}, {"block": 0, "mha": 2, "embed": 1}),  # per-layer rules: MHA + LayerNorms
+    "no_attention": ({"attention": False}, {"block": 2, "mha": 0, "embed": 1}),  # blocks fuse the MLP half only
+    "no_patch_embed": ({"patch_embed": False}, {"block": 2, "mha": 0, "embed": 0}),
 }
 
 
@@ -113,16 +115,20 @@ def test_vit_optimize_matches_original(option_set):
     assert report.count("torchvision.EncoderBlock") == expect["block"]
     assert report.count("torch.nn.MultiheadAttention") == expect["mha"]
     assert report.count("torch.nn.LayerNorm") == (5 if option_set == "no_ln_mlp" else 1)  # encoder.ln + blocks'
+    assert report.count("torchvision.VisionTransformer.conv_proj") == expect["embed"]
+    assert isinstance(model.conv_proj, TorchvisionViTConvProj) == bool(expect["embed"])
+    assert ("forward" in vars(model)) == ("forward" in vars(model.encoder)) == bool(expect["embed"])
     assert snapshot(model) == before
     block = model.encoder.layers[0]
     if expect["block"]:
         assert isinstance(block, TorchvisionEncoderBlock)
         fused = set(block.vitkern_ops)
-        assert fused == ({"ln_linear", "attention", "ln_mlp"} if option_set == "all" else {"ln_mlp", "layer_norm"})
-        assert block.unfused_parts() == ({} if option_set == "all" else
+        attention_on = option_set != "no_attention"
+        assert fused == ({"ln_linear", "attention", "ln_mlp"} if attention_on else {"ln_mlp", "layer_norm"})
+        assert block.unfused_parts() == ({} if attention_on else
                                          {"attention": "not swapped (attention=False)",
                                           "ln_1+in_proj": "not swapped (attention=False)"})
-        assert type(block.self_attention) is (vitkern.nn.MultiheadAttention if option_set == "all"
+        assert type(block.self_attention) is (vitkern.nn.MultiheadAttention if attention_on
                                               else nn.MultiheadAttention)
     else:
         assert isinstance(block.self_attention, vitkern.nn.MultiheadAttention)
@@ -135,15 +141,58 @@ def test_vit_optimize_matches_original(option_set):
         eager_before = original(x)
     assert vitkern.restore(model) == len(report.swapped)
     assert not any(type(m).__module__.startswith("vitkern") for m in model.modules())
+    assert "forward" not in vars(model) and "forward" not in vars(model.encoder)
     assert snapshot(model) == before
     with torch.no_grad():
         torch.testing.assert_close(model(x), eager_before, atol=0, rtol=0)
 
 
+def test_vit_fused_embedding_keeps_conv_proj_and_size_check():
+    """conv_proj alone is still the Conv2d; a wrong image size fails as torchvision's does; hooks on conv_proj fire;
+    a deep copy of the optimized model restores on its own (the undo holds no reference to the original)."""
+    model, x = tv_vit(), image("vit-embed", 32)
+    original = copy.deepcopy(model)
+    seen = []
+    model.conv_proj.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    vitkern.optimize(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.conv_proj(x), original.conv_proj(x), atol=0, rtol=0)
+        model(x)
+    assert seen == [(2, 64, 4, 4), (2, 17, 64)]  # the plain call, then the fused one: [B, 1 + Np, D]
+    with pytest.raises(Exception, match="Wrong image height! Expected 32 but got 40"):
+        model(image("vit-embed", 40))
+    twin = copy.deepcopy(model)
+    vitkern.restore(twin)
+    assert "forward" in vars(model) and "forward" not in vars(twin)
+    assert isinstance(model.conv_proj, TorchvisionViTConvProj) and type(twin.conv_proj) is nn.Conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), original(x), atol=0, rtol=0)
+
+
+def test_vit_with_conv_stem_or_overridden_forward_is_left_with_a_reason():
+    from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
+
+    stem = tv_vit(conv_stem_configs=[ConvStemConfig(out_channels=16, kernel_size=3, stride=2)] * 3)
+    report = vitkern.optimize(stem)
+    assert report.count("torchvision.VisionTransformer.conv_proj") == 0
+    assert report.count("torchvision.EncoderBlock") == 2  # the blocks are still swapped
+
+    class MyViT(VisionTransformer):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    mine = MyViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=64, mlp_dim=128)
+    left = {rule: why for _, rule, why in vitkern.optimize(mine).left}
+    assert "MyViT.forward is overridden" in left["torchvision.VisionTransformer.conv_proj"]
+    assert type(mine.conv_proj) is nn.Conv2d
+
+
 SWIN_OPTIONS = {
-    "all": ({}, {"block": 4, "window": 0}),
-    "no_ln_mlp": ({"ln_mlp": False}, {"block": 0, "window": 4}),
-    "no_window_attention": ({"window_attention": False}, {"block": 4, "window": 0}),
+    "all": ({}, {"block": 4, "window": 0, "stem": 1}),
+    "no_ln_mlp": ({"ln_mlp": False}, {"block": 0, "window": 4, "stem": 1}),
+    "no_window_attention": ({"window_attention": False}, {"block": 4, "window": 0, "stem": 1}),
+    "no_patch_embed": ({"patch_embed": False}, {"block": 4, "window": 0, "stem": 0}),
 }
 
 
@@ -158,6 +207,8 @@ def test_swin_optimize_matches_original_with_padding_and_shift(option_set):
 
     assert report.count("torchvision.SwinTransformerBlock") == expect["block"]
     assert report.count("torchvision.ShiftedWindowAttention") == expect["window"]
+    assert report.count("torchvision.SwinTransformer.stem") == expect["stem"]
+    assert isinstance(model.features[0], TorchvisionSwinPatchEmbed) == bool(expect["stem"])
     assert snapshot(model) == before  # incl. the persistent relative_position_index buffers, same tensors
     attn = model.features[1][1].attn
     assert isinstance(attn, TorchvisionShiftedWindowAttention) == (option_set != "no_window_attention")
@@ -183,6 +234,15 @@ def test_swin_optimize_matches_original_with_padding_and_shift(option_set):
     assert snapshot(model) == before
     with torch.no_grad():
         torch.testing.assert_close(model(x), eager_before, atol=0, rtol=0)
+
+
+def test_swin_stem_drops_a_partial_patch_like_the_conv():
+    """An image side that is not a multiple of the patch: the Conv2d drops the remainder, so does the fused stem."""
+    model = tv_swin_model()
+    original = copy.deepcopy(model)
+    report = vitkern.optimize(model, ln_mlp=False, window_attention=False, layer_norm=False)
+    assert [s.path for s in report.swapped] == ["features.0"]
+    check_against_original("swin-stem-42", model, original, image("swin-stem", 42))
 
 
 def test_cnn_attention_classifier_optimize_matches_original(attention_calls):
@@ -567,9 +627,9 @@ def test_generic_mha_rule_in_transformer_encoder_layer():
 # ----------------------------------------------------------------------------------------------- Triton kernels
 TRITON_MODELS = {  # tiny configs: the interpreter runs every program instance in Python
     "vit": (lambda: tv_vit(image_size=16, num_layers=1, hidden_dim=32, mlp_dim=64), 16,
-            ("ln_linear", "attention", "ln_mlp", "layer_norm")),
+            ("ln_linear", "attention", "ln_mlp", "layer_norm", "patch_embed")),
     "swin": (lambda: tv_swin_model(embed_dim=16, depths=[2], num_heads=[2]), 24,  # 6x6 tokens: padded + shifted
-             ("ln_linear", "window_attention", "ln_mlp", "layer_norm")),
+             ("ln_linear", "window_attention", "ln_mlp", "layer_norm", "patch_embed")),
     "cnn": (lambda: cnn_model(depth=1), 16, ("attention", "layer_norm")),
 }
 

@@ -15,6 +15,8 @@ Two entry points, one attention function (``vitkern.nn.hf_blocks.hf_attention_fo
                                        Dinov2SelfAttention                (when the layer rule did not take it)
     hf.Embeddings    patch_embed       ViTEmbeddings, DeiTEmbeddings,     HFViTEmbeddings / HFDinov2Embeddings
                                        Dinov2Embeddings
+    hf.SwinPatchEmbeddings  patch_embed  SwinPatchEmbeddings          HFSwinPatchEmbeddings (pad, then the fused
+                                                                          projection; SwinEmbeddings' norm after)
   LayerNorms elsewhere (final norms, Swin patch merging) are swapped by the generic ``torch.nn.LayerNorm`` rule.
   The swapped attention modules call the vitkern function directly, whatever ``config._attn_implementation``
   says; optimize changes no config and registers nothing globally, so ``vitkern.restore`` (which puts the
@@ -75,6 +77,7 @@ _DINOV2_ATTENTIONS = {(_modeling("dinov2"), "Dinov2SelfAttention")}
 _SWIN_ATTENTIONS = {(_modeling("swin"), "SwinAttention")}
 _VIT_EMBEDDINGS = {(_modeling("vit"), "ViTEmbeddings"), (_modeling("deit"), "DeiTEmbeddings")}
 _DINOV2_EMBEDDINGS = {(_modeling("dinov2"), "Dinov2Embeddings")}
+_SWIN_PATCH_EMBEDDINGS = {(_modeling("swin"), "SwinPatchEmbeddings")}
 
 
 def _match(m: nn.Module, names: set[tuple[str, str]]) -> "bool | str":
@@ -225,3 +228,27 @@ def _embeddings_replace(m, parent, options: SwapOptions):
 
 register_rule(SwapRule("hf.Embeddings", ("patch_embed",), _embeddings_accepts, _embeddings_replace,
                        ops=("patch_embed",)))
+
+
+def _swin_patch_embeddings_accepts(m, parent, options: SwapOptions):
+    verdict = _match(m, _SWIN_PATCH_EMBEDDINGS)
+    if verdict is not True:
+        return verdict
+    why = _missing(m, "projection", "patch_size")
+    if why:
+        return why
+    from vitkern.nn.hf_blocks import _conv_ok
+
+    if not _conv_ok(m.projection):
+        return "patch projection is not a plain Conv2d with stride == kernel_size (no padding, dilation, groups)"
+    return True
+
+
+def _swin_patch_embeddings_replace(m, parent, options: SwapOptions):
+    from vitkern.nn.hf_blocks import HFSwinPatchEmbeddings
+
+    return HFSwinPatchEmbeddings.from_hf(m)
+
+
+register_rule(SwapRule("hf.SwinPatchEmbeddings", ("patch_embed",), _swin_patch_embeddings_accepts,
+                       _swin_patch_embeddings_replace, ops=("patch_embed",)))

@@ -51,7 +51,9 @@ class SwapRule:
     ``accepts(module, parent, options)`` returns True (swap it), False (not this rule's kind of module) or a string
     (this rule's kind, left alone for that reason). ``replace(module, parent, options)`` returns the replacement;
     it must share ``module``'s parameters and keep its state_dict keys. A replacement that also patched something
-    outside itself (e.g. a method of its parent) undoes that in a ``_vitkern_undo()`` method, called by restore.
+    outside itself (e.g. a method of its parent) undoes that in a ``_vitkern_undo(parent, original)`` method, called
+    by restore with the module that holds it and the module it replaced (no back references: a deep copy of an
+    optimized model restores on its own).
     ``families``: the rule runs when any of them is enabled; ``ops``: the vitkern ops its replacement calls.
     """
 
@@ -195,7 +197,7 @@ def restore(model: nn.Module) -> int:
         parent = model.get_submodule(parent_path) if parent_path else model
         undo = getattr(getattr(parent, name), "_vitkern_undo", None)
         if undo is not None:
-            undo()
+            undo(parent, originals[path])
         setattr(parent, name, originals[path])
     count = len(originals)
     if hasattr(model, _ORIGINALS_ATTR):

@@ -6,6 +6,11 @@
   fused when ``window_attention`` is on, norm1 fused into qkv when both are on.
 - ``torchvision.ShiftedWindowAttention`` (family ``window_attention``): the attention alone, where its block is not
   replaced (``ln_mlp=False``, or a block with a custom norm / MLP).
+- ``torchvision.VisionTransformer.conv_proj`` (family ``patch_embed``): patch projection, class token and position
+  embedding in one launch (``TorchvisionViTConvProj``; the ViT's and its encoder's forward are replaced on the
+  instance, restore removes them).
+- ``torchvision.SwinTransformer.stem`` (family ``patch_embed``): ``features[0]`` = [Conv2d, Permute, norm] with
+  Conv2d + Permute on the fused op, then the norm (``TorchvisionSwinPatchEmbed``).
 - ``torch.nn.MultiheadAttention`` (family ``attention``): any model's MHA (torchvision ViT blocks that are not
   replaced, CNN + attention classifiers, ``nn.TransformerEncoderLayer``): self-attention calls run fused, every
   other call runs torch's code (``mha.why_not_fused(...)`` says why).
@@ -24,6 +29,7 @@ from vitkern.integrations.swap import SwapRule, register_rule
 from vitkern.nn.multihead_attention import MultiheadAttention
 from vitkern.nn.torchvision_blocks import TorchvisionEncoderBlock, TorchvisionShiftedWindowAttention, \
     TorchvisionSwinBlock
+from vitkern.nn.torchvision_embed import TorchvisionSwinPatchEmbed, TorchvisionViTConvProj, non_overlapping_conv_reason
 
 
 def _is_subclass_of(m: nn.Module, submodule: str, name: str) -> bool:
@@ -75,6 +81,38 @@ def _window_attention_accepts(m, parent, options):
     if isinstance(m, ShiftedWindowAttentionV2):
         return "Swin V2 cosine attention (logit_scale, cpb_mlp bias) is not fused"
     return _forward_reason(m, ShiftedWindowAttention) or True
+
+
+# ----------------------------------------------------------------------------------------------- patch embeddings
+def _vit_conv_proj_accepts(m, parent, options):
+    if parent is None or getattr(parent, "conv_proj", None) is not m \
+            or not _is_subclass_of(parent, "vision_transformer", "VisionTransformer"):
+        return False
+    from torchvision.models.vision_transformer import Encoder, VisionTransformer
+
+    for owner, base, name in ((parent, VisionTransformer, "forward"), (parent, VisionTransformer, "_process_input"),
+                              (parent.encoder, Encoder, "forward")):
+        if getattr(type(owner), name) is not getattr(base, name) or name in vars(owner):
+            return f"{type(owner).__qualname__}.{name} is overridden: the embedding steps are not where expected"
+    return non_overlapping_conv_reason(m, "conv_proj") or True
+
+
+def _swin_stem_accepts(m, parent, options):
+    """torchvision Swin's stem, recognised by its layout (its parent is the ``features`` Sequential)."""
+    layers = list(m.children()) if type(m) is nn.Sequential else []
+    if len(layers) != 3 or type(layers[0]) is not nn.Conv2d or type(layers[1]).__name__ != "Permute" \
+            or type(layers[1]).__module__ != "torchvision.ops.misc" or list(layers[1].dims) != [0, 2, 3, 1]:
+        return False
+    return non_overlapping_conv_reason(layers[0], "the stem's Conv2d") or True
+
+
+register_rule(SwapRule("torchvision.VisionTransformer.conv_proj", ("patch_embed",), _vit_conv_proj_accepts,
+                       lambda m, parent, options: TorchvisionViTConvProj.from_torchvision(parent),
+                       ops=("patch_embed",), priority=50))
+register_rule(SwapRule("torchvision.SwinTransformer.stem", ("patch_embed",), _swin_stem_accepts,
+                       lambda m, parent, options: TorchvisionSwinPatchEmbed.from_torchvision(
+                           m, layer_norm=options.enabled("layer_norm")),
+                       ops=("patch_embed",), priority=50))
 
 
 # ----------------------------------------------------------------------------------------------- any MHA

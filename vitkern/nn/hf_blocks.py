@@ -40,7 +40,6 @@ Linear), and since that concatenated GEMM exists anyway the LayerNorm is fused i
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Optional
 
 import torch
@@ -220,8 +219,7 @@ class _SwappedHF:
 
     def __reduce_ex__(self, protocol):
         mixin, base = type(self).__bases__
-        state = {k: v for k, v in self.__dict__.items() if k != "_vitkern_hf_original"}  # a weakref: not picklable
-        return _rebuild, (mixin, base), state
+        return _rebuild, (mixin, base), dict(self.__dict__)
 
 
 def _same_dtype(x: Tensor, *params: Optional[Tensor]) -> bool:
@@ -401,7 +399,6 @@ class HFSwinLayer(_SwappedHF):
         new = super().from_hf(layer)
         new._vitkern_gelu = approx  # None: the MLP half stays HF's modules
         new._vitkern_ln_linear = fuse_mlp and isinstance(layer.layernorm_before, nn.LayerNorm)
-        new.__dict__["_vitkern_hf_original"] = weakref.ref(layer)
         ops = ["window_attention"] + (["ln_mlp", "ln_linear"] if fuse_mlp else [])
         if layer_norm:  # used where the LayerNorms are not fused (ln_mlp off) and on HF's path
             new.layernorm_before = LayerNorm.swap_in(layer.layernorm_before)
@@ -413,12 +410,9 @@ class HFSwinLayer(_SwappedHF):
         new.vitkern_ops = tuple(ops)
         return new
 
-    def _vitkern_undo(self) -> None:
+    def _vitkern_undo(self, parent: nn.Module, original: nn.Module) -> None:
         """HF's forward shrinks ``window_size`` / ``shift_size`` in place for small maps: hand that state back."""
-        original = self.__dict__.get("_vitkern_hf_original")
-        original = original() if original is not None else None
-        if original is not None:
-            original.window_size, original.shift_size = self.window_size, self.shift_size
+        original.window_size, original.shift_size = self.window_size, self.shift_size
 
     def _fused_ok(self, x: Tensor, kwargs: dict) -> bool:
         attn = self.attention
@@ -526,3 +520,26 @@ class HFDinov2Embeddings(_SwappedHF):
         if masked or not same_grid or height % ph or width % pw or not _embed_ok(self, pixel_values):
             return super().forward(pixel_values, bool_masked_pos)
         return _embed(self, pixel_values, self.cls_token)
+
+
+class HFSwinPatchEmbeddings(_SwappedHF):
+    """Swin's patch embeddings (HF pads the image to whole patches, then projects) with the projection on the fused
+    op: returns ``(tokens [B, Np, D], (H', W'))`` as HF's does; the norm after it stays SwinEmbeddings'."""
+
+    vitkern_ops = ("patch_embed",)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module):
+        if not _conv_ok(module.projection):
+            raise TypeError(f"{cls.__name__}.from_hf: projection must be a Conv2d with stride == kernel_size, "
+                            "no padding, dilation or groups")
+        return super().from_hf(module)
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        proj = self.projection
+        if not (pixel_values.dim() == 4 and pixel_values.is_floating_point()
+                and pixel_values.shape[1] == proj.in_channels and _same_dtype(proj.weight, proj.bias)):
+            return super().forward(pixel_values)  # HF's own code (and its error for a bad input)
+        pixel_values = self.maybe_pad(pixel_values, *pixel_values.shape[-2:])
+        grid = (pixel_values.shape[-2] // proj.kernel_size[0], pixel_values.shape[-1] // proj.kernel_size[1])
+        return patch_embed(pixel_values.to(proj.weight.dtype), proj.weight, proj.bias), grid

@@ -3,7 +3,6 @@ class/distillation/register tokens + position embedding, with timm's parameter n
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -244,7 +243,6 @@ class FusedViTPatchEmbed(PatchEmbed):
         new = embed.patch_embed  # shares proj / norm with vit.patch_embed
         new.__class__ = cls
         object.__setattr__(new, "_tokens", embed)  # not registered: its parameters are the ViT's own
-        object.__setattr__(new, "_owner", weakref.ref(vit))
         object.__setattr__(new, "_pos_embed_method", pos_embed_method)
         setattr(vit, pos_embed_method, _tokens_already_embedded)  # instance attribute shadows the class method
         return new
@@ -255,10 +253,9 @@ class FusedViTPatchEmbed(PatchEmbed):
         # x: [B, C, H, W] -> [B, prefix + H'·W', D]
         return self._tokens(x)
 
-    def _vitkern_undo(self) -> None:
-        owner = self._owner()
-        if owner is not None and self._pos_embed_method in vars(owner):
-            delattr(owner, self._pos_embed_method)
+    def _vitkern_undo(self, vit: nn.Module, original: nn.Module) -> None:
+        if self._pos_embed_method in vars(vit):
+            delattr(vit, self._pos_embed_method)
 
 
 def _tokens_already_embedded(x: Tensor) -> Tensor:
