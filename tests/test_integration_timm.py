@@ -125,6 +125,35 @@ def test_training_noise_runs_unfused_and_matches_timm():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # same random masks, fp32 rounding only
 
 
+def test_fused_patch_embed_follows_the_vits_parameters():
+    """The fused embedding reads the ViT's tokens / pos_embed at call time: a checkpoint loaded with assign=True,
+    timm's set_input_size (new grid and patch size: new pos_embed and proj) and a deep copy behave as on timm."""
+    model = randomize_(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **VIT_TINY),
+                       seed_for("assign")).eval()
+    eager = copy.deepcopy(model)
+    vitkern.optimize(model)
+    new_state = {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed_for("sd", k)))
+                 for k, v in eager.state_dict().items()}
+    for m in (model, eager):
+        m.load_state_dict(new_state, assign=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed_for("assign-x")))
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(model(x)), logits_of(eager(x)), atol=2e-5, rtol=1e-5)
+
+    for m in (model, eager):
+        m.set_input_size(img_size=48, patch_size=12)  # 4x4 grid of 12x12 patches: proj and pos_embed resampled
+    x48 = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(seed_for("resize-x")))
+    with torch.no_grad():
+        expect = logits_of(eager(x48))
+        torch.testing.assert_close(logits_of(model(x48)), expect, atol=2e-5, rtol=1e-5)
+        twin = copy.deepcopy(model)
+        vitkern.restore(twin)  # the copy restores on its own, to the resized timm modules
+        assert "_pos_embed" not in vars(twin) and "_pos_embed" in vars(model)
+        assert type(twin.patch_embed).__module__.startswith("timm") and twin.patch_embed.patch_size == (12, 12)
+        torch.testing.assert_close(logits_of(twin(x48)), expect, atol=0, rtol=0)
+        torch.testing.assert_close(logits_of(model(x48)), expect, atol=2e-5, rtol=1e-5)
+
+
 def test_optimize_twice_and_restore_once():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_TINY).eval()
     x = torch.randn(1, 3, 32, 32)

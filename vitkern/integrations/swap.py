@@ -189,15 +189,36 @@ def optimize(model: nn.Module, *, layer_norm: bool = True, attention: bool = Tru
     return report
 
 
+def _hand_back_tensors(replacement: nn.Module, original: nn.Module) -> None:
+    """Parameters and persistent buffers the replacement holds now (``load_state_dict(assign=True)``, ``to_empty()``,
+    a user's assignment) go back into the original under the same path: restore must not bring back the tensors the
+    swap started from. Non-persistent buffers are the modules' own (not part of the state_dict contract)."""
+    targets = dict(original.named_modules(remove_duplicate=False))
+    for path, sub in replacement.named_modules(remove_duplicate=False):
+        target = targets.get(path)
+        if target is None or target is sub:
+            continue
+        for name, t in sub._parameters.items():
+            if t is not None and name in target._parameters and target._parameters[name] is not t:
+                target._parameters[name] = t
+        for name, t in sub._buffers.items():
+            if (t is not None and name in target._buffers and target._buffers[name] is not t
+                    and name not in sub._non_persistent_buffers_set):
+                target._buffers[name] = t
+
+
 def restore(model: nn.Module) -> int:
-    """Put back every module :func:`optimize` replaced (outermost first); returns how many."""
+    """Put back every module :func:`optimize` replaced (outermost first), holding the tensors the model holds now;
+    returns how many."""
     originals: dict[str, nn.Module] = getattr(model, _ORIGINALS_ATTR, {})
     for path in sorted(originals, key=lambda p: p.count(".")):
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        undo = getattr(getattr(parent, name), "_vitkern_undo", None)
+        current = getattr(parent, name)
+        undo = getattr(current, "_vitkern_undo", None)
         if undo is not None:
             undo(parent, originals[path])
+        _hand_back_tensors(current, originals[path])
         setattr(parent, name, originals[path])
     count = len(originals)
     if hasattr(model, _ORIGINALS_ATTR):

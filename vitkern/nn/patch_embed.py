@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkern.functional.patch_embed import patch_embed, resample_pos_embed
+from vitkern.functional.patch_embed import _norm, patch_embed, resample_pos_embed
 
 __all__ = ["PatchEmbed", "ViTEmbed", "FusedViTPatchEmbed"]
 
@@ -164,9 +164,23 @@ class ViTEmbed(nn.Module):
 
     def set_input_normalization(self, mean, std) -> "ViTEmbed":
         """Normalise the input pixels inside the kernel, ``(x - mean) / std`` per channel (e.g. uint8 images with
-        ``mean = 255 * IMAGENET_DEFAULT_MEAN``, ``std = 255 * IMAGENET_DEFAULT_STD``); ``None, None`` turns it off."""
+        ``mean = 255 * IMAGENET_DEFAULT_MEAN``, ``std = 255 * IMAGENET_DEFAULT_STD``); ``None, None`` turns it off.
+        The values are checked here and copied to each device once (no per-call host-to-device copy or sync)."""
+        if mean is not None or std is not None:
+            _norm(mean, std, self.patch_embed.proj.in_channels, "cpu", torch.float32)  # a bad mean / std fails now
         self.input_mean, self.input_std = mean, std
+        self._norm_on = {}
         return self
+
+    def _normalization_on(self, device: torch.device) -> tuple:
+        """(mean, std) as fp32 tensors on ``device``, made once per device."""
+        if self.input_mean is None:
+            return None, None
+        cache = self.__dict__.setdefault("_norm_on", {})
+        if device not in cache:
+            cache[device] = tuple(torch.as_tensor(v, dtype=torch.float32).reshape(-1).to(device)
+                                  for v in (self.input_mean, self.input_std))
+        return cache[device]
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -200,8 +214,8 @@ class ViTEmbed(nn.Module):
         grid = (x.shape[-2] // pe.patch_size[0], x.shape[-1] // pe.patch_size[1])
         tokens = self.prefix_params()
         prefix = (tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)) if tokens else None
-        return patch_embed(x, pe.proj.weight, pe.proj.bias, self.pos_embed_for(grid), prefix,
-                           mean=self.input_mean, std=self.input_std)
+        mean, std = self._normalization_on(x.device)
+        return patch_embed(x, pe.proj.weight, pe.proj.bias, self.pos_embed_for(grid), prefix, mean=mean, std=std)
 
     @classmethod
     def from_timm(cls, vit: nn.Module) -> "ViTEmbed":
@@ -227,31 +241,69 @@ class ViTEmbed(nn.Module):
         return new
 
 
+class _ViTTokens(ViTEmbed):
+    """:class:`ViTEmbed`'s token logic over a ViT's own attributes, read at call time: a ViT whose parameters are
+    replaced afterwards (``load_state_dict(assign=True)``, ``set_input_size``) is embedded as it is now."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        nn.Module.__init__(self)
+        object.__setattr__(self, "_vit", vit)  # not a submodule (the ViT owns us); deepcopy / pickle keep the cycle
+        self._pos_cache = {}
+        self.input_mean = self.input_std = None
+
+    patch_embed = property(lambda self: self._vit.patch_embed)
+    cls_token = property(lambda self: getattr(self._vit, "cls_token", None))
+    dist_token = property(lambda self: getattr(self._vit, "dist_token", None))
+    reg_token = property(lambda self: getattr(self._vit, "reg_token", None))
+    pos_embed = property(lambda self: getattr(self._vit, "pos_embed", None))
+    no_embed_class = property(lambda self: bool(getattr(self._vit, "no_embed_class", False)))
+    dynamic_img_size = property(lambda self: bool(getattr(self._vit, "dynamic_img_size", False)))
+
+
 class FusedViTPatchEmbed(PatchEmbed):
     """Sits in a ViT's ``patch_embed`` slot and returns the whole token sequence (patches + prefix tokens + position
     embedding) from one kernel launch, while the ViT's own position-embedding method (timm ``_pos_embed``,
     ``vitkern.reference``'s ``add_pos_embed``) is replaced on the instance by the identity.
 
     Registered submodules are those of the PatchEmbed it replaces (``proj``, ``norm``), so the state_dict is
-    unchanged; the prefix tokens and ``pos_embed`` stay the ViT's parameters and are read through a
-    :class:`ViTEmbed` view that is deliberately not a submodule. ``_vitkern_undo`` puts the ViT's method back.
+    unchanged; the prefix tokens and ``pos_embed`` stay the ViT's parameters and are looked up on the ViT at each
+    call. ``set_input_size`` runs the replaced PatchEmbed's own (timm's) and takes its new projection and sizes, so
+    ``vit.set_input_size(...)`` works on an optimized ViT and after ``restore``. ``_vitkern_undo`` puts the ViT's
+    method back.
     """
+
+    vitkern_ops = ("patch_embed",)
 
     @classmethod
     def from_vit(cls, vit: nn.Module, pos_embed_method: str) -> "FusedViTPatchEmbed":
-        embed = ViTEmbed.from_timm(vit)
-        new = embed.patch_embed  # shares proj / norm with vit.patch_embed
+        original = vit.patch_embed
+        if not isinstance(getattr(original, "norm", nn.Identity()), nn.Identity):
+            raise ValueError("vitkern.nn.FusedViTPatchEmbed.from_vit: a patch_embed norm layer (between the "
+                             "projection and the position embedding) is not supported")
+        new = PatchEmbed.from_timm(original)  # shares proj / norm
+        new.flatten, new.output_fmt = True, "NLC"
+        new.strict_img_size = new.strict_img_size and not getattr(vit, "dynamic_img_size", False)
         new.__class__ = cls
-        object.__setattr__(new, "_tokens", embed)  # not registered: its parameters are the ViT's own
+        object.__setattr__(new, "_tokens", _ViTTokens(vit))  # plain attributes: not submodules, not in state_dict
+        object.__setattr__(new, "_original", original)
         object.__setattr__(new, "_pos_embed_method", pos_embed_method)
         setattr(vit, pos_embed_method, _tokens_already_embedded)  # instance attribute shadows the class method
         return new
 
-    vitkern_ops = ("patch_embed",)
-
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, C, H, W] -> [B, prefix + H'·W', D]
         return self._tokens(x)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's ``PatchEmbed.set_input_size`` (new grid; a new patch size resamples ``proj``), applied to the
+        replaced module and mirrored here, so both stay in step."""
+        setter = getattr(self._original, "set_input_size", None)
+        if setter is None:
+            raise AttributeError(f"{type(self._original).__qualname__} has no set_input_size")
+        setter(img_size=img_size, patch_size=patch_size)
+        self.proj, self.patch_size = self._original.proj, self._original.patch_size
+        self._set_img_size(self._original.img_size)
+        self._tokens._pos_cache.clear()
 
     def _vitkern_undo(self, vit: nn.Module, original: nn.Module) -> None:
         if self._pos_embed_method in vars(vit):
