@@ -231,6 +231,7 @@ def test_matches_timm_deit_distilled():
         _compare_module(ours, lambda t: vit._pos_embed(vit.patch_embed(t)), x, params, params, seed_for("deit-g"))
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("distilled", [False, True], ids=["vit_reg", "deit_distilled"])
 def test_matches_vitkern_reference_models(distilled):
     from vitkern.reference.vit import VisionTransformer, VisionTransformerDistilled
@@ -241,7 +242,7 @@ def test_matches_vitkern_reference_models(distilled):
     ours = vitkern.nn.ViTEmbed.from_timm(vit)
     x = randn((2, 3, 32, 32), dtype=torch.float32, device="cpu", seed=seed_for("ref-x", distilled))
     params = [p for p in ours.parameters()]
-    with vitkern.use_backend("triton" if distilled else "reference", op=OP):
+    with vitkern.use_backend("triton", op=OP):
         _compare_module(ours, lambda t: vit.add_pos_embed(vit.patch_embed(t)), x, params, params, seed_for("ref-g"))
 
 
@@ -340,6 +341,19 @@ def test_vit_embed_uint8_images_match_timm_on_normalised_floats(backend):
         expected = vit._pos_embed(vit.patch_embed((pixels.float() - mean[:, None, None]) / std[:, None, None]))
         # fp32 throughout; the kernel multiplies by 1/std where timm divides: ~1 ulp per pixel, summed over K = 192
         torch.testing.assert_close(ours(pixels), expected, atol=2e-5, rtol=1e-5)
+    assert list(ours._norm_on) == [pixels.device]  # the normalisation tensors were made once for the device
+    ours(pixels)
+    assert ours._norm_on[pixels.device][0].data_ptr() == ours._normalization_on(pixels.device)[0].data_ptr()
+
+
+def test_vit_embed_checks_the_normalisation_when_set():
+    embed = vitkern.nn.ViTEmbed(img_size=16, patch_size=8, embed_dim=16)
+    with pytest.raises(ValueError, match="std must be positive"):
+        embed.set_input_normalization([100.0, 110.0, 120.0], [50.0, 0.0, 60.0])
+    with pytest.raises(ValueError, match="mean has 2 values; expected 1 or one per channel"):
+        embed.set_input_normalization([100.0, 110.0], 50.0)
+    with pytest.raises(ValueError, match="pass both mean and std"):
+        embed.set_input_normalization(None, 50.0)
 
 
 @pytest.mark.parametrize("no_embed_class", [False, True])

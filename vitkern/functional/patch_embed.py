@@ -41,12 +41,15 @@ def _as_rows(op: str, name: str, t: Tensor, d: int, like: Tensor) -> Tensor:
 
 
 def _channel_values(name: str, v, C: int, device, dtype) -> Tensor:
-    t = torch.as_tensor(v, dtype=dtype, device=device).reshape(-1)
+    t = torch.as_tensor(v, dtype=dtype).reshape(-1)  # host values stay on the host until checked
     if t.numel() == 1:
         t = t.expand(C)
     if t.numel() != C:
         raise ValueError(f"{_NAME}: {name} has {t.numel()} values; expected 1 or one per channel ({C})")
-    return t
+    # std must be positive; checked where that costs no device sync (host values; a device tensor is taken as is)
+    if name == "std" and t.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((t > 0).all()):
+        raise ValueError(f"{_NAME}: std must be positive, got {t.tolist()}")
+    return t.to(device)
 
 
 def _norm(mean, std, C: int, device, compute_dtype: torch.dtype) -> Tensor | None:
@@ -57,8 +60,6 @@ def _norm(mean, std, C: int, device, compute_dtype: torch.dtype) -> Tensor | Non
         raise ValueError(f"{_NAME}: pass both mean and std (or neither); got only {'mean' if std is None else 'std'}")
     dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     m, s = (_channel_values(n, v, C, device, dtype) for n, v in (("mean", mean), ("std", std)))
-    if not torch.compiler.is_compiling() and not bool((s > 0).all()):
-        raise ValueError(f"{_NAME}: std must be positive, got {s.tolist()}")
     return torch.stack([m, 1.0 / s])
 
 
