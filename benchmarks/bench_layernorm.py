@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.harness import (
-    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, run_benchmark,
+    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, cuda_vs_triton_targets, run_benchmark,
 )
 
 NAME = "layernorm"
@@ -33,6 +33,7 @@ WIDTHS = (768, 384, 1024, 1280)  # ViT-B first: the target width runs first if t
 EXTRA_DTYPES = (torch.float16, torch.float32)  # at width 768 only
 EPS = 1e-6  # timm's ViT LayerNorm eps
 TARGET_SPEEDUP, TARGET_PCT_BW, TARGET_WIDTH = 1.3, 80.0, 768
+TARGET_CUDA_PCT_BW = 85.0  # issue 8's aim for the CUDA LayerNorm
 
 
 def _vitkern() -> Any:
@@ -241,4 +242,15 @@ def targets(rows: list[Row]) -> list[str]:
         + (f"{sp:.2f}x {'MET' if sp >= TARGET_SPEEDUP else 'NOT MET'}" if sp is not None else "n/a (torch row failed)"),
         f"target {what} >= {TARGET_PCT_BW:.0f}% of copy BW: "
         + (f"{bw:.0f}% {'MET' if bw >= TARGET_PCT_BW else 'NOT MET'}" if bw is not None else "n/a (no peaks)"),
-    ]
+    ] + _cuda_targets(rows)
+
+
+def _cuda_targets(rows: list[Row]) -> list[str]:
+    """Issue 8: the CUDA LayerNorm within 10% of Triton or faster everywhere, and >= 85% of copy bandwidth."""
+    out = cuda_vs_triton_targets(rows) + cuda_vs_triton_targets(rows, "vitkern-cuda-residual", "vitkern-residual")
+    hit = next((r for r in rows if r.provider == "vitkern-cuda" and r.direction == FWD and r.dtype == "bfloat16"
+                and r.params.get("N") == TARGET_WIDTH and r.status == "ok"), None)
+    bw = hit.pct_peak_bw if hit is not None else None
+    out.append(f"target vitkern-cuda fwd N={TARGET_WIDTH} bf16 >= {TARGET_CUDA_PCT_BW:.0f}% of copy BW: "
+               + (f"{bw:.0f}% {'MET' if bw >= TARGET_CUDA_PCT_BW else 'NOT MET'}" if bw is not None else "not measured"))
+    return out

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.harness import (
-    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, run_benchmark,
+    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, cuda_vs_triton_targets, run_benchmark,
 )
 
 NAME = "ln_mlp"
@@ -228,4 +228,4 @@ def targets(rows: list[Row]) -> list[str]:
                            + ("MET" if pct >= TARGET_GEMM_PCT else "NOT MET"))
             else:
                 out.append(f"target {what} >= {TARGET_GEMM_PCT:.0f}% of cuBLAS GEMM TFLOP/s: n/a")
-    return out
+    return out + cuda_vs_triton_targets(rows)  # issue 8's bar for the CUDA C++ forward

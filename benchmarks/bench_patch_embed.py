@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.harness import (
-    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, run_benchmark,
+    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, cuda_vs_triton_targets, run_benchmark,
 )
 
 NAME = "patch_embed"
@@ -185,4 +185,4 @@ def targets(rows: list[Row]) -> list[str]:
         else:
             out.append(f"target {what} >= {TARGET_COMPILE}x torch.compile: n/a (compile row "
                        f"{comp.status if comp else 'missing'})")
-    return out
+    return out + cuda_vs_triton_targets(rows)  # issue 8's bar for the CUDA C++ forward

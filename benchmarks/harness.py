@@ -474,6 +474,41 @@ def short_error(e: BaseException) -> str:
 _ENV_PREFIXES = ("VITKERN_", "CUDA_VISIBLE", "TORCHINDUCTOR_", "TRITON_")
 
 
+def cuda_vs_triton_targets(rows: Sequence[Row], cuda: str = "vitkern-cuda", default: str = "vitkern",
+                           within: float = 0.10, best_at_least: float | None = None) -> list[str]:
+    """Issues 7/8's bar for a CUDA C++ provider: within ``within`` of the Triton op or faster at every measured case
+    (and, with ``best_at_least``, that much faster than Triton somewhere). Triton's time is the ``default``
+    provider's row where the dispatcher chose Triton (its ``backend`` field); cases without both rows are listed
+    as not measured. Printed in the summary, never asserted."""
+    what = f"{cuda} within {within:.0%} of Triton or faster at every case"
+    if any(r.timer == CPU_TIMER for r in rows):
+        return [f"target {what}: not evaluated in CPU smoke mode"]
+    key = lambda r: (r.case, r.dtype, r.direction)  # noqa: E731
+    triton = {key(r): r for r in rows if r.provider == default and r.status == OK
+              and str(r.extra.get("backend", "")).startswith("triton")}
+    ratios, missing = [], []
+    for r in rows:
+        if r.provider != cuda or r.status == SKIPPED:
+            continue
+        t = triton.get(key(r))
+        if r.status != OK or t is None:
+            missing.append(f"{r.case} {r.dtype} {r.direction} ({r.status if r.status != OK else 'no Triton row'})")
+            continue
+        ratios.append((t.median_ms / r.median_ms, f"{r.case} {r.dtype} {r.direction}"))
+    if not ratios:
+        return [f"target {what}: not measured" + (f" ({'; '.join(missing[:3])})" if missing else "")]
+    slow = sorted(x for x in ratios if x[0] < 1 / (1 + within))
+    worst, best = min(ratios), max(ratios)
+    out = [f"target {what}: {len(ratios) - len(slow)}/{len(ratios)} cases "
+           + ("MET" if not slow else "NOT MET") + f" (worst {worst[0]:.2f}x at {worst[1]}; best {best[0]:.2f}x at "
+           f"{best[1]})" + (f"; not measured: {len(missing)}" if missing else "")]
+    out += [f"  slower than the bar: {ratio:.2f}x at {where}" for ratio, where in slow[:5]]
+    if best_at_least is not None:
+        out.append(f"target {cuda} >= {best_at_least}x Triton at one shape class at least: {best[0]:.2f}x at "
+                   f"{best[1]} {'MET' if best[0] >= best_at_least else 'NOT MET'}")
+    return out
+
+
 def git_commit() -> str:
     """HEAD of the repo, else $VITKERN_COMMIT (the GPU machine gets a tree copy without .git), else "unknown"."""
     try:

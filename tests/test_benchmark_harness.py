@@ -7,6 +7,8 @@ session. Nothing here needs vitkern to import: the LayerNorm bench turns a vitke
 from __future__ import annotations
 
 import csv
+import dataclasses
+import importlib
 import json
 import math
 from pathlib import Path
@@ -166,6 +168,28 @@ def test_compare_edge_cases() -> None:
     assert not ok and "non-finite" in msg
 
 
+def _timed_row(provider: str, case: str, ms: float, backend: str | None = None, status: str = "ok") -> harness.Row:
+    return harness.Row("toy", case, {}, "bfloat16", FWD, provider, "eager", status, median_ms=ms,
+                       extra={"backend": backend} if backend else {})
+
+
+def test_cuda_vs_triton_targets() -> None:
+    rows = [_timed_row("vitkern", "a", 1.0, "triton"), _timed_row("vitkern-cuda", "a", 1.05),  # 0.95x: within 10%
+            _timed_row("vitkern", "b", 1.0, "triton"), _timed_row("vitkern-cuda", "b", 0.8),  # 1.25x
+            _timed_row("vitkern", "c", 1.0, "cuda"), _timed_row("vitkern-cuda", "c", 1.0)]  # no Triton row to compare
+    lines = harness.cuda_vs_triton_targets(rows, best_at_least=1.15)
+    assert lines[0].startswith("target vitkern-cuda within 10% of Triton or faster at every case: 2/2 cases MET")
+    assert "worst 0.95x at a bfloat16 fwd" in lines[0] and "not measured: 1" in lines[0]
+    assert lines[1].endswith("1.25x at b bfloat16 fwd MET")
+    rows.append(_timed_row("vitkern", "d", 1.0, "triton"))
+    rows.append(_timed_row("vitkern-cuda", "d", 1.2))  # 0.83x: outside the bar
+    lines = harness.cuda_vs_triton_targets(rows)
+    assert "2/3 cases NOT MET" in lines[0] and lines[1] == "  slower than the bar: 0.83x at d bfloat16 fwd"
+    assert harness.cuda_vs_triton_targets(rows[:1])[0].endswith("not measured")
+    smoke = [dataclasses.replace(rows[0], timer=harness.CPU_TIMER)]
+    assert "CPU smoke" in harness.cuda_vs_triton_targets(smoke)[0]
+
+
 def test_layernorm_bench_smoke() -> None:
     rows = bench_layernorm.run(_ctx())
     providers = [p.name for p in bench_layernorm.PROVIDERS]
@@ -179,6 +203,29 @@ def test_layernorm_bench_smoke() -> None:
         if r.provider.startswith("vitkern") and r.status == "ok":  # vitkern may not import yet
             assert r.correct is True and r.extra.get("backend")
     assert "CPU smoke" in bench_layernorm.targets(rows)[0]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", ["attention", "window_attention", "ln_mlp", "patch_embed"])
+def test_op_bench_smoke_and_targets(name: str) -> None:
+    """Every op bench runs in smoke mode (its vitkern rows on the Triton interpreter), and its targets() gets
+    through timed rows without an exception (made-up times at the smoke shapes, so most targets read "not
+    measured": this checks the code path, not a number)."""
+    mod = importlib.import_module(f"benchmarks.bench_{name}")
+    rows = mod.run(_ctx())
+    assert rows and {r.provider for r in rows} == {p.name for p in mod.PROVIDERS}
+    bad = [(r.provider, r.case, r.status, r.error) for r in rows if r.status not in ("ok", "skipped")]
+    assert not bad, bad
+    assert any(r.provider == "vitkern" and r.status == "ok" and r.correct for r in rows)
+    assert "CPU smoke" in mod.targets(rows)[0]
+    timed = [dataclasses.replace(r, timer=harness.GPU_TIMER, status="ok", error=None, median_ms=1.0 + i / 64,
+                                 speedup=1.1, pct_peak_bw=50.0, pct_peak_flops=40.0, tflops=100.0, gbps=1000.0,
+                                 extra={**r.extra, "backend": "triton" if r.provider == "vitkern" else "cuda"})
+             for i, r in enumerate(rows)]
+    lines = mod.targets(timed)
+    assert lines and all(isinstance(line, str) and "CPU smoke" not in line for line in lines), lines
+    cuda = [line for line in lines if line.startswith("target vitkern-cuda within 10%")]
+    assert cuda and "cases" in cuda[0], lines  # the CUDA-vs-Triton comparison found its pairs
 
 
 def test_run_all_discovers_and_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
