@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.harness import (
-    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, cuda_vs_triton_targets, run_benchmark,
+    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
+    cuda_vs_triton_targets, run_benchmark,
 )
 
 NAME = "layernorm"
@@ -251,6 +252,6 @@ def _cuda_targets(rows: list[Row]) -> list[str]:
     hit = next((r for r in rows if r.provider == "vitkern-cuda" and r.direction == FWD and r.dtype == "bfloat16"
                 and r.params.get("N") == TARGET_WIDTH and r.status == "ok"), None)
     bw = hit.pct_peak_bw if hit is not None else None
-    out.append(f"target vitkern-cuda fwd N={TARGET_WIDTH} bf16 >= {TARGET_CUDA_PCT_BW:.0f}% of copy BW: "
-               + (f"{bw:.0f}% {'MET' if bw >= TARGET_CUDA_PCT_BW else 'NOT MET'}" if bw is not None else "not measured"))
+    verdict = f"{bw:.0f}% {'MET' if bw >= TARGET_CUDA_PCT_BW else 'NOT MET'}" if bw is not None else "not measured"
+    out.append(f"target vitkern-cuda fwd N={TARGET_WIDTH} bf16 >= {TARGET_CUDA_PCT_BW:.0f}% of copy BW: {verdict}")
     return out

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.harness import (
-    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, cuda_vs_triton_targets, run_benchmark,
+    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
+    cuda_vs_triton_targets, run_benchmark,
 )
 
 NAME = "window_attention"

@@ -84,7 +84,37 @@ TORCH_LIBRARY(vitkern_C, m) {
   m.def("window_attention_fwd.out(Tensor qkv, Tensor? qkv_bias, Tensor table, int heads, int[2] window, "
         "int[2] shift, float scale, float mask_value, bool pad_first, *, Tensor(a!) out, Tensor(b!) lse) -> ()");
 
+  // LayerNorm + Linear forward (norm1 + qkv): the contract of vitkern/ops/ln_linear.py's forward.
+  // x [M, D] fp16/bf16/fp32 (unit column stride), parameters in x's dtype, weight [N, D] (nn.Linear layout)
+  // -> (y [M, N], mean [M] fp32, rstd [M] fp32). LN kernel + one cuBLASLt GEMM (bias epilogue). Kernels: CUDA + Meta
+  // (csrc/ops/ln_mlp.cu).
+  m.def("ln_linear_fwd(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("ln_linear_fwd.out(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias, float eps, *, "
+        "Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd) -> ()");
+
+  // LayerNorm + MLP + layer scale + residual forward: the contract of vitkern/ops/ln_mlp.py's forward.
+  // -> (y [M, D], pre [M, H], h [M, H] ([0] each unless save_for_backward), mean [M] fp32, rstd [M] fp32).
+  // approximate: "none" (erf) | "tanh". gelu_impl: 0 auto, 1 cuBLASLt GELU epilogue (tanh only), 2 bias epilogue +
+  // GELU kernel. ls_impl: 0 auto, 1 fold γ into fc2's rows, 2 separate x + γ·y kernel. No backward kernel: the
+  // Triton/reference backward consumes (pre, h, mean, rstd). Kernels: CUDA + Meta (csrc/ops/ln_mlp.cu).
+  m.def("ln_mlp_fwd(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
+        "Tensor fc2_weight, Tensor? fc2_bias, Tensor? layer_scale, float eps, str approximate, bool save_for_backward, "
+        "int gelu_impl=0, int ls_impl=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ln_mlp_fwd.out(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
+        "Tensor fc2_weight, Tensor? fc2_bias, Tensor? layer_scale, float eps, str approximate, int gelu_impl=0, "
+        "int ls_impl=0, *, Tensor(a!) y, Tensor(b!)? pre, Tensor(c!)? h, Tensor(d!) mean, Tensor(e!) rstd) -> ()");
+
+  // Patch embedding forward: the contract of vitkern/ops/patch_embed.py's forward (see the top of
+  // csrc/ops/patch_embed.cu). pos_impl: 0 auto, 1 pos as a batch-stride-0 C, 2 pos rows written first + in-place
+  // GEMM. No backward kernel: the Triton/reference backward runs from (x, norm, weight). Kernels: CUDA + Meta.
+  m.def("patch_embed_fwd(Tensor x, Tensor? norm, Tensor weight, Tensor? bias, Tensor? pos, Tensor? prefix, "
+        "bool pos_covers_prefix, int pos_impl=0) -> Tensor");
+  m.def("patch_embed_fwd.out(Tensor x, Tensor? norm, Tensor weight, Tensor? bias, Tensor? pos, Tensor? prefix, "
+        "bool pos_covers_prefix, int pos_impl=0, *, Tensor(a!) out) -> ()");
+
   // Test hooks (leading underscore: not API).
+  m.def("_cublaslt_version() -> int", &vitkern::cublaslt_version);
   m.def("_dispatch_selftest(ScalarType dtype, int head_dim) -> str", &vitkern::dispatch_selftest);
   m.def("_device_arch_probe(Device device) -> int[]", &vitkern::device_arch_probe);
 }

@@ -17,4 +17,7 @@ std::string build_info();
 // picked (csrc/build_info.cu).
 std::vector<int64_t> device_arch_probe(c10::Device device);
 
+// cublasLtGetVersion() of the cuBLASLt the ops call, resolved at run time (csrc/ops/ln_mlp.cu).
+int64_t cublaslt_version();
+
 }  // namespace vitkern

@@ -10,6 +10,9 @@ def test_info_reports_versions_and_backend_choice(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch 2." in out and "vitkern.layer_norm forward" in out
+    for op in ("layer_norm", "ln_linear", "ln_mlp", "attention", "window_attention", "patch_embed"):
+        assert f"vitkern.{op} forward" in out and f"vitkern.{op} backward" in out, op
+    assert "probe failed" not in out
     assert "CUDA C++ extension:" in out
     if not torch.cuda.is_available():
         assert "interpreter" in out

@@ -295,7 +295,8 @@ def test_cpu_default_is_reference_and_fp64_falls_back_with_reason():
         ({"x": torch.arange(48).view(3, 16)}, TypeError, "x has dtype torch.int64"),
         ({"x": [1.0]}, TypeError, "x must be a torch.Tensor"),
         ({"x": torch.randn(3, 0)}, ValueError, "last dim"),
-        ({"ln_weight": torch.randn(15)}, ValueError, "ln_weight has shape"),
+        ({"ln_weight": torch.randn(15)}, ValueError, "ln_weight has shape"),  # disagrees with ln_bias: its fault
+        ({"x": torch.randn(3, 15)}, ValueError, r"x has shape \(3, 15\); its last dim must be the LayerNorm's width 16"),
         ({"fc1_weight": torch.randn(24, 15)}, ValueError, "fc1_weight has shape"),
         ({"fc1_bias": torch.randn(23)}, ValueError, "fc1_bias has shape"),
         ({"fc2_weight": torch.randn(24, 16)}, ValueError, "fc2_weight has shape"),
@@ -309,6 +310,11 @@ def test_cpu_default_is_reference_and_fp64_falls_back_with_reason():
 def test_bad_input_errors_name_the_argument(over, error, match):
     with pytest.raises(error, match=match):
         ln_mlp(**_mlp_args(**over))
+
+
+def test_module_called_with_the_wrong_width_names_the_input():
+    with pytest.raises(ValueError, match=r"x has shape \(3, 15\); its last dim must be the LayerNorm's width 16"):
+        vitkern.nn.LayerNormMlp(16, 24)(torch.randn(3, 15))
 
 
 def test_ln_linear_bad_input():

@@ -32,15 +32,27 @@ def _version(mod: str) -> str:
         return f"not available ({exc.__class__.__name__})"
 
 
-def _probe_problems() -> list:
-    """One representative call per op on the default device, to show which backend each would get."""
-    from vitkern.ops import layer_norm as ln
-
+def _probe_calls() -> list[tuple[str, str, tuple, dict]]:
+    """(label, op, args, kwargs): one representative call per op on the default device (ViT-B/16 at batch 64,
+    Swin-T's first stage) with empty tensors of the right shapes, to show which backend each would get."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    x = torch.empty(256 * 197, 768, device=device, dtype=dtype)
-    w = torch.empty(768, device=device, dtype=dtype)
-    return [ln.problem("forward", x, w, None), ln.problem("backward", x, w, None)]
+
+    def e(*shape, dt=dtype):
+        return torch.empty(*shape, device=device, dtype=dt)
+
+    B, N, D, H = 64, 197, 768, 12
+    x = e(B, N, D)
+    return [
+        ("ViT-B tokens", "layer_norm", (x, (D,), e(D), e(D)), {}),
+        ("ViT-B norm1 + qkv", "ln_linear", (x, e(D), e(D), e(3 * D, D), e(3 * D)), {}),
+        ("ViT-B norm2 + MLP", "ln_mlp", (x, e(D), e(D), e(4 * D, D), e(4 * D), e(D, 4 * D), e(D)), {}),
+        ("ViT-B attention", "attention", (), {"qkv": e(B, N, 3 * D), "num_heads": H}),
+        ("Swin-T stage 1, shifted", "window_attention",
+         (e(B, 56, 56, 3 * 96), e(13 * 13, 3, dt=torch.float32), 3, 7, 3), {"qkv_bias": e(3 * 96)}),
+        ("ViT-B/16 patches + cls + pos", "patch_embed",
+         (e(B, 3, 224, 224), e(D, 3, 16, 16), e(D), e(1, N, D), e(1, 1, D)), {}),
+    ]
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -67,9 +79,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"CUDA C++ extension: {state}: {st.reason}")
     except ImportError as exc:
         print(f"CUDA C++ extension: unavailable: loader missing ({exc})")
-    print("\nBackend choice for a representative call of each op:")
-    for problem in _probe_problems():
-        print(dispatch.select(problem))
+    print("\nBackend choice for a representative call of each op (forward; the backward's choice after it):")
+    for label, op, args, kwargs in _probe_calls():
+        try:
+            print(f"{op} ({label}): {dispatch.explain(op, *args, **kwargs)}")
+        except Exception as exc:  # one op's probe failing must not hide the others
+            print(f"{op} ({label}): probe failed: {exc.__class__.__name__}: {exc}")
     return 0
 
 

@@ -27,8 +27,7 @@
 //      then dwarfs (tests hold it to the same bound as the Triton forward).
 // Scratch (LN output; the GELU output when not saved; the folded W2) comes from the CUDA caching allocator.
 //
-// Op schemas are declared in this file with TORCH_LIBRARY_FRAGMENT rather than in csrc/vitkern_C.cpp (where schemas
-// normally live) because vitkern_C.cpp was being edited concurrently by another change; the lead may move them.
+// Schemas: csrc/vitkern_C.cpp.
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -45,6 +44,7 @@
 #include "common/dispatch.h"
 #include "ops/layer_norm.cuh"
 #include "ops/ln_mlp.cuh"
+#include "vitkern_C.h"
 
 namespace vitkern {
 namespace {
@@ -469,36 +469,13 @@ MlpOutputs ln_mlp_fwd_meta(const at::Tensor& x, const OptTensor& ln_weight, cons
   return mlp_outputs(x, fc1_weight.size(0), save_for_backward);
 }
 
+}  // namespace
+
 // Test hook: the version of the cuBLASLt these ops call (resolved with dlopen/dlsym, csrc/common/cublaslt.h). Needs
 // no GPU, so CPU tests prove the symbol lookup works wherever the extension loads.
 int64_t cublaslt_version() { return static_cast<int64_t>(lt::api().cublasLtGetVersion()); }
 
-}  // namespace
 }  // namespace vitkern
-
-// Schemas: see the note at the top of this file for why they are declared here.
-TORCH_LIBRARY_FRAGMENT(vitkern_C, m) {
-  // LayerNorm + Linear forward (norm1 + qkv): the contract of vitkern/ops/ln_linear.py's forward.
-  // x [M, D] fp16/bf16/fp32 (unit column stride), parameters in x's dtype, weight [N, D] (nn.Linear layout)
-  // -> (y [M, N], mean [M] fp32, rstd [M] fp32). LN kernel + one cuBLASLt GEMM (bias epilogue).
-  m.def("ln_linear_fwd(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias, float eps) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("ln_linear_fwd.out(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias, float eps, *, "
-        "Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd) -> ()");
-  // LayerNorm + MLP + layer scale + residual forward: the contract of vitkern/ops/ln_mlp.py's forward.
-  // -> (y [M, D], pre [M, H], h [M, H] ([0] each unless save_for_backward), mean [M] fp32, rstd [M] fp32).
-  // approximate: "none" (erf) | "tanh". gelu_impl: 0 auto, 1 cuBLASLt GELU epilogue (tanh only), 2 bias epilogue +
-  // GELU kernel. ls_impl: 0 auto, 1 fold γ into fc2's rows, 2 separate x + γ·y kernel. No backward kernel: the
-  // Triton/reference backward consumes (pre, h, mean, rstd).
-  m.def("ln_mlp_fwd(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
-        "Tensor fc2_weight, Tensor? fc2_bias, Tensor? layer_scale, float eps, str approximate, bool save_for_backward, "
-        "int gelu_impl=0, int ls_impl=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("ln_mlp_fwd.out(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
-        "Tensor fc2_weight, Tensor? fc2_bias, Tensor? layer_scale, float eps, str approximate, int gelu_impl=0, "
-        "int ls_impl=0, *, Tensor(a!) y, Tensor(b!)? pre, Tensor(c!)? h, Tensor(d!) mean, Tensor(e!) rstd) -> ()");
-  // Test hook (leading underscore: not API): cublasLtGetVersion() of the library the ops above call.
-  m.def("_cublaslt_version() -> int", &vitkern::cublaslt_version);
-}
 
 TORCH_LIBRARY_IMPL(vitkern_C, CUDA, m) {
   m.impl("ln_linear_fwd", &vitkern::ln_linear_fwd_cuda);

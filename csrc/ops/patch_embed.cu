@@ -24,8 +24,7 @@
 // kernels require; the padding columns are never read (k = K).
 // Numerics: one rounding of acc + bias + pos (the eager reference rounds the conv output, then the sum with pos).
 //
-// The op schema is declared here with TORCH_LIBRARY_FRAGMENT rather than in csrc/vitkern_C.cpp (where schemas
-// normally live) because vitkern_C.cpp was being edited concurrently by another change; the lead may move it.
+// Schema: csrc/vitkern_C.cpp.
 #include <cstdint>
 #include <optional>
 
@@ -296,17 +295,6 @@ at::Tensor patch_embed_fwd_meta(const at::Tensor& x, const OptTensor& norm, cons
 
 }  // namespace
 }  // namespace vitkern
-
-// Schema: see the note at the top of this file for why it is declared here.
-TORCH_LIBRARY_FRAGMENT(vitkern_C, m) {
-  // Patch embedding forward: the contract of vitkern/ops/patch_embed.py's forward (see the top of
-  // csrc/ops/patch_embed.cu). pos_impl: 0 auto, 1 pos as a batch-stride-0 C, 2 pos rows written first + in-place
-  // GEMM. No backward kernel: the Triton/reference backward runs from (x, norm, weight).
-  m.def("patch_embed_fwd(Tensor x, Tensor? norm, Tensor weight, Tensor? bias, Tensor? pos, Tensor? prefix, "
-        "bool pos_covers_prefix, int pos_impl=0) -> Tensor");
-  m.def("patch_embed_fwd.out(Tensor x, Tensor? norm, Tensor weight, Tensor? bias, Tensor? pos, Tensor? prefix, "
-        "bool pos_covers_prefix, int pos_impl=0, *, Tensor(a!) out) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(vitkern_C, CUDA, m) {
   m.impl("patch_embed_fwd", &vitkern::patch_embed_fwd_cuda);

@@ -36,6 +36,10 @@ def _check_param(name: str, arg: str, p: Tensor | None, shape: tuple[int, ...], 
 
 def _check_ln(name: str, x: Tensor, ln_weight, ln_bias, eps) -> int:
     d = _check_x(name, x)
+    widths = {p.shape[0] for p in (ln_weight, ln_bias) if isinstance(p, Tensor) and p.dim() == 1}
+    if len(widths) == 1 and d not in widths:  # the parameters agree with each other: the input is the odd one out
+        raise ValueError(f"{name}: x has shape {tuple(x.shape)}; its last dim must be the LayerNorm's width "
+                         f"{widths.pop()} (the size of ln_weight / ln_bias)")
     _check_param(name, "ln_weight", ln_weight, (d,), x)
     _check_param(name, "ln_bias", ln_bias, (d,), x)
     check_positive(name, "eps", eps)
