@@ -147,6 +147,48 @@ def test_triton_backward_is_deterministic():
     assert torch.equal(g1, g2)
 
 
+@pytest.mark.interpreter
+def test_triton_accepts_more_heads_than_grid_axis_1():
+    """ViT-B at B=8192 has B·H = 98304 > 65535 (CUDA's grid axis 1 limit): Triton takes it, forward and backward.
+    A stride-0 batch makes the big input without memory (only the choice is checked, nothing runs)."""
+    qkv = torch.empty(1, 197, 3 * 768).expand(8192, -1, -1)
+    with vitkern.use_backend("triton", op=OP, strict=False):  # not strict: a rejection shows in the choice
+        choice = vitkern.explain(attention, qkv=qkv, num_heads=12)
+    assert choice.backend_name == "triton" and choice.backward.backend_name == "triton", str(choice)
+
+
+class _GridSpy:
+    """Stands in for a @triton.jit kernel: records each launch's grid, then launches the real kernel."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("layout, B, H, pieces", [("packed", 3, 2, [4, 2]), ("bnhd", 2, 5, [4, 1, 4, 1])],
+                         ids=["batch_pieces", "head_pieces"])
+def test_triton_interpreter_splits_heads_past_the_grid_limit(monkeypatch, layout, B, H, pieces):
+    """Past the grid axis 1 limit (lowered to 4 here) the launchers run B·H in pieces: of whole samples, or of the
+    heads of one sample when H alone is over it; forward and backward still match float64 and no launch exceeds it."""
+    from vitkern.kernels.triton import attention as k
+
+    monkeypatch.setattr(k, "MAX_GRID_Y", 4)
+    grids = {}
+    for name in ("attention_fwd_kernel", "attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel",
+                 "attention_bwd_dq_kernel"):
+        monkeypatch.setattr(k, name, _GridSpy(getattr(k, name), grids.setdefault(name, [])))
+    if layout == "packed":
+        run_packed("triton", B, H, 50, 32, torch.float32, "cpu")
+    else:
+        run_separate("triton", layout, B, H, 50, 20, 32, torch.float32, "cpu")
+    for name, launched in grids.items():
+        assert [g[1] for g in launched] == pieces, name  # one forward, one backward: B·H heads each, in pieces
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("layout", ["packed", "bnhd"])
 def test_reference_backend_parity(layout, dtype):
@@ -367,6 +409,27 @@ def test_torch_compile_fullgraph_no_graph_breaks(qk_norm, backend):
     torch.testing.assert_close(gx, gx_eager)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk_norm"])
+def test_torch_compile_fullgraph_training_with_attention_dropout(qk_norm):
+    """Training with attn_drop > 0 (the eager reference path) also traces as one graph, forward and backward, and
+    equals eager: aot_eager keeps eager's RNG calls, so the same seed draws the same dropout mask."""
+    torch._dynamo.reset()
+    model = vitkern.nn.Attention(64, num_heads=2, qkv_bias=True, qk_norm=qk_norm, attn_drop=0.25).train()
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    wrt = [x, *model.parameters()]
+
+    def run(fn):
+        torch.manual_seed(0)
+        out = fn(x)
+        return out, torch.autograd.grad(out.sum(), wrt)
+
+    eager, g_eager = run(model)
+    out, g = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g, g_eager)
+    assert not torch.allclose(eager, model.eval()(x))  # the dropout did act
+
+
 def test_gpu_config_pruning_fits_tiles_to_the_sequence():
     """The autotune space (GPU only) never tiles wider than the sequence, and always keeps a config."""
     from vitkern.kernels.triton import attention as k
@@ -418,6 +481,40 @@ def test_triton_gpu_vit_shapes(dtype, B, H, N, D):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_triton_gpu_large_batch(dtype):
     run_packed("triton", 256, 12, 197, 64, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout, B, H", [("packed", 16400, 4), ("bhnd", 1, 70000)],
+                         ids=["batch_pieces", "head_pieces"])
+def test_triton_gpu_more_heads_than_grid_axis_1(layout, B, H):
+    """B·H > 65535 (CUDA's grid axis 1 limit) runs in pieces: of whole samples (65532 + 68 heads) or of the heads of
+    one sample (65535 + 4465); forward and backward against float64. N=20, D=32 keep the inputs at ~10^8 elements."""
+    if layout == "packed":
+        run_packed("triton", B, H, 20, 32, torch.bfloat16, "cuda")
+    else:
+        run_separate("triton", layout, B, H, 20, 20, 32, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_triton_gpu_vit_b_batch_8192_offsets_past_int32():
+    """ViT-B at B=8192: B·H = 98304 heads in two launches of 5461 + 2731 samples, and the first piece's last sample
+    starts 5460·197·2304 ≈ 2.5e9 > 2^31 elements into it, so only int64 batch offsets reach it. Every head is
+    computed on its own with the config tuned for (N, D), so these samples' outputs and gradients must equal, bit for
+    bit, the same samples run alone (a small batch, the shape test_triton_gpu_vit_shapes checks against float64)."""
+    B, H, N, D = 8192, 12, 197, 64
+    g = torch.Generator("cuda").manual_seed(seed_for("attn-vit-b-8192"))
+    # drawn on the GPU: 3.7e9 elements (vitkern.testing.randn draws on the CPU); ~20 GB in all with the gradients
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    dout = torch.randn(B, N, H * D, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.tensor([0, 5460, 5461, B - 1], device="cuda")  # first, last of piece 1 (past 2^31), piece 2
+    with vitkern.use_backend("triton", op=OP):
+        out = attention(qkv=qkv, num_heads=H)
+        (dqkv,) = torch.autograd.grad(out, qkv, dout)
+        alone = qkv.detach()[idx].requires_grad_()
+        out_alone = attention(qkv=alone, num_heads=H)
+        (dqkv_alone,) = torch.autograd.grad(out_alone, alone, dout[idx])
+    assert torch.equal(out[idx], out_alone)
+    assert torch.equal(dqkv[idx], dqkv_alone)
 
 
 @pytest.mark.gpu

@@ -103,14 +103,19 @@ def attention(
         num_heads: H for ``qkv=`` (optional cross-check otherwise).
         scale: softmax scale, default head_dim ** -0.5.
         dropout_p: dropout on the attention probabilities (pass 0 in eval). > 0 runs the eager reference path
-            (``vitkern.explain`` says so); the fused kernels never drop.
+            (``vitkern.explain`` says so; a strict ``use_backend`` of another backend raises, except under
+            torch.compile, where it is not consulted); the fused kernels never drop.
     Returns:
         packed: [B, N, H·D] (proj-ready); bhnd: [B, H, N_Q, D]; bnhd: [B, N_Q, H, D]. Same dtype as the input.
     """
     q, k, v, qkv = cast_inputs(q, k, v, qkv)
     layout, first, k, v, heads, views, scale, dropout_p = _prepare(q, k, v, qkv, num_heads, layout, scale, dropout_p)
     if dropout_p > 0:
-        dispatch.select(attn_op.problem(dispatch.FORWARD, *views, layout, dropout_p))  # raises if forced to triton
+        # Only the eager reference path drops. Eager asks the dispatcher anyway, so a strict use_backend("triton")
+        # raises with its reason. That reads a ContextVar, which dynamo cannot trace (a graph break), and its only
+        # answer that is not an error is this path: compiled code skips the question (whatever is forced).
+        if not torch.compiler.is_compiling():
+            dispatch.select(attn_op.problem(dispatch.FORWARD, *views, layout, dropout_p))
         o4 = attn_op.attention_eager(*views, scale, dropout_p)
         if layout == "packed":
             return o4.transpose(1, 2).reshape(first.shape[0], first.shape[1], -1)

@@ -9,6 +9,9 @@ choice per key); the configs include 32/64-row tiles because at ViT lengths (N=1
 mostly padding, and they are pruned so a tile never exceeds the next power of two of the sequence length. The
 interpreter (CPU tensors) uses one fixed small config: 16×16 tiles for N <= 64 (so N=50 spans four blocks with a
 partial tail), 32×32 beyond (so N=197 ends in a 5-row tail without timing the interpreter for minutes).
+
+Grid: (query or key blocks, B·H). Axis 1 holds at most 65535 programs on CUDA, so a call with more heads in all (ViT-B
+at B=8192 has B·H = 98304) is launched in pieces of whole samples (see :func:`_bh_pieces`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from vitkern.kernels.triton.attention_fwd import attention_fwd_kernel
 
 LOG2E = 1.4426950408889634
 MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2^31 - 1)
 
 
 def block_d(head_dim: int) -> int:
@@ -86,6 +90,30 @@ def _launch(name: str, kernel, t: torch.Tensor, grid_rows: int, b_h: int, args, 
         _tuned(name)[lambda cfg: (triton.cdiv(grid_rows, cfg[axis0]), b_h)](*args, **meta)
 
 
+def _bh_pieces(*ts: torch.Tensor):
+    """The [B, H, ...] tensors ``ts`` as they are, or, when B·H > MAX_GRID_Y, in pieces along B (then H) of at most
+    MAX_GRID_Y heads each, so B·H can stay on grid axis 1.
+
+    Why pieces and not a 1-D grid: the kernels, their grid order (the blocks of one head run back to back and share
+    its K/V in L2) and their compiled variants stay exactly as tested; it costs one launch per 65535 heads (2 at
+    ViT-B B=8192, against milliseconds of work each). A piece is a view: torch moves the base pointer (64-bit), the
+    strides are unchanged, and the kernels already form b·stride_b and bh·N_Q in int64 (b·stride_b passes 2^31 at
+    these batch sizes). A single sample with more than MAX_GRID_Y heads is cut along H, one sample per piece: the
+    kernels' bh·N_Q row of the contiguous lse/delta then stays inside the piece's sample.
+    """
+    B, H = ts[0].shape[:2]
+    if B * H <= MAX_GRID_Y:
+        yield ts
+        return
+    if H > MAX_GRID_Y:
+        cuts = [(slice(b, b + 1), slice(h, h + MAX_GRID_Y)) for b in range(B) for h in range(0, H, MAX_GRID_Y)]
+    else:
+        step = MAX_GRID_Y // H
+        cuts = [(slice(b, b + step), slice(None)) for b in range(0, B, step)]
+    for bs, hs in cuts:
+        yield tuple(t[bs, hs] for t in ts)
+
+
 def attention_fwd(
     q: torch.Tensor,  # [B, H, N_Q, D] view
     k: torch.Tensor,  # [B, H, N_K, D] view
@@ -94,11 +122,12 @@ def attention_fwd(
     o: torch.Tensor,  # [B, H, N_Q, D] view, out
     lse: torch.Tensor,  # [B, H, N_Q] fp32 contiguous, out (natural-log logsumexp of the scaled logits)
 ) -> None:
-    B, H, nq, D = q.shape
-    nk = k.shape[2]
-    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, nq, nk, scale * LOG2E)
-    _launch("fwd", attention_fwd_kernel, q, nq, B * H, args, HEAD_DIM=D, BLOCK_D=block_d(D),
-            PRECISION=_precision(q.dtype), N_TILE_HINT=max(nq, nk))
+    nq, D, nk = q.shape[2], q.shape[3], k.shape[2]
+    for q, k, v, o, lse in _bh_pieces(q, k, v, o, lse):
+        B, H = q.shape[:2]
+        args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, nq, nk, scale * LOG2E)
+        _launch("fwd", attention_fwd_kernel, q, nq, B * H, args, HEAD_DIM=D, BLOCK_D=block_d(D),
+                PRECISION=_precision(q.dtype), N_TILE_HINT=max(nq, nk))
 
 
 def attention_bwd(
@@ -111,16 +140,17 @@ def attention_bwd(
 ) -> None:
     from vitkern import memory
 
-    B, H, nq, D = q.shape
-    nk = k.shape[2]
+    nq, D, nk = q.shape[2], q.shape[3], k.shape[2]
     bd = block_d(D)
-    delta = memory.empty((B, H, nq), torch.float32, q.device)
+    delta = memory.empty(q.shape[:3], torch.float32, q.device)
     delta_block = MIN_BLOCK if _interpreted(q) else 64
-    attention_bwd_delta_kernel[(triton.cdiv(nq, delta_block), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, nq, HEAD_DIM=D, BLOCK_M=delta_block, BLOCK_D=bd)
-    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     meta = dict(HEAD_DIM=D, BLOCK_D=bd, PRECISION=_precision(q.dtype), N_TILE_HINT=max(nq, nk))
-    _launch("dkdv", attention_bwd_dkdv_kernel, q, nk, B * H,
-            (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), H, nq, nk, scale), **meta)
-    _launch("dq", attention_bwd_dq_kernel, q, nq, B * H,
-            (q, k, v, do, lse, delta, dq, *common, *dq.stride(), H, nq, nk, scale), **meta)
+    for do, q, k, v, o, lse, delta, dq, dk, dv in _bh_pieces(do, q, k, v, o, lse, delta, dq, dk, dv):
+        B, H = q.shape[:2]
+        attention_bwd_delta_kernel[(triton.cdiv(nq, delta_block), B * H)](
+            o, do, delta, *o.stride(), *do.stride(), H, nq, HEAD_DIM=D, BLOCK_M=delta_block, BLOCK_D=bd)
+        common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+        _launch("dkdv", attention_bwd_dkdv_kernel, q, nk, B * H,
+                (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), H, nq, nk, scale), **meta)
+        _launch("dq", attention_bwd_dq_kernel, q, nq, B * H,
+                (q, k, v, do, lse, delta, dq, *common, *dq.stride(), H, nq, nk, scale), **meta)
