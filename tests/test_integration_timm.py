@@ -7,6 +7,7 @@ the interpreter in test_optimized_models_run_triton_kernels and in each op famil
 """
 
 import copy
+import functools
 
 import pytest
 import timm
@@ -152,6 +153,27 @@ def test_fused_patch_embed_follows_the_vits_parameters():
         assert type(twin.patch_embed).__module__.startswith("timm") and twin.patch_embed.patch_size == (12, 12)
         torch.testing.assert_close(logits_of(twin(x48)), expect, atol=0, rtol=0)
         torch.testing.assert_close(logits_of(model(x48)), expect, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_layer", [None, "vitkern"])
+def test_timm_builds_fused_blocks_through_block_fn(norm_layer):
+    """timm's layer injection: block_fn=vitkern.nn.ViTBlock (and norm_layer=vitkern.nn.LayerNorm) build a model
+    with timm's state_dict keys that computes what the plain timm model computes with the same weights."""
+    kw = dict(VIT_TINY, qk_norm=True, init_values=0.1)
+    if norm_layer:  # timm's ViT default is LayerNorm(eps=1e-6): a norm_layer must say so too
+        kw["norm_layer"] = functools.partial(vitkern.nn.LayerNorm, eps=1e-6)
+    fused = timm.create_model("vit_tiny_patch16_224", pretrained=False, block_fn=vitkern.nn.ViTBlock, **kw).eval()
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_TINY, qk_norm=True,
+                              init_values=0.1).eval()
+    assert all(type(b) is vitkern.nn.ViTBlock and b.fuse_ln_qkv and b.fuse_mlp for b in fused.blocks)
+    assert (type(fused.norm) is vitkern.nn.LayerNorm) == bool(norm_layer)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    randomize_(plain, seed_for("block_fn"))
+    fused.load_state_dict(plain.state_dict())
+    check = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed_for("block_fn", "x")))
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(check.double())
+        assert_close("block_fn logits", fused(check), ref64, plain(check), Tolerance(k=2))
 
 
 def test_optimize_twice_and_restore_once():

@@ -70,11 +70,21 @@ def mlp_fusion_blocker(block: nn.Module) -> Optional[str]:
 
 
 class ViTBlock(nn.Module):
-    """A timm ``Block`` whose forward runs the fused ops; build it with :meth:`from_timm` (shares parameters)."""
+    """A timm ``Block`` whose forward runs the fused ops.
 
-    def __init__(self) -> None:  # use from_timm(); a block is always built around existing submodules
+    Two ways in: :meth:`from_timm` wraps an existing block (shares its parameters), and the constructor takes timm
+    ``Block``'s own arguments (``dim, num_heads, mlp_ratio, qkv_bias, qk_norm, init_values, ...``), so
+    ``timm.create_model(name, block_fn=vitkern.nn.ViTBlock)`` builds a fused ViT directly (timm's block is built
+    with those arguments, then taken over).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__()
         self.fuse_ln_qkv = self.fuse_mlp = False
+        if args or kwargs:  # timm's Block signature (timm's block_fn): build timm's block and take it over
+            from timm.models.vision_transformer import Block
+
+            self._take_over(Block(*args, **kwargs))
 
     @classmethod
     def from_timm(cls, block: nn.Module, attention: bool = True, ln_mlp: bool = True,
@@ -83,17 +93,21 @@ class ViTBlock(nn.Module):
         ``attention`` swaps ``attn`` for ``vitkern.nn.Attention``, ``ln_mlp`` fuses norm1+qkv and norm2+mlp,
         ``layer_norm`` swaps norms left unfused for ``vitkern.nn.LayerNorm``."""
         new = cls()
-        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
-            setattr(new, name, getattr(block, name, None) or nn.Identity())
-        if attention and swappable_attention(new.attn):
-            new.attn = Attention.from_timm(new.attn)
-        if layer_norm:
-            new.norm1, new.norm2 = LayerNorm.swap_in(new.norm1), LayerNorm.swap_in(new.norm2)
-        new.fuse_ln_qkv = (ln_mlp and isinstance(new.attn, Attention) and new.attn.gate is None
-                           and _is_plain_layer_norm(new.norm1))
-        new.fuse_mlp = ln_mlp and mlp_fusion_blocker(new) is None
-        new.train(block.training)
+        new._take_over(block, attention, ln_mlp, layer_norm)
         return new
+
+    def _take_over(self, block: nn.Module, attention: bool = True, ln_mlp: bool = True,
+                   layer_norm: bool = True) -> None:
+        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+            setattr(self, name, getattr(block, name, None) or nn.Identity())
+        if attention and swappable_attention(self.attn):
+            self.attn = Attention.from_timm(self.attn)
+        if layer_norm:
+            self.norm1, self.norm2 = LayerNorm.swap_in(self.norm1), LayerNorm.swap_in(self.norm2)
+        self.fuse_ln_qkv = (ln_mlp and isinstance(self.attn, Attention) and self.attn.gate is None
+                            and _is_plain_layer_norm(self.norm1))
+        self.fuse_mlp = ln_mlp and mlp_fusion_blocker(self) is None
+        self.train(block.training)
 
     @property
     def vitkern_ops(self) -> tuple[str, ...]:  # type: ignore[override]
