@@ -118,7 +118,7 @@ MLP_CASES = [  # rows, dim, hidden, dtype, layer scale, GELU approximation, grad
     (5, 384, 1536, FP16, True, "none", True),
     (394, 192, 768, FP16, True, "none", True),
     (394, 192, 200, FP32, False, "tanh", True),
-    (5, 768, 3072, FP32, True, "none", False),
+    (5, 768, 3072, FP32, True, "none", True),  # ViT-B width: gradients too
     (5, 768, 3072, FP16, False, "tanh", False),
 ]
 
@@ -131,7 +131,8 @@ def test_ln_mlp_interpreter_vs_timm(rows, dim, hidden, dtype, layer_scale, appro
     run_mlp_parity(rows, dim, hidden, dtype, "cpu", layer_scale, approximate, grads)
 
 
-LINEAR_CASES = [(5, 192, FP32, True), (1, 192, FP16, False), (394, 192, FP16, True), (5, 384, FP32, True)]
+LINEAR_CASES = [(5, 192, FP32, True), (1, 192, FP16, False), (394, 192, FP16, True), (5, 384, FP32, True),
+                (5, 768, FP16, True)]
 
 
 @pytest.mark.interpreter
