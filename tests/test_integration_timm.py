@@ -93,8 +93,9 @@ def test_bad_options_raise_clear_errors():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_TINY)
     with pytest.raises(TypeError, match="attention must be True or False"):
         vitkern.optimize(model, attention="yes")
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        vitkern.optimize(model, flash=True)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['flash', 'layernorm'\]; the op-family switches are "
+                                        "layer_norm, attention, ln_mlp, patch_embed, window_attention"):
+        vitkern.optimize(model, flash=True, layernorm=False)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         vitkern.optimize(timm)
 
@@ -188,16 +189,23 @@ def test_optimize_twice_and_restore_once():
     torch.testing.assert_close(model(x), before, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["vit", "swin"])
+@pytest.mark.parametrize("case", list(TIMM_CASES))
 def test_optimized_model_compiles_without_graph_breaks(case):
+    """Every variant traces as one graph, forward and (aot_eager) backward."""
     name, kwargs = TIMM_CASES[case]
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for("compile", case)).eval()
     vitkern.optimize(model)
     x = _input(model, case)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: any graph break raises
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    if case in ("vit_qknorm_ls_reg", "swin"):  # backward through the custom ops' autograd, traced by AOTAutograd
+        torch._dynamo.reset()
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        torch.compile(model, fullgraph=True, backend="aot_eager")(xs[0]).sum().backward()
+        model(xs[1]).sum().backward()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_maps_equal_the_reference_models():

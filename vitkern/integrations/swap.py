@@ -147,13 +147,16 @@ def _model_device(model: nn.Module) -> str:
 
 
 def optimize(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, ln_mlp: bool = True,
-             patch_embed: bool = True, window_attention: bool = True) -> SwapReport:
+             patch_embed: bool = True, window_attention: bool = True, **unknown: object) -> SwapReport:
     """Replace supported submodules of ``model`` in place with vitkern modules; undo with :func:`restore`.
 
     Each keyword switches one op family on or off. Parameters, buffers and state_dict keys are unchanged (the new
     modules share the original tensors). Returns a :class:`SwapReport`: what was swapped (with the backend each op
     prefers on the model's device), and what was left and why.
     """
+    if unknown:  # name the switches that exist (a typo must not read as "switched off")
+        raise TypeError(f"vitkern.optimize: unknown option(s) {sorted(unknown)}; the op-family switches are "
+                        f"{', '.join(FAMILIES)} (True / False)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"vitkern.optimize: model must be a torch.nn.Module, got {type(model).__name__}")
     options = SwapOptions(layer_norm=layer_norm, attention=attention, ln_mlp=ln_mlp, patch_embed=patch_embed,
