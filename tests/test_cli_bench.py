@@ -240,6 +240,10 @@ def test_bench_cpu_smoke_writes_json_svg_and_table(tmp_path, capsys):
     assert len(svg.findall(f"{ns}polyline")) == 2  # eager and vitkern, two batch sizes each
     assert {t.text for t in svg.findall(f"{ns}text")} >= {"eager", "vitkern", "1", "2", "batch size"}
     assert str(out / "throughput.svg") in printed and "wrote:" in printed
+    from PIL import Image
+
+    with Image.open(out / "throughput.png") as png:  # matplotlib's or Pillow's: a real image of the chart's size
+        assert png.format == "PNG" and png.size[0] >= 600 and len(set(png.convert("RGB").getdata())) > 3
 
 
 @pytest.mark.skipif(CUDA, reason="CPU smoke mode")
@@ -249,6 +253,19 @@ def test_bench_cpu_smoke_training_step(tmp_path, capsys):
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [r["direction"] for r in rows] == ["fwd+bwd+adamw"] * 2
     assert all(r["status"] == "ok" for r in rows) and rows[1]["correct"] is True  # same loss as eager
+
+
+def test_throughput_png_with_pillow_draws_every_series(tmp_path):
+    from PIL import Image
+
+    from vitkern.cli_bench import COLORS, throughput_png
+
+    data = {"eager": [(64, 5000.0), (128, 5600.0)], "vitkern": [(64, 7000.0), (128, 8100.0)]}
+    assert throughput_png(data, "vit_b bf16", tmp_path / "t.png")
+    with Image.open(tmp_path / "t.png") as png:
+        colors = set(png.convert("RGB").getdata())
+    for hex_color in COLORS[:2]:  # both lines (and their legend boxes) are drawn
+        assert tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5)) in colors
 
 
 def test_throughput_svg_ticks_and_single_points():

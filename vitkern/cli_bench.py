@@ -2,7 +2,7 @@
 
 Prints a table (ms, img/s, speedup vs eager and vs compile, peak memory), writes ``bench.json`` / ``bench.csv``
 (the benchmark harness's format and metadata), ``throughput.svg`` (always; written here, no dependency) and
-``throughput.png`` (when matplotlib is importable) into a results folder. The measuring is the end-to-end model
+``throughput.png`` (matplotlib, else Pillow) into a results folder. The measuring is the end-to-end model
 benchmark's (``benchmarks/bench_models.py``: providers, training step, peak memory) on the shared harness
 (``triton.testing.do_bench`` medians with CUDA events), so it needs the repository's ``benchmarks/`` package.
 
@@ -13,6 +13,7 @@ smoke run (wall clock, a few iterations, results marked "cpu smoke, not a measur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import importlib
 import math
@@ -216,19 +217,38 @@ def series(rows: Sequence[Any]) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+@dataclasses.dataclass
+class _Chart:
+    """Geometry shared by the SVG and the PNG: canvas, margins, batch x positions and the 1-2-5 y ticks."""
+
+    data: dict[str, list[tuple[int, float]]]
+    W: int = 640
+    H: int = 400
+    L: int = 70
+    R: int = 150
+    T: int = 40
+    B: int = 50
+
+    def __post_init__(self) -> None:
+        self.batches = sorted({b for pts in self.data.values() for b, _ in pts})
+        top = max([v for pts in self.data.values() for _, v in pts] or [1.0])
+        self.step = next(m * 10 ** e for e in range(-3, 10) for m in (1, 2, 5) if m * 10 ** e * 6 >= top)
+        self.ticks = int(math.ceil(top / self.step))
+        self.ymax = self.step * self.ticks
+        n = max(len(self.batches), 1)
+        self.x = {b: self.L + (self.W - self.L - self.R) * (i + 0.5) / n for i, b in enumerate(self.batches)}
+
+    def y(self, v: float) -> float:
+        return self.T + (self.H - self.T - self.B) * (1 - v / self.ymax)
+
+    def tick_label(self, i: int) -> str:
+        return f"{self.step * i:,.{0 if self.step >= 1 else 3}f}"
+
+
 def throughput_svg(data: dict[str, list[tuple[int, float]]], title: str) -> str:
     """A small line chart (img/s vs batch size, one line per mode), as SVG text; batches evenly spaced."""
-    W, H, L, R, T, B = 640, 400, 70, 150, 40, 50
-    batches = sorted({b for pts in data.values() for b, _ in pts})
-    top = max([v for pts in data.values() for _, v in pts] or [1.0])
-    step = next(m * 10 ** e for e in range(-3, 10) for m in (1, 2, 5) if m * 10 ** e * 6 >= top)  # 1-2-5 ticks
-    ticks = int(math.ceil(top / step))
-    ymax = step * ticks
-    x = {b: L + (W - L - R) * (i + 0.5) / max(len(batches), 1) for i, b in enumerate(batches)}
-
-    def y(v: float) -> float:
-        return T + (H - T - B) * (1 - v / ymax)
-
+    c = _Chart(data)
+    W, H, L, R, T, B, x, y = c.W, c.H, c.L, c.R, c.T, c.B, c.x, c.y
     e = html.escape
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
            'font-family="sans-serif" font-size="12">', f'<rect width="{W}" height="{H}" fill="white"/>',
@@ -238,38 +258,74 @@ def throughput_svg(data: dict[str, list[tuple[int, float]]], title: str) -> str:
            f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">batch size</text>',
            f'<text x="16" y="{(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 16 {(T + H - B) / 2})">'
            'images / s</text>']
-    for i in range(ticks + 1):
-        v = step * i
+    for i in range(c.ticks + 1):
+        v = c.step * i
         out.append(f'<line x1="{L - 4}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{L - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{v:,.{0 if step >= 1 else 3}f}</text>')
-    for b in batches:
+        out.append(f'<text x="{L - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{c.tick_label(i)}</text>')
+    for b in c.batches:
         out.append(f'<text x="{x[b]:.1f}" y="{H - B + 16}" text-anchor="middle">{b}</text>')
     for k, (mode, pts) in enumerate(data.items()):
-        c = COLORS[k % len(COLORS)]
+        col = COLORS[k % len(COLORS)]
         if len(pts) > 1:
             path = " ".join(f"{x[b]:.1f},{y(v):.1f}" for b, v in pts)
-            out.append(f'<polyline points="{path}" fill="none" stroke="{c}" stroke-width="2"/>')
-        out += [f'<circle cx="{x[b]:.1f}" cy="{y(v):.1f}" r="4" fill="{c}"><title>{e(mode)} B={b}: {v:,.0f} img/s'
+            out.append(f'<polyline points="{path}" fill="none" stroke="{col}" stroke-width="2"/>')
+        out += [f'<circle cx="{x[b]:.1f}" cy="{y(v):.1f}" r="4" fill="{col}"><title>{e(mode)} B={b}: {v:,.0f} img/s'
                 '</title></circle>' for b, v in pts]
         ly = T + 10 + 20 * k
-        out.append(f'<rect x="{W - R + 15}" y="{ly - 9}" width="12" height="12" fill="{c}"/>')
+        out.append(f'<rect x="{W - R + 15}" y="{ly - 9}" width="12" height="12" fill="{col}"/>')
         out.append(f'<text x="{W - R + 32}" y="{ly + 2}">{e(mode)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
+def throughput_png(data: dict[str, list[tuple[int, float]]], title: str, path: Path) -> bool:
+    """The same chart as a PNG drawn with Pillow (a torchvision dependency, so present wherever the models are);
+    False when Pillow is missing."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        return False
+    c = _Chart(data)
+    W, H, L, R, T, B, x, y = c.W, c.H, c.L, c.R, c.T, c.B, c.x, c.y
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((W / 2, 12), title, fill="black", anchor="mt")
+    for i in range(c.ticks + 1):
+        v = c.step * i
+        d.line([(L - 4, y(v)), (W - R, y(v))], fill="#dddddd")
+        d.text((L - 8, y(v)), c.tick_label(i), fill="black", anchor="rm")
+    d.line([(L, H - B), (W - R, H - B)], fill="black")
+    d.line([(L, T), (L, H - B)], fill="black")
+    d.text(((L + W - R) / 2, H - 12), "batch size", fill="black", anchor="mm")
+    d.text((8, T - 14), "images / s", fill="black", anchor="lm")
+    for b in c.batches:
+        d.text((x[b], H - B + 10), str(b), fill="black", anchor="mt")
+    for k, (mode, pts) in enumerate(data.items()):
+        col = COLORS[k % len(COLORS)]
+        if len(pts) > 1:
+            d.line([(x[b], y(v)) for b, v in pts], fill=col, width=2)
+        for b, v in pts:
+            d.ellipse([x[b] - 4, y(v) - 4, x[b] + 4, y(v) + 4], fill=col)
+        ly = T + 10 + 20 * k
+        d.rectangle([W - R + 15, ly - 9, W - R + 27, ly + 3], fill=col)
+        d.text((W - R + 32, ly - 3), mode, fill="black", anchor="lm")
+    img.save(path)
+    return True
+
+
 def write_plots(out: Path, rows: Sequence[Any], title: str) -> list[Path]:
+    """throughput.svg, and throughput.png (matplotlib when importable, else Pillow)."""
     data = series(rows)
     svg = Path(out) / "throughput.svg"
     svg.write_text(throughput_svg(data, title))
-    written = [svg]
+    png = Path(out) / "throughput.png"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return written
+        return [svg] + ([png] if throughput_png(data, title, png) else [])
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for mode, pts in data.items():
         ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=mode)
@@ -277,7 +333,7 @@ def write_plots(out: Path, rows: Sequence[Any], title: str) -> list[Path]:
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
-    png = Path(out) / "throughput.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    return written + [png]
+    return [svg, png]
+
