@@ -9,6 +9,7 @@ same math in another order: see TIMM_REL_TOL.
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vitkern
 from vitkern.functional.window_attention import window_attention
@@ -88,6 +89,9 @@ BLOCK_CASES = [
     (1, (14, 14), 7, 3, 1, 32, torch.float32),  # Swin ws 7 (N = 49, BLOCK 64), 2 x 2 windows
     (1, (6, 10), 7, 3, 3, 16, torch.float32),  # window >= map on H only: window (6, 7), shift (0, 3), pad W
     (2, (5, 4), 7, 3, 1, 32, torch.float16),  # window >= map on both axes: one window, no shift
+    (1, (6, 5), 2, 0, 2, 16, torch.float32),  # ws 2, no shift, padding on W
+    (2, (8, 8), 4, 0, 3, 16, torch.float16),  # ws 4, no shift, divisible, fp16
+    (1, (9, 15), 7, 0, 2, 16, torch.float32),  # ws 7, no shift, padding on both axes (2 x 3 windows)
 ]
 
 BLOCK_IDS = [f"{r[0]}x{r[1]}-ws{w}-s{s}-h{h}-d{d}-{str(t)[6:]}" for _, r, w, s, h, d, t in BLOCK_CASES]
@@ -282,6 +286,79 @@ def test_matches_hf_swin_layer(backend, res, ws, shift):
     assert (got - expected).abs().max() <= TIMM_REL_TOL * expected.abs().max()
 
 
+def _table_rows(window, ws):
+    """Row of the (2ws-1)² table that holds each entry of a ``window`` table: the same (dy, dx) offset."""
+    h, w = window
+    i = torch.arange((2 * h - 1) * (2 * w - 1))
+    dy, dx = i // (2 * w - 1) - (h - 1), i % (2 * w - 1) - (w - 1)
+    return (dy + ws - 1) * (2 * ws - 1) + dx + ws - 1
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("res,ws,shift,always_partition", [
+    ((7, 7), 7, 3, False),  # map == window: timm keeps window 7, drops the shift
+    ((4, 4), 4, 2, False),  # the same at ws 4
+    ((5, 4), 7, 3, False),  # map < window on both axes: one 5x4 window, no shift
+    ((6, 10), 7, 3, False),  # on H only: window (6, 7), shift (0, 3), W padded
+    ((5, 4), 7, 3, True),  # always_partition: window 7 and shift 3 kept, the map padded up to 7x7
+], ids=["7x7-ws7", "4x4-ws4", "5x4-ws7", "6x10-ws7", "5x4-ws7-always_partition"])
+def test_module_on_map_within_window_matches_timm_block(backend, res, ws, shift, always_partition):
+    """ShiftedWindowAttention built directly (no block) equals timm's SwinTransformerBlock built for that map: the
+    window shrinks to the map and the shift is dropped where the map is no larger than the window. timm's block
+    owns a table for its clamped window; it gets our entries of the same offsets (computed here independently of
+    ShiftedWindowAttention.table_for), and our table's gradient must be its gradient there and zero elsewhere."""
+    heads = 2
+    block = timm_swin.SwinTransformerBlock(20, res, heads, head_dim=16, window_size=ws, shift_size=shift,
+                                           always_partition=always_partition).eval()
+    mine = ShiftedWindowAttention(20, heads, head_dim=16, window_size=ws, shift_size=shift,
+                                  always_partition=always_partition)
+    assert mine.window_and_shift_for(*res) == (tuple(block.window_size), tuple(block.shift_size))
+    seed = seed_for("timm-direct", res, ws, shift, always_partition)
+    with torch.no_grad():
+        for i, name in enumerate(["qkv.weight", "qkv.bias", "proj.weight", "proj.bias"]):
+            p = mine.get_parameter(name)
+            p.copy_(randn(p.shape, dtype=torch.float32, device="cpu", seed=seed + i, scale=p.shape[-1] ** -0.5))
+            block.attn.get_parameter(name).copy_(p)
+        mine.relative_position_bias_table.copy_(randn(mine.relative_position_bias_table.shape, dtype=torch.float32,
+                                                      device="cpu", seed=seed + 4))  # O(1): a wrong entry shows
+        rows = _table_rows(tuple(block.window_size), ws)
+        block.attn.relative_position_bias_table.copy_(mine.relative_position_bias_table[rows])
+    x = randn((2, *res, 20), dtype=torch.float32, device="cpu", seed=seed + 5).requires_grad_()
+    dy = randn((2, *res, 20), dtype=torch.float32, device="cpu", seed=seed + 6)
+    names = ["x"] + [n for n, _ in mine.named_parameters()]
+    assert names[1:] == [n for n, _ in block.attn.named_parameters()]
+    expected = block._attn(x)
+    g_expected = torch.autograd.grad(expected, [x, *block.attn.parameters()], dy)
+    with vitkern.use_backend(backend, op=OP):
+        got = mine(x)
+        g_got = list(torch.autograd.grad(got, [x, *mine.parameters()], dy))
+    t = names.index("relative_position_bias_table")
+    outside = torch.ones(g_got[t].shape[0], dtype=torch.bool)
+    outside[rows] = False
+    # offsets the clamped window does not have get no gradient; the others compare with timm's table gradient
+    assert torch.equal(g_got[t][outside], torch.zeros_like(g_got[t][outside]))
+    g_got[t] = g_got[t][rows]
+    _assert_rel_close(["out"] + names, [got, *g_got], [expected, *g_expected])
+
+
+def test_attention_maps_path_clamps_like_the_kernel():
+    """The eager (attention-maps) path uses the same clamped window, table slice and shift as the fused call."""
+    mine = ShiftedWindowAttention(20, 2, head_dim=16, window_size=7, shift_size=3)
+    with torch.no_grad():  # O(1) table so a wrong slice shows
+        table = mine.relative_position_bias_table
+        table.copy_(randn(table.shape, dtype=torch.float32, device="cpu", seed=seed_for("maps-clamp")))
+    for res in [(5, 4), (6, 10)]:
+        x = randn((2, *res, 20), dtype=torch.float32, device="cpu", seed=seed_for("maps-clamp", res))
+        with torch.no_grad():
+            fused = mine(x)
+            with vitkern.nn.attention_maps(mine) as maps:
+                eager = mine(x)
+        (window, _), (probs,) = mine.window_and_shift_for(*res), maps[""]
+        n_windows = 2 * -(-res[0] // window[0]) * -(-res[1] // window[1])
+        assert probs.shape == (n_windows, 2, window[0] * window[1], window[0] * window[1])
+        _assert_rel_close(["out"], [eager], [fused])
+
+
 def test_shifted_module_state_dict_matches_timm_attention():
     timm_attn = _timm_block((8, 8), 4, 2, 2, 16, seed=4).attn
     mine = ShiftedWindowAttention(20, 2, head_dim=16, window_size=4, shift_size=2)
@@ -353,6 +430,55 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.vitkern.window_attention_bwd.default,
                           (torch.randn_like(out), qkv.detach(), bias.detach(), table.detach(), out, lse, 2, [4, 4],
                            [2, 2], 0.25, -100.0, False, True, True))
+
+
+def _layout(t):
+    """What a compiled graph checks of a custom op's output against its fake impl (inductor's assert_size_stride):
+    size, dtype and the strides of dims longer than 1."""
+    return tuple(t.shape), t.dtype, tuple(st for n, st in zip(t.shape, t.stride()) if n > 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_custom_op_outputs_have_the_fake_impl_strides(backend):
+    """Every output of window_attention_fwd/bwd, on each backend, has the layout its fake impl promises (opcheck
+    compares strides on CUDA tensors only, so it passed a transposed table gradient on CPU). heads = 2: with one
+    head a transposed [T, 1] gradient has the contiguous strides."""
+    for res, bias, dtype in [((5, 6), True, torch.float32), ((8, 8), False, torch.float16)]:  # padded / divisible
+        inputs, seed = _functional_case(1, res, (4, 4), (2, 2), 2, 16, dtype, "cpu", bias, seed_key=("strides",))
+        fwd_args = (inputs["qkv"], inputs["qkv_bias"], inputs["table"], 2, [4, 4], [2, 2], 0.25, -100.0, False)
+        with vitkern.use_backend(backend, op=OP):
+            out, lse = torch.ops.vitkern.window_attention_fwd(*fwd_args)
+            dout = randn(out.shape, dtype=dtype, device="cpu", seed=seed + 3)
+            calls = [(torch.ops.vitkern.window_attention_fwd, fwd_args, (out, lse))]
+            for need in (True, False):
+                args = (dout, *fwd_args[:3], out, lse, *fwd_args[3:], need, need)
+                calls.append((torch.ops.vitkern.window_attention_bwd, args,
+                              torch.ops.vitkern.window_attention_bwd(*args)))
+        for op, args, real in calls:
+            with FakeTensorMode() as mode:
+                fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+            assert [_layout(t) for t in real] == [_layout(t) for t in fake], (op, res)
+
+
+def test_inductor_compiled_backward_matches_eager():
+    """The default torch.compile backend (inductor) checks the real output strides of the backward op against its
+    fake impl: the table gradient once came back transposed and failed there. The functional alone, reference
+    backend (the modules' linears would add ~30 s of C++ compilation on CPU for nothing the op does)."""
+    torch._dynamo.reset()
+    inputs, seed = _functional_case(1, (3, 5), (2, 2), (1, 1), 2, 8, torch.float32, "cpu", seed_key=("inductor",))
+    leaves = [inputs[k].requires_grad_() for k in ("qkv", "table", "qkv_bias")]  # padded + shifted: all three
+    dy = randn((1, 3, 5, 16), dtype=torch.float32, device="cpu", seed=seed + 3)
+
+    def f(qkv, table, qkv_bias):
+        return window_attention(qkv, table, 2, 2, 1, qkv_bias=qkv_bias)
+
+    with vitkern.use_backend("reference", op=OP):
+        eager = f(*leaves)
+        g_eager = torch.autograd.grad(eager, leaves, dy)
+        out = torch.compile(f, fullgraph=True)(*leaves)
+        g_out = torch.autograd.grad(out, leaves, dy)
+    # default fp32 tolerances: the op runs the same reference backend inside the graph, inductor only the copies
+    torch.testing.assert_close([out, *g_out], [eager, *g_eager])
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])

@@ -67,7 +67,9 @@ def window_attention(
     to a window multiple *after* the roll, partition, softmax(q kᵀ·scale + relative position bias + shift mask) v,
     reverse, crop, roll back. Padded tokens are zeros before the qkv linear, so pass the linear's bias as
     ``qkv_bias`` (their q/k/v; zeros if None). ``window_size``/``shift_size`` are used as given: clamp them like
-    timm first (``vitkern.reference.swin.clamp_window_and_shift``) when the window may exceed the map.
+    timm first (``vitkern.reference.swin.clamp_window_and_shift``) when the window may exceed the map, with a table
+    for the clamped window (``vitkern.nn.ShiftedWindowAttention`` does both per call: ``window_and_shift_for``,
+    ``table_for``).
     ``mask_value`` is added between tokens of different shift regions (Swin's -100, or float('-inf')).
     ``scale`` defaults to head_dim ** -0.5. Gradients flow to qkv, the table and qkv_bias.
     ``pad_first=True`` gives torchvision's and HF's order instead: pad, then roll the padded map (they differ from

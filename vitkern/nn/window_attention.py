@@ -119,46 +119,67 @@ class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
 
     ``forward(x)`` equals timm's ``SwinTransformerBlock._attn(x)`` (x already normed): timm's roll-then-pad order,
     padded tokens attended with q/k/v = the qkv bias, shift-mask regions laid out on the padded size,
-    ``mask_value`` (-100 as Swin, or float('-inf')) across regions. ``window_size``/``shift_size`` are used as
-    given (timm's block clamps them to the feature map at construction: :meth:`from_timm_block` takes those).
+    ``mask_value`` (-100 as Swin, or float('-inf')) across regions.
+
+    Window and shift per call (:meth:`window_and_shift_for`), as timm's block built for that map would use them
+    (``_calc_window_shift``): on an axis where the map is no larger than the window, the window shrinks to the map
+    and is not shifted; its bias table is the slice of ours for the offsets it has (timm's block would own a table
+    of that size). So ``ShiftedWindowAttention(window_size=7, shift_size=3)`` on a 7x7 map runs one unshifted 7x7
+    window, on a 5x4 map one unshifted 5x4 window. ``always_partition=True`` (timm's flag) uses the window and shift
+    as given on every map instead: padded up to the window, and rolled. :meth:`from_timm_block` takes the block's
+    own (already clamped) window and shift as given, as its ``_attn`` uses them whatever the map size.
+    ``pad_first=True`` (torchvision's order, :meth:`from_torchvision`) follows torchvision's rule: the window is
+    kept and the shift dropped on an axis the window covers.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None, window_size=7, shift_size=0,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 mask_value: float = SWIN_MASK_VALUE, pad_first: bool = False, device=None, dtype=None):
+                 mask_value: float = SWIN_MASK_VALUE, pad_first: bool = False, always_partition: bool = False,
+                 device=None, dtype=None):
         super().__init__(dim, num_heads, head_dim, window_size, qkv_bias, attn_drop, proj_drop, device, dtype)
         self.shift_size = _pair(shift_size)
         self.mask_value = mask_value
         self.pad_first = pad_first
+        self.always_partition = always_partition
 
     def forward(self, x: Tensor) -> Tensor:
         return self.project(self.attend(self.qkv(x)))
 
-    def shift_for(self, height: int, width: int) -> tuple[int, int]:
-        """The shift applied to an [height, width] map (torchvision drops it on an axis that is one window)."""
-        if not self.pad_first:
-            return self.shift_size
-        return tuple(0 if length <= w else s  # type: ignore[return-value]
-                     for length, w, s in zip((height, width), self.window_size, self.shift_size))
+    def window_and_shift_for(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The (window, shift) applied to an [height, width] map (see the class docstring)."""
+        if self.pad_first:  # torchvision: the window stays (the map is padded up to it), the shift goes
+            return self.window_size, tuple(0 if length <= w else s  # type: ignore[return-value]
+                                           for length, w, s in zip((height, width), self.window_size, self.shift_size))
+        if self.always_partition:
+            return self.window_size, self.shift_size
+        return ref_swin.clamp_window_and_shift((height, width), self.window_size, self.shift_size)
+
+    def table_for(self, window: tuple[int, int]) -> Tensor:
+        """The bias table of ``window`` (ours, or a window clamped to the map): our entries for the offsets it has
+        (row dy + wh - 1, column dx + ww - 1 of the [2wh-1, 2ww-1] grid), in its own row-major order."""
+        (wh, ww), (h, w) = self.window_size, window
+        if (h, w) == (wh, ww):
+            return self.relative_position_bias_table
+        grid = self.relative_position_bias_table.view(2 * wh - 1, 2 * ww - 1, -1)
+        return grid[wh - h:wh + h - 1, ww - w:ww + w - 1].reshape((2 * h - 1) * (2 * w - 1), -1)
 
     def attend(self, qkv: Tensor) -> Tensor:
         """Window attention on the qkv output [B, H, W, 3·C'] -> [B, H, W, C'] before ``proj``; fused blocks call
         this after their own (LayerNorm-fused) qkv GEMM."""
         self._check_no_attn_dropout()
-        shift = self.shift_for(qkv.shape[1], qkv.shape[2])
+        window, shift = self.window_and_shift_for(qkv.shape[1], qkv.shape[2])
         if self._vitkern_attn_maps is not None:
-            return self._eager_attend(qkv, shift)
-        return window_attention(qkv, self.relative_position_bias_table, self.num_heads, self.window_size, shift,
-                                qkv_bias=self.qkv.bias, scale=self.scale, mask_value=self.mask_value,
-                                pad_first=self.pad_first)
+            return self._eager_attend(qkv, window, shift)
+        return window_attention(qkv, self.table_for(window), self.num_heads, window, shift, qkv_bias=self.qkv.bias,
+                                scale=self.scale, mask_value=self.mask_value, pad_first=self.pad_first)
 
     def project(self, o: Tensor) -> Tensor:
         return self.proj_drop(self.proj(o))
 
-    def _eager_attend(self, qkv: Tensor, shift: tuple[int, int]) -> Tensor:
+    def _eager_attend(self, qkv: Tensor, window: tuple[int, int], shift: tuple[int, int]) -> Tensor:
         """The same attention spelled out in PyTorch, recording the probabilities [B·nW, heads, N, N]."""
         B, H, W, C3 = qkv.shape
-        (wh, ww), n = self.window_size, self.window_area
+        (wh, ww), n = window, window[0] * window[1]
         Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
         roll = any(shift)
 
@@ -176,8 +197,10 @@ class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
         if not self.pad_first:
             t = pad(t)
         q, k, v = split_heads_qkv(ref_swin.window_partition(t, (wh, ww)).reshape(-1, n, C3), self.num_heads)
-        bias = ref_swin.relative_position_bias(self.relative_position_bias_table,
-                                               self.relative_position_index.view(n, n)).to(q.dtype)  # [heads, N, N]
+        # our index buffer (torchvision's flat one after from_torchvision) for our window, else computed
+        index = (self.relative_position_index.view(n, n) if window == self.window_size
+                 else ref_swin.relative_position_index(window, device=q.device))
+        bias = ref_swin.relative_position_bias(self.table_for(window), index).to(q.dtype)  # [heads, N, N]
         if roll:
             regions = ref_swin.shifted_window_mask(H, W, (wh, ww), shift, device=q.device) != 0  # [nW, N, N]
             mask = torch.zeros(regions.shape, device=q.device, dtype=q.dtype).masked_fill(regions, self.mask_value)
@@ -193,12 +216,14 @@ class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
-                f"shift_size={self.shift_size}, mask_value={self.mask_value}, pad_first={self.pad_first}")
+                f"shift_size={self.shift_size}, mask_value={self.mask_value}, pad_first={self.pad_first}, "
+                f"always_partition={self.always_partition}")
 
     @classmethod
     def from_timm(cls, attn: nn.Module, window_size, shift_size=0,
                   mask_value: float = SWIN_MASK_VALUE) -> "ShiftedWindowAttention":
-        """Shares the parameters of a timm (or vitkern.reference) ``WindowAttention``; window/shift as clamped."""
+        """Shares the parameters of a timm (or vitkern.reference) ``WindowAttention``; ``window_size``/``shift_size``
+        as its block clamped them, used as given on every map (``always_partition``) as the block's ``_attn`` does."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.dim, new.num_heads = attn.qkv.in_features, attn.num_heads
@@ -207,7 +232,7 @@ class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
             raise ValueError(f"ShiftedWindowAttention.from_timm: window_size {new.window_size} differs from the "
                              f"attention's {tuple(attn.window_size)} (its bias table is sized for that window)")
         new.window_area = new.window_size[0] * new.window_size[1]
-        new.mask_value, new.pad_first = mask_value, False
+        new.mask_value, new.pad_first, new.always_partition = mask_value, False, True
         new._share(attn)
         return new
 
@@ -229,7 +254,7 @@ class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
         new.dim, new.num_heads = attn.qkv.in_features, attn.num_heads
         new.window_size, new.shift_size = _pair(list(attn.window_size)), _pair(list(attn.shift_size))
         new.window_area = new.window_size[0] * new.window_size[1]
-        new.mask_value, new.pad_first = mask_value, True
+        new.mask_value, new.pad_first, new.always_partition = mask_value, True, False  # torchvision's own rule
         new.qkv, new.proj = attn.qkv, attn.proj
         new.relative_position_bias_table = attn.relative_position_bias_table
         new.attn_drop, new.proj_drop = nn.Dropout(attn.attention_dropout), nn.Dropout(attn.dropout)

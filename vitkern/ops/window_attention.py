@@ -17,6 +17,7 @@ Contract shared by every backend (so the forward and backward may be served by d
            need_dbias)
       -> dqkv (qkv.dtype), dtable [T, heads] (table.dtype; empty if not needed), dqkv_bias [3·heads·D]
          (qkv_bias.dtype: the part of the bias gradient that reaches the padded tokens; empty if not needed)
+Every output is contiguous, as the fake impls allocate them: compiled graphs assert real strides == fake strides.
 """
 
 from __future__ import annotations
@@ -138,10 +139,11 @@ def _table_gather(window: tuple[int, int], device: torch.device) -> Tensor:
 
 
 def dense_to_table(dense: Tensor, window: tuple[int, int]) -> Tensor:
-    """[heads, N, N] gradient of the gathered bias -> [T, heads] gradient of the table (deterministic)."""
+    """[heads, N, N] gradient of the gathered bias -> [T, heads] gradient of the table (deterministic), contiguous:
+    the fake impl's strides (compiled graphs assert real strides == fake strides; a transposed view fails there)."""
     heads, n, _ = dense.shape
     flat = torch.cat([dense.reshape(heads, n * n), dense.new_zeros(heads, 1)], dim=1)
-    return flat[:, _table_gather(window, dense.device)].sum(-1).t()
+    return flat[:, _table_gather(window, dense.device)].sum(-1).t().contiguous()
 
 
 class WindowAttentionReference(ReferenceBackend):
