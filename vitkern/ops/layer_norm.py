@@ -41,7 +41,8 @@ class LayerNormReference(ReferenceBackend):
             y = y * weight.to(acc)
         if bias is not None:
             y = y + bias.to(acc)
-        return y.to(x.dtype), (s.contiguous() if residual is not None else x.new_empty(0)), mean, rstd
+        # contiguous like the fake (x may be a strided view; the compiled graph trusts the fake's strides)
+        return y.to(x.dtype).contiguous(), (s.contiguous() if residual is not None else x.new_empty(0)), mean, rstd
 
     def backward(self, dy, dsum, xs, weight, mean, rstd, need_dw, need_db):
         acc = mean.dtype

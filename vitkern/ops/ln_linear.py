@@ -176,7 +176,7 @@ def ln_linear_fwd(
 @ln_linear_fwd.register_fake
 def _(x, ln_weight, ln_bias, weight, bias, eps):
     stats = x.new_empty((x.shape[0],), dtype=stat_dtype(x))
-    return x.new_empty((x.shape[0], weight.shape[0])), stats, torch.empty_like(stats)
+    return x.new_empty((x.shape[0], weight.shape[0])), stats, stats.new_empty(stats.shape)
 
 
 @torch.library.custom_op("vitkern::ln_linear_bwd", mutates_args=())
@@ -196,10 +196,10 @@ def ln_linear_bwd(
 @ln_linear_bwd.register_fake
 def _(dy, x, ln_weight, ln_bias, weight, has_bias, mean, rstd, eps):
     def like(p):
-        return torch.empty_like(p) if p is not None else x.new_empty(0)
+        return p.new_empty(p.shape) if p is not None else x.new_empty(0)
 
     db = x.new_empty((weight.shape[0],), dtype=weight.dtype) if has_bias else x.new_empty(0)
-    return torch.empty_like(x), like(ln_weight), like(ln_bias), torch.empty_like(weight), db
+    return x.new_empty(x.shape), like(ln_weight), like(ln_bias), weight.new_empty(weight.shape), db
 
 
 def _setup_context(ctx, inputs, output):

@@ -71,7 +71,7 @@ def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_s
     m, hidden = x.shape[0], fc1_weight.shape[0]
     stats = x.new_empty((m,), dtype=stat_dtype(x))
     act = (lambda: x.new_empty((m, hidden))) if save_for_backward else (lambda: x.new_empty(0))
-    return torch.empty_like(x), act(), act(), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape), act(), act(), stats, stats.new_empty(stats.shape)
 
 
 def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
@@ -119,9 +119,9 @@ def ln_mlp_bwd(
 def _(dy, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, pre, h, mean, rstd, eps,
       approximate):
     def like(p):
-        return torch.empty_like(p) if p is not None else x.new_empty(0)
+        return p.new_empty(p.shape) if p is not None else x.new_empty(0)
 
-    return (torch.empty_like(x), like(ln_weight), like(ln_bias), like(fc1_weight), like(fc1_bias), like(fc2_weight),
+    return (x.new_empty(x.shape), like(ln_weight), like(ln_bias), like(fc1_weight), like(fc1_bias), like(fc2_weight),
             like(fc2_bias), like(layer_scale))
 
 
