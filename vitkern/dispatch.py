@@ -6,6 +6,10 @@ dispatcher picks, per call, the most preferred backend with no reasons, and :fun
 every rejection. Forcing a backend (``VITKERN_BACKEND`` or :func:`use_backend`) is strict: if the forced backend
 rejects the call the error lists its reasons instead of silently running something else.
 
+Preference on CUDA: the measured winner for the call's shape class on this GPU model, when the speed table
+(:mod:`vitkern.backends.speed_table`, ``vitkern/data/speed_table.json``, ``$VITKERN_SPEED_TABLE``) has one; then
+``cuda_rank`` order. The table is written from committed GPU benchmark results, never by timing a user call.
+
 Dispatch runs inside the custom ops at run time, so torch.compile sees one opaque op and the choice (including
 forcing by context manager) still applies to compiled code.
 """
@@ -184,13 +188,17 @@ def _order(op: str, device: str) -> list[Backend]:
 
 
 def select(problem: Problem) -> Choice:
-    """Pick the backend for one call. Cached per (problem, forcing) so the hot path is a dict lookup."""
+    """Pick the backend for one call. Cached per (problem, forcing, speed table) so the hot path is a dict lookup."""
     forced = _forced_for(problem.op)
-    key = (problem, forced)
+    table = speed_table.active()  # the entry also depends on the device name: fixed per process (speed_table.reset)
+    key = (problem, forced, table)
     choice = _choice_cache.get(key)
     if choice is not None:
         return choice
-    order = _order(problem.op, problem.device)
+    ranked = _order(problem.op, problem.device)
+    measured = speed_table.lookup(problem, table)
+    # the measured winner is tried first; the others keep their rank order behind it (stable sort)
+    order = sorted(ranked, key=lambda b: b.name != measured.backend) if measured is not None else ranked
     rejected: dict[str, list[str]] = {}
     for b in order:
         reason = b.availability()
@@ -199,12 +207,12 @@ def select(problem: Problem) -> Choice:
     chosen: Backend | None = None
     if forced is not None:
         name, strict, source = forced
-        table = backends(problem.op)
-        if name not in table:
+        known = backends(problem.op)
+        if name not in known:
             if strict:
-                raise BackendError(f"{source} forces backend {name!r}, but op {problem.op!r} has only {sorted(table)}")
+                raise BackendError(f"{source} forces backend {name!r}, but op {problem.op!r} has only {sorted(known)}")
         elif not rejected[name]:
-            chosen, why = table[name], f"forced by {source}"
+            chosen, why = known[name], f"forced by {source}"
         elif strict:
             raise BackendError(
                 f"{source} forces backend {name!r} for {problem.describe()}, which it rejects: "
@@ -214,8 +222,14 @@ def select(problem: Problem) -> Choice:
         for b in order:
             if not rejected[b.name]:
                 chosen = b
-                pref = " > ".join(considered)
-                why = f"first supported backend in preference order ({pref}) for device {problem.device}"
+                if measured is not None and b.name == measured.backend:
+                    why = measured.reason()
+                else:
+                    pref = " > ".join(r.name for r in ranked)
+                    why = f"first supported backend in preference order ({pref}) for device {problem.device}"
+                    if measured is not None:  # say why the measurement was not followed
+                        what = "it rejected this call" if measured.backend in rejected else "the op lacks it"
+                        why += f"; the speed table prefers {measured.backend!r} for {measured.shape_class}, but {what}"
                 if forced is not None:
                     why += f"; {forced[2]} prefers {forced[0]!r} (not strict) but it rejected this call"
                 break
@@ -290,3 +304,7 @@ def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Call
         return ctx.vitkern_context.copy().run(backward, ctx, *grads)
 
     op.register_autograd(backward_in_context, setup_context=setup_with_context)
+
+
+# last: the backends package's modules subclass this module's Backend, so it must be complete before they import
+from vitkern.backends import speed_table  # noqa: E402

@@ -5,9 +5,11 @@ has the op and can run here; CUDA tensors of a supported dtype; the extension's 
 for forward-only backends, the reason the backward runs elsewhere. Subclasses add their shape rules in
 ``op_reasons`` (and device-dependent limits such as shared memory in ``device_reasons``).
 
-All CUDA backends rank after Triton (``cuda_rank = 20`` vs 10) until GPU measurements are committed: the dispatcher
-must prefer the measured-faster backend, and an unmeasured kernel must not become the default. A GPU session lowers
-a backend's rank (globally or per shape class) only together with committed benchmark numbers.
+All CUDA backends rank after Triton (``cuda_rank = 20`` vs 10): an unmeasured kernel must not become the default.
+Where CUDA is measured faster, per shape class and GPU model, the speed table says so
+(:mod:`vitkern.backends.speed_table`, ``vitkern/data/speed_table.json``, written from committed GPU benchmark results
+by ``benchmarks/make_speed_table.py``) and the dispatcher tries the measured winner first; the rank stays the
+fallback for everything not measured.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def device_reason(problem: dispatch.Problem) -> Optional[str]:
 
 class CudaBackend(dispatch.Backend):
     name = "cuda"
-    cuda_rank = 20  # after Triton until measured (module docstring)
+    cuda_rank = 20  # after Triton unless the speed table measured CUDA faster (module docstring)
     op_name: Optional[str] = None  # the vitkern_C op this backend calls
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
     forward_only = True  # backward problems are rejected with BACKWARD_REASON
