@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkern.functional.patch_embed import _norm, patch_embed, resample_pos_embed
+from vitkern.functional.patch_embed import _channel_values, _norm, patch_embed, resample_pos_embed
 
 __all__ = ["PatchEmbed", "ViTEmbed", "FusedViTPatchEmbed"]
 
@@ -169,17 +169,22 @@ class ViTEmbed(nn.Module):
         if mean is not None or std is not None:
             _norm(mean, std, self.patch_embed.proj.in_channels, "cpu", torch.float32)  # a bad mean / std fails now
         self.input_mean, self.input_std = mean, std
-        self._norm_on = {}
         return self
 
     def _normalization_on(self, device: torch.device) -> tuple:
-        """(mean, std) as fp32 tensors on ``device``, made once per device."""
-        if self.input_mean is None:
-            return None, None
-        cache = self.__dict__.setdefault("_norm_on", {})
+        """(mean, std) as fp32 tensors on ``device``, made once per device for the objects set now (new
+        ``input_mean`` / ``input_std`` objects, however assigned, start a new cache)."""
+        mean, std = self.input_mean, self.input_std
+        if mean is None or std is None:
+            return mean, std  # off, or half set: the functional says what is missing
+        made_of = self.__dict__.get("_norm_of", (None, None))
+        if made_of[0] is not mean or made_of[1] is not std:
+            self.__dict__.update(_norm_of=(mean, std), _norm_on={})
+        cache = self.__dict__["_norm_on"]
         if device not in cache:
-            cache[device] = tuple(torch.as_tensor(v, dtype=torch.float32).reshape(-1).to(device)
-                                  for v in (self.input_mean, self.input_std))
+            C = self.patch_embed.proj.in_channels
+            cache[device] = (_channel_values("mean", mean, C, device, torch.float32),
+                             _channel_values("std", std, C, device, torch.float32))
         return cache[device]
 
     @property
