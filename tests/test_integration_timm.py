@@ -177,6 +177,20 @@ def test_timm_builds_fused_blocks_through_block_fn(norm_layer):
         assert_close("block_fn logits", fused(check), ref64, plain(check), Tolerance(k=2))
 
 
+@pytest.mark.parametrize("case", ["vit", "swin"])
+def test_a_projection_that_is_not_patches_is_left_with_the_reason(case):
+    """One check (vitkern.nn.patch_embed.patch_projection_reason) for every patch-embedding swap: a dilated
+    projection is not a patch tiling, so the patch embedding is left (the blocks are still swapped)."""
+    name, kwargs = TIMM_CASES[case]
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    model.patch_embed.proj.dilation = (2, 2)
+    report = vitkern.optimize(model)
+    rule = "timm.PatchEmbed" if case == "swin" else "timm.VisionTransformer.patch_embed"
+    left = {r: why for _, r, why in report.left}
+    assert "is not a non-overlapping patch projection" in left[rule] and "dilation 1" in left[rule]
+    assert type(model.patch_embed).__module__.startswith("timm") and report.count("timm.") >= 2
+
+
 def test_optimize_twice_and_restore_once():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_TINY).eval()
     x = torch.randn(1, 3, 32, 32)

@@ -212,11 +212,9 @@ def _embeddings_accepts(m, parent, options: SwapOptions):
     why = _missing(m, "patch_embeddings.projection", "cls_token", "position_embeddings", "dropout")
     if why:
         return why
-    from vitkern.nn.hf_blocks import _conv_ok
+    from vitkern.nn.patch_embed import patch_projection_reason
 
-    if not _conv_ok(m.patch_embeddings.projection):
-        return "patch projection is not a plain Conv2d with stride == kernel_size (no padding, dilation, groups)"
-    return True
+    return patch_projection_reason(m.patch_embeddings.projection, "patch_embeddings.projection") or True
 
 
 def _embeddings_replace(m, parent, options: SwapOptions):
@@ -237,11 +235,9 @@ def _swin_patch_embeddings_accepts(m, parent, options: SwapOptions):
     why = _missing(m, "projection", "patch_size")
     if why:
         return why
-    from vitkern.nn.hf_blocks import _conv_ok
+    from vitkern.nn.patch_embed import patch_projection_reason
 
-    if not _conv_ok(m.projection):
-        return "patch projection is not a plain Conv2d with stride == kernel_size (no padding, dilation, groups)"
-    return True
+    return patch_projection_reason(m.projection, "projection") or True
 
 
 def _swin_patch_embeddings_replace(m, parent, options: SwapOptions):

@@ -15,7 +15,7 @@ from torch import nn
 from vitkern.integrations.swap import SwapOptions, SwapRule, register_rule
 from vitkern.nn.attention import Attention as VitkernAttention
 from vitkern.nn.layer_norm import LayerNorm as VitkernLayerNorm
-from vitkern.nn.patch_embed import FusedViTPatchEmbed
+from vitkern.nn.patch_embed import FusedViTPatchEmbed, patch_projection_reason
 from vitkern.nn.patch_embed import PatchEmbed as VitkernPatchEmbed
 from vitkern.nn.swin_block import SwinBlock, swin_block_blocker
 from vitkern.nn.vit_block import ViTBlock, _drop_p, mlp_fusion_blocker, swappable_attention
@@ -106,6 +106,9 @@ def _patch_embed_accepts(m: nn.Module, parent, options: SwapOptions) -> bool | s
         return False
     if getattr(parent, "patch_embed", None) is not m or _vit_pos_embed_method(parent) is None:
         return False  # a patch embedding outside a ViT (e.g. Swin's): left to its model's own path
+    why = patch_projection_reason(m.proj, "patch_embed.proj")
+    if why:
+        return why
     if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
         return "patch_embed has a norm layer between the projection and the position embedding"
     if _drop_p(getattr(parent, "pos_drop", None)) > 0:
@@ -127,10 +130,7 @@ def _plain_patch_embed_accepts(m: nn.Module, parent, options: SwapOptions) -> bo
     """A patch embedding whose position embedding is not ours to fuse (e.g. Swin's: NHWC output + LayerNorm)."""
     if not _exact(m, _timm_class("timm.layers", "PatchEmbed"), _reference_class("layers").PatchEmbed):
         return False
-    proj = m.proj
-    if tuple(proj.stride) != tuple(proj.kernel_size) or proj.padding not in ((0, 0), 0, "valid") or proj.groups != 1:
-        return f"proj is an overlapping / padded / grouped conv ({proj}); the fused op tiles non-overlapping patches"
-    return True
+    return patch_projection_reason(m.proj) or True
 
 
 def _plain_patch_embed_replace(m: nn.Module, parent, o: SwapOptions) -> VitkernPatchEmbed:

@@ -29,7 +29,8 @@ from vitkern.integrations.swap import SwapRule, register_rule
 from vitkern.nn.multihead_attention import MultiheadAttention
 from vitkern.nn.torchvision_blocks import TorchvisionEncoderBlock, TorchvisionShiftedWindowAttention, \
     TorchvisionSwinBlock
-from vitkern.nn.torchvision_embed import TorchvisionSwinPatchEmbed, TorchvisionViTConvProj, non_overlapping_conv_reason
+from vitkern.nn.patch_embed import patch_projection_reason
+from vitkern.nn.torchvision_embed import TorchvisionSwinPatchEmbed, TorchvisionViTConvProj
 
 
 def _is_subclass_of(m: nn.Module, submodule: str, name: str) -> bool:
@@ -94,7 +95,9 @@ def _vit_conv_proj_accepts(m, parent, options):
                               (parent.encoder, Encoder, "forward")):
         if getattr(type(owner), name) is not getattr(base, name) or name in vars(owner):
             return f"{type(owner).__qualname__}.{name} is overridden: the embedding steps are not where expected"
-    return non_overlapping_conv_reason(m, "conv_proj") or True
+    if type(m) is not nn.Conv2d:  # its replacement is a Conv2d subclass: a user's own subclass would be dropped
+        return f"conv_proj is {type(m).__name__}, not an nn.Conv2d (e.g. a conv stem)"
+    return patch_projection_reason(m, "conv_proj") or True
 
 
 def _swin_stem_accepts(m, parent, options):
@@ -103,7 +106,7 @@ def _swin_stem_accepts(m, parent, options):
     if len(layers) != 3 or type(layers[0]) is not nn.Conv2d or type(layers[1]).__name__ != "Permute" \
             or type(layers[1]).__module__ != "torchvision.ops.misc" or list(layers[1].dims) != [0, 2, 3, 1]:
         return False
-    return non_overlapping_conv_reason(layers[0], "the stem's Conv2d") or True
+    return patch_projection_reason(layers[0], "the stem's Conv2d") or True
 
 
 register_rule(SwapRule("torchvision.VisionTransformer.conv_proj", ("patch_embed",), _vit_conv_proj_accepts,

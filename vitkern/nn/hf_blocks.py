@@ -52,6 +52,7 @@ from vitkern.functional.patch_embed import patch_embed
 from vitkern.functional.window_attention import window_attention
 from vitkern.nn.attention_maps import RecordsAttentionMaps
 from vitkern.nn.layer_norm import LayerNorm
+from vitkern.nn.patch_embed import patch_projection_reason
 from vitkern.validation import FLOAT_DTYPES
 
 __all__ = ["hf_attention_forward", "HFAttention", "HFDinov2SelfAttention", "HFSwinAttention",
@@ -456,15 +457,10 @@ class HFSwinLayer(_SwappedHF):
 
 
 # ---------------------------------------------------------------------------------------------------- embeddings
-def _conv_ok(conv: nn.Module) -> bool:
-    return (isinstance(conv, nn.Conv2d) and tuple(conv.stride) == tuple(conv.kernel_size) and conv.groups == 1
-            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros")
-
-
-def _check_embeddings(name: str, module: nn.Module) -> None:
-    if not _conv_ok(module.patch_embeddings.projection):
-        raise TypeError(f"{name}: patch_embeddings.projection must be a Conv2d with stride == kernel_size, "
-                        "no padding, dilation or groups")
+def _check_projection(name: str, conv: nn.Module, label: str) -> None:
+    why = patch_projection_reason(conv, label)
+    if why:
+        raise TypeError(f"{name}: {why}")
 
 
 def _embed(self, pixel_values: Tensor, prefix: Tensor) -> Tensor:
@@ -487,7 +483,7 @@ class HFViTEmbeddings(_SwappedHF):
 
     @classmethod
     def from_hf(cls, module: nn.Module):
-        _check_embeddings(f"{cls.__name__}.from_hf", module)
+        _check_projection(f"{cls.__name__}.from_hf", module.patch_embeddings.projection, "patch_embeddings.projection")
         return super().from_hf(module)
 
     def forward(self, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None,
@@ -509,7 +505,7 @@ class HFDinov2Embeddings(_SwappedHF):
 
     @classmethod
     def from_hf(cls, module: nn.Module):
-        _check_embeddings(f"{cls.__name__}.from_hf", module)
+        _check_projection(f"{cls.__name__}.from_hf", module.patch_embeddings.projection, "patch_embeddings.projection")
         return super().from_hf(module)
 
     def forward(self, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None) -> Tensor:
@@ -530,9 +526,7 @@ class HFSwinPatchEmbeddings(_SwappedHF):
 
     @classmethod
     def from_hf(cls, module: nn.Module):
-        if not _conv_ok(module.projection):
-            raise TypeError(f"{cls.__name__}.from_hf: projection must be a Conv2d with stride == kernel_size, "
-                            "no padding, dilation or groups")
+        _check_projection(f"{cls.__name__}.from_hf", module.projection, "projection")
         return super().from_hf(module)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, tuple[int, int]]:

@@ -11,9 +11,22 @@ from torch import Tensor, nn
 
 from vitkern.functional.patch_embed import _channel_values, _norm, patch_embed, resample_pos_embed
 
-__all__ = ["PatchEmbed", "ViTEmbed", "FusedViTPatchEmbed"]
+__all__ = ["PatchEmbed", "ViTEmbed", "FusedViTPatchEmbed", "patch_projection_reason"]
 
 _OUTPUT_FMTS = ("NCHW", "NHWC", "NCL", "NLC")
+
+
+def patch_projection_reason(conv: nn.Module, name: str = "proj") -> Optional[str]:
+    """Why ``conv`` is not a patch projection the fused op computes (None when it is): an ``nn.Conv2d`` tiling the
+    image into non-overlapping patches (stride = kernel, no padding, dilation 1, groups 1). Every swap rule and
+    ``from_*`` constructor asks this one question."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"{name} is {type(conv).__name__}, not an nn.Conv2d"
+    if (tuple(conv.stride) != tuple(conv.kernel_size) or conv.padding not in ((0, 0), "valid") or conv.groups != 1
+            or tuple(conv.dilation) != (1, 1)):
+        return (f"{name} ({conv}) is not a non-overlapping patch projection (the fused op needs stride = kernel, "
+                "no padding, dilation 1, groups 1)")
+    return None
 
 
 def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -104,6 +117,9 @@ class PatchEmbed(nn.Module):
     def from_timm(cls, module: nn.Module) -> "PatchEmbed":
         """A vitkern PatchEmbed sharing ``module.proj`` and ``module.norm`` (no copy)."""
         proj = module.proj
+        why = patch_projection_reason(proj)
+        if why:
+            raise ValueError(f"vitkern.nn.PatchEmbed.from_timm: {why}")
         if getattr(module, "output_nhwc", False):  # vitkern.reference's PatchEmbed
             fmt = "NHWC"
         else:
@@ -111,10 +127,6 @@ class PatchEmbed(nn.Module):
         new = cls(None, proj.kernel_size, proj.in_channels, proj.out_channels, device="meta", output_fmt=fmt,
                   bias=proj.bias is not None, strict_img_size=getattr(module, "strict_img_size", True),
                   dynamic_img_pad=getattr(module, "dynamic_img_pad", False))
-        overlapping = tuple(proj.stride) != tuple(proj.kernel_size) or proj.padding not in ((0, 0), 0, "valid")
-        if overlapping or proj.groups != 1:
-            raise ValueError("vitkern.nn.PatchEmbed.from_timm: proj must be a non-overlapping Conv2d (stride = "
-                             f"kernel, no padding, groups 1); got {proj}")
         new._set_img_size(getattr(module, "img_size", None))
         new.proj, new.norm = proj, getattr(module, "norm", nn.Identity())
         new.train(module.training)

@@ -26,17 +26,7 @@ from torch import Tensor, nn
 from vitkern.functional.patch_embed import patch_embed
 from vitkern.nn.layer_norm import LayerNorm
 
-__all__ = ["TorchvisionViTConvProj", "TorchvisionSwinPatchEmbed", "non_overlapping_conv_reason"]
-
-
-def non_overlapping_conv_reason(conv: nn.Module, name: str) -> str | None:
-    """Why ``conv`` is not a patch projection the fused op can run (None when it is)."""
-    if type(conv) is not nn.Conv2d:
-        return f"{name} is {type(conv).__name__}, not an nn.Conv2d (e.g. a conv stem)"
-    if (tuple(conv.stride) != tuple(conv.kernel_size) or tuple(conv.padding) != (0, 0) or conv.groups != 1
-            or tuple(conv.dilation) != (1, 1)):
-        return f"{name} ({conv}) is not a non-overlapping patch projection (stride = kernel, no padding, groups 1)"
-    return None
+__all__ = ["TorchvisionViTConvProj", "TorchvisionSwinPatchEmbed"]
 
 
 def _conv_like(conv: nn.Conv2d, cls: type) -> nn.Conv2d:
