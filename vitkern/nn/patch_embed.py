@@ -237,25 +237,31 @@ class ViTEmbed(nn.Module):
     @classmethod
     def from_timm(cls, vit: nn.Module) -> "ViTEmbed":
         """Share the embedding parameters of a timm (or ``vitkern.reference``) ViT / DeiT (distilled) / reg model."""
-        if not isinstance(getattr(vit.patch_embed, "norm", nn.Identity()), nn.Identity):
-            raise ValueError("vitkern.nn.ViTEmbed.from_timm: a patch_embed norm layer (between the projection and "
-                             "the position embedding) is not supported")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.patch_embed = PatchEmbed.from_timm(vit.patch_embed)
-        new.patch_embed.flatten, new.patch_embed.output_fmt = True, "NLC"
+        new.patch_embed = _token_patch_embed(vit, "vitkern.nn.ViTEmbed.from_timm")
         new.cls_token = getattr(vit, "cls_token", None)
         new.dist_token = getattr(vit, "dist_token", None)
         new.reg_token = getattr(vit, "reg_token", None)
         new.pos_embed = getattr(vit, "pos_embed", None)
         new.no_embed_class = bool(getattr(vit, "no_embed_class", False))
         new.dynamic_img_size = bool(getattr(vit, "dynamic_img_size", False))
-        if new.dynamic_img_size:
-            new.patch_embed.strict_img_size = False
         new._pos_cache = {}
         new.input_mean = new.input_std = None
         new.train(vit.training)
         return new
+
+
+def _token_patch_embed(vit: nn.Module, who: str) -> PatchEmbed:
+    """A PatchEmbed sharing ``vit.patch_embed``'s proj, set up to emit the token rows [B, Np, D] (flat, NLC; any
+    grid when the ViT has ``dynamic_img_size``)."""
+    if not isinstance(getattr(vit.patch_embed, "norm", nn.Identity()), nn.Identity):
+        raise ValueError(f"{who}: a patch_embed norm layer (between the projection and the position embedding) is "
+                         "not supported")
+    pe = PatchEmbed.from_timm(vit.patch_embed)
+    pe.flatten, pe.output_fmt = True, "NLC"
+    pe.strict_img_size = pe.strict_img_size and not getattr(vit, "dynamic_img_size", False)
+    return pe
 
 
 class _ViTTokens(ViTEmbed):
@@ -294,12 +300,7 @@ class FusedViTPatchEmbed(PatchEmbed):
     @classmethod
     def from_vit(cls, vit: nn.Module, pos_embed_method: str) -> "FusedViTPatchEmbed":
         original = vit.patch_embed
-        if not isinstance(getattr(original, "norm", nn.Identity()), nn.Identity):
-            raise ValueError("vitkern.nn.FusedViTPatchEmbed.from_vit: a patch_embed norm layer (between the "
-                             "projection and the position embedding) is not supported")
-        new = PatchEmbed.from_timm(original)  # shares proj / norm
-        new.flatten, new.output_fmt = True, "NLC"
-        new.strict_img_size = new.strict_img_size and not getattr(vit, "dynamic_img_size", False)
+        new = _token_patch_embed(vit, "vitkern.nn.FusedViTPatchEmbed.from_vit")
         new.__class__ = cls
         object.__setattr__(new, "_tokens", _ViTTokens(vit))  # plain attributes: not submodules, not in state_dict
         object.__setattr__(new, "_original", original)
