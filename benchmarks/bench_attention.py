@@ -30,7 +30,7 @@ from torch import Tensor
 
 from benchmarks.harness import (
     CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
-    cuda_vs_triton_targets, run_benchmark,
+    cuda_vs_triton_targets, run_benchmark, vitkern_backend_unavailable,
 )
 
 NAME = "attention"
@@ -132,13 +132,6 @@ def _vk_cuda(case: Case, inp: Any):
     return fwd
 
 
-def _cuda_unsupported(case: Case) -> str | None:
-    try:
-        return _vitkern().dispatch.backends("attention")["cuda"].availability()
-    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
-        return f"{type(e).__name__}: {e}"
-
-
 def _explain(case: Case, inp: Any) -> dict[str, Any]:
     from vitkern.functional.attention import attention
 
@@ -157,7 +150,8 @@ PROVIDERS = [
     Provider("sdpa-efficient", _sdpa("EFFICIENT_ATTENTION"), smoke=False),
     Provider("flex", _flex, supports=_vit_b_only, smoke=False),
     Provider("vitkern", _vk, describe=_explain),
-    Provider("vitkern-cuda", _vk_cuda, describe=lambda case, inp: {"backend": "cuda"}, supports=_cuda_unsupported),
+    Provider("vitkern-cuda", _vk_cuda, describe=lambda case, inp: {"backend": "cuda"},
+             supports=vitkern_backend_unavailable("attention")),
 ]
 
 

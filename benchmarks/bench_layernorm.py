@@ -25,7 +25,7 @@ from torch import Tensor
 
 from benchmarks.harness import (
     CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
-    cuda_vs_triton_targets, run_benchmark,
+    cuda_vs_triton_targets, run_benchmark, vitkern_backend_unavailable,
 )
 
 NAME = "layernorm"
@@ -157,13 +157,6 @@ def _vk_cuda_residual(case: Case, inp: Any):
     return lambda: _CudaLayerNorm.apply(x, w, b, r)
 
 
-def _cuda_unsupported(case: Case) -> str | None:
-    try:
-        return _cuda_backend().availability()
-    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
-        return f"{type(e).__name__}: {e}"
-
-
 def _cuda_describe(case: Case, inp: Any) -> dict[str, Any]:
     return {"backend": "cuda"}
 
@@ -200,13 +193,13 @@ PROVIDERS = [
         smoke=False,
         meta={"residual": True},
     ),
-    Provider("vitkern-cuda", _vk_cuda, describe=_cuda_describe, supports=_cuda_unsupported),
+    Provider("vitkern-cuda", _vk_cuda, describe=_cuda_describe, supports=vitkern_backend_unavailable("layer_norm")),
     Provider(
         "vitkern-cuda-residual",
         _vk_cuda_residual,
         baseline="torch-residual",
         describe=_cuda_describe,
-        supports=_cuda_unsupported,
+        supports=vitkern_backend_unavailable("layer_norm"),
         meta={"residual": True},
     ),
 ]

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from benchmarks.harness import (
     CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
-    cuda_vs_triton_targets, run_benchmark,
+    cuda_vs_triton_targets, run_benchmark, vitkern_backend_unavailable,
 )
 
 NAME = "ln_mlp"
@@ -151,13 +151,6 @@ def _vk_cuda(approximate: str, gelu_impl: str):
     return setup
 
 
-def _cuda_unsupported(case: Case) -> str | None:
-    try:
-        return _cuda_backend().availability()
-    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
-        return f"{type(e).__name__}: {e}"
-
-
 def _cuda_describe(gelu_impl: str):
     def describe(case: Case, inp: Any) -> dict[str, Any]:
         return {"backend": f"cuda (gelu_impl={gelu_impl})"}
@@ -178,12 +171,13 @@ PROVIDERS = [
     Provider("eager", _eager),
     Provider("vitkern", _vk, describe=_describe),
     Provider("cublas-gemms", _gemms, baseline="cublas-gemms"),
-    Provider("vitkern-cuda", _vk_cuda("none", "auto"), describe=_cuda_describe("auto"), supports=_cuda_unsupported),
+    Provider("vitkern-cuda", _vk_cuda("none", "auto"), describe=_cuda_describe("auto"),
+             supports=vitkern_backend_unavailable("ln_mlp")),
     Provider("eager-tanh", _eager_tanh, baseline="eager-tanh"),
     Provider("vitkern-cuda-tanh-epilogue", _vk_cuda("tanh", "epilogue"), baseline="eager-tanh",
-             describe=_cuda_describe("epilogue"), supports=_cuda_unsupported),
+             describe=_cuda_describe("epilogue"), supports=vitkern_backend_unavailable("ln_mlp")),
     Provider("vitkern-cuda-tanh-kernel", _vk_cuda("tanh", "kernel"), baseline="eager-tanh",
-             describe=_cuda_describe("kernel"), supports=_cuda_unsupported),
+             describe=_cuda_describe("kernel"), supports=vitkern_backend_unavailable("ln_mlp")),
     # last, and only at one width: its compile is the slow part of this bench
     Provider("torch.compile-max-autotune", _compiled, supports=_compile_width_only, smoke=False),
 ]

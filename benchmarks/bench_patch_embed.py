@@ -25,7 +25,7 @@ from torch import Tensor
 
 from benchmarks.harness import (
     CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
-    cuda_vs_triton_targets, run_benchmark,
+    cuda_vs_triton_targets, run_benchmark, vitkern_backend_unavailable,
 )
 
 NAME = "patch_embed"
@@ -126,13 +126,6 @@ def _vk_cuda(case: Case, inp: Any):
     return fwd
 
 
-def _cuda_unsupported(case: Case) -> str | None:
-    try:
-        return _vitkern().dispatch.backends("patch_embed")["cuda"].availability()
-    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
-        return f"{type(e).__name__}: {e}"
-
-
 def _explain(case: Case, inp: Any) -> dict[str, Any]:
     x, w, b, cls, pos = _args(inp)
     choice = _vitkern().explain("patch_embed", x, w, b, pos, cls)
@@ -144,7 +137,8 @@ PROVIDERS = [
     Provider("unfold+linear", _unfold),
     Provider("torch.compile", _compiled, smoke=False),
     Provider("vitkern", _vk, describe=_explain),
-    Provider("vitkern-cuda", _vk_cuda, describe=lambda case, inp: {"backend": "cuda"}, supports=_cuda_unsupported),
+    Provider("vitkern-cuda", _vk_cuda, describe=lambda case, inp: {"backend": "cuda"},
+             supports=vitkern_backend_unavailable("patch_embed")),
 ]
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from benchmarks.harness import (
     CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
-    cuda_vs_triton_targets, run_benchmark,
+    cuda_vs_triton_targets, run_benchmark, vitkern_backend_unavailable,
 )
 
 NAME = "window_attention"
@@ -190,13 +190,6 @@ def _vk_cuda(case: Case, inp: Any) -> Callable[[], Tensor]:
     return fwd
 
 
-def _cuda_unsupported(case: Case) -> str | None:
-    try:
-        return _vitkern().dispatch.backends("window_attention")["cuda"].availability()
-    except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
-        return f"{type(e).__name__}: {e}"
-
-
 # ------------------------------------------------------------------------------------------------ describe
 _LAST_SETUP: dict[tuple[Any, int], Callable[[], Any]] = {}
 
@@ -253,7 +246,8 @@ PROVIDERS = [
     Provider("sdpa-mask", _remember(_sdpa_mask), describe=_describe(_sdpa_mask)),
     Provider("flex", _remember(_flex), describe=_describe(_flex), smoke=False),
     Provider("vitkern", _remember(_vk), describe=_describe(_vk, vitkern_backend=True)),
-    Provider("vitkern-cuda", _remember(_vk_cuda), describe=_describe(_vk_cuda), supports=_cuda_unsupported),
+    Provider("vitkern-cuda", _remember(_vk_cuda), describe=_describe(_vk_cuda),
+             supports=vitkern_backend_unavailable("window_attention")),
 ]
 
 

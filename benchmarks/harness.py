@@ -474,6 +474,21 @@ def short_error(e: BaseException) -> str:
 _ENV_PREFIXES = ("VITKERN_", "CUDA_VISIBLE", "TORCHINDUCTOR_", "TRITON_")
 
 
+def vitkern_backend_unavailable(op: str, backend: str = "cuda") -> Callable[[Case], str | None]:
+    """``Provider.supports`` for a provider that runs ``backend`` of vitkern op ``op``: why that backend cannot run
+    here (extension not built, no GPU, ...), or why vitkern itself does not import; None when it can."""
+
+    def supports(case: Case) -> str | None:
+        try:
+            from vitkern import dispatch
+
+            return dispatch.backends(op)[backend].availability()
+        except Exception as e:  # noqa: BLE001 - vitkern not importable: the row says why
+            return f"{type(e).__name__}: {e}"
+
+    return supports
+
+
 def cuda_vs_triton_targets(rows: Sequence[Row], cuda: str = "vitkern-cuda", default: str = "vitkern",
                            within: float = 0.10, best_at_least: float | None = None) -> list[str]:
     """Issues 7/8's bar for a CUDA C++ provider: within ``within`` of the Triton op or faster at every measured case
