@@ -147,7 +147,7 @@ def window_attention_bwd_kernel(
     bw_start = g * windows_per_program
     bw_end = tl.minimum(bw_start + windows_per_program, num_windows)
 
-    for mb in tl.static_range(NUM_M):
+    for mb in range(NUM_M):
         tq = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         ds_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for bw in range(bw_start, bw_end):
