@@ -3,8 +3,12 @@
 # with logs and results copied to $OUT and a short summary printed LAST (the device tool returns only the tail).
 #
 #   scripts/gpu_suite.sh [--quick] [--only NAME[,NAME]] [--tests "PATH ..."] [--no-tests] [--no-bench] [--sanitize]
-#                        [-- extra pytest args]
+#                        [--autotune] [-- extra pytest args]
 #   --sanitize: compute-sanitizer memcheck/racecheck/synccheck over small shapes of the CUDA attention kernels
+#   --autotune: let the GPU tests autotune too. By default they run with VITKERN_AUTOTUNE=0 (each Triton launch runs
+#               its first config; vitkern/kernels/triton/tuning.py): autotuning compiles every config of every
+#               (shape, dtype, flags) key, minutes of compiling over hundreds of test shapes. The *_every_config tests
+#               check the other configs; the benchmarks always autotune.
 #
 # The whole suite outgrows one 10-minute device command as op families land: split it per family, e.g.
 #   scripts/gpu_suite.sh --only layernorm --tests "tests/test_layer_norm.py tests/test_layer_norm_cuda.py tests/test_extension.py"
@@ -24,7 +28,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 budget="${SUITE_BUDGET_S:-570}"
-quick=() only=() run_tests=1 run_bench=1 run_sanitizer=0 pytest_extra=() test_paths=(tests/)
+quick=() only=() run_tests=1 run_bench=1 run_sanitizer=0 test_autotune=0 pytest_extra=() test_paths=(tests/)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=(--quick) ;;
@@ -33,6 +37,7 @@ while [ $# -gt 0 ]; do
     --no-tests) run_tests=0 ;;
     --no-bench) run_bench=0 ;;
     --sanitize) run_sanitizer=1 ;;
+    --autotune) test_autotune=1 ;;
     --) shift; pytest_extra=("$@"); break ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -92,10 +97,13 @@ fi
 
 pytest_rc=skipped
 if [ "$run_tests" = 1 ]; then
-  hr; cap=$(cap_for 240 150); echo "pytest -m gpu (cap ${cap}s) ..."
+  # with benchmarks to follow, the tests get 240 s and leave them 150 s; alone, the whole budget
+  if [ "$run_bench" = 1 ]; then cap=$(cap_for 240 150); else cap=$(cap_for 100000 30); fi
+  hr; echo "pytest -m gpu (cap ${cap}s) ..."
   per_test=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
-  run_capped "$cap" "$logs/pytest.log" \
+  echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune"
+  VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.log" \
     "$PY" -m pytest -m gpu "${test_paths[@]}" -q -rs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
   pytest_rc=$?
   [ "$pytest_rc" = 124 ] && echo "pytest TIMED OUT after ${cap}s" | tee -a "$logs/pytest.log"

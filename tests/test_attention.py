@@ -15,7 +15,9 @@ import vitkern
 from vitkern.functional.attention import attention
 from vitkern.reference.layers import Attention as RefAttention
 from vitkern.reference.layers import attention_reference, merge_heads, split_heads_qkv
-from vitkern.testing import Tolerance, check_compile_and_cuda_graph, check_forward_backward, randn, seed_for
+from vitkern.testing import (
+    Tolerance, check_compile_and_cuda_graph, check_forward_backward, randn, run_every_triton_config, seed_for,
+)
 
 OP = "attention"
 NS = [1, 7, 50, 197]
@@ -475,6 +477,15 @@ def test_triton_gpu_packed_parity(dtype, N, D):
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_IDS)
 def test_triton_gpu_vit_shapes(dtype, B, H, N, D):
     run_packed("triton", B, H, N, D, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 64), (torch.bfloat16, 80), (torch.float32, 64)],
+                         ids=["bf16-D64", "bf16-D80", "fp32-D64"])
+def test_triton_gpu_every_config(dtype, D):
+    """Every autotune config of the forward and both backward kernels (at N=197 none is pruned), not only the one the
+    autotuner picks or VITKERN_AUTOTUNE=0 runs."""
+    run_every_triton_config(lambda: run_packed("triton", 2, 3, 197, D, dtype, "cuda"))
 
 
 @pytest.mark.gpu

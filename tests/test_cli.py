@@ -6,7 +6,8 @@ import torch
 from vitkern import cli, parity
 
 
-def test_info_reports_versions_and_backend_choice(capsys):
+def test_info_reports_versions_and_backend_choice(monkeypatch, capsys):
+    monkeypatch.delenv("VITKERN_AUTOTUNE", raising=False)
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch 2." in out and "vitkern.layer_norm forward" in out
@@ -14,8 +15,18 @@ def test_info_reports_versions_and_backend_choice(capsys):
         assert f"vitkern.{op} forward" in out and f"vitkern.{op} backward" in out, op
     assert "probe failed" not in out
     assert "CUDA C++ extension:" in out
+    assert "Triton launch configs: autotuned per launch key" in out
     if not torch.cuda.is_available():
         assert "interpreter" in out
+
+
+def test_info_reports_the_autotune_switch(monkeypatch, capsys):
+    monkeypatch.setenv("VITKERN_AUTOTUNE", "0")
+    assert cli.main(["info"]) == 0
+    assert "Triton launch configs: first config of each launcher, not tuned (VITKERN_AUTOTUNE=0)" in capsys.readouterr().out
+    monkeypatch.setenv("VITKERN_AUTOTUNE", "yes please")
+    assert cli.main(["info"]) == 0
+    assert "VITKERN_AUTOTUNE must be 1" in capsys.readouterr().out
 
 
 @pytest.mark.interpreter

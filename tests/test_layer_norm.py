@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import vitkern
-from vitkern.testing import check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, seed_for
+from vitkern.testing import (
+    check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config, seed_for,
+)
 
 WIDTHS = [192, 384, 768, 1000, 1280]
 ROWS = [1, 3, 197 * 2]
@@ -130,6 +132,14 @@ def test_reference_backend_parity(dtype, residual):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_triton_gpu_parity(dtype, width, rows, residual):
     run_parity("triton", rows, width, dtype, "cuda", residual)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_triton_gpu_every_config(dtype):
+    """Every rows-per-program / warps config of the forward (with residual) and backward at ViT-B width, with a row
+    count (394) that leaves a partial last block for every BLOCK_M."""
+    run_every_triton_config(lambda: run_parity("triton", 394 + 3, 768, dtype, "cuda", True))
 
 
 @pytest.mark.gpu

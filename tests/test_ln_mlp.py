@@ -18,7 +18,9 @@ from torch.func import functional_call
 
 import vitkern
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
-from vitkern.testing import check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, seed_for
+from vitkern.testing import (
+    check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config, seed_for,
+)
 
 # ------------------------------------------------------------------------------------------------ timm harness
 
@@ -230,6 +232,18 @@ GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 def test_triton_gpu_vs_timm(dtype, dim, rows):
     run_mlp_parity(rows, dim, 4 * dim, dtype, "cuda", rows % 2 == 0, "none" if dim != 1024 else "tanh")
     run_linear_parity(rows, dim, dtype, "cuda", qkv_bias=dim != 1280)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_triton_gpu_every_config(dtype):
+    """Every GEMM tile config of every fused_linear variant (LN+qkv, LN+fc1+GELU, fc2+layer scale+residual and the
+    backward GEMMs) at M = 2·197 (a partial last row tile for every BLOCK_M); fp32 configs over the shared-memory
+    limit are skipped as the autotuner skips them."""
+    def run():
+        run_mlp_parity(2 * 197, 384, 4 * 384, dtype, "cuda", True)
+        run_linear_parity(2 * 197, 384, dtype, "cuda")
+    run_every_triton_config(run)
 
 
 @pytest.mark.gpu

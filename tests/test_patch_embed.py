@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import vitkern
 from vitkern.functional.patch_embed import patch_embed, resample_pos_embed
-from vitkern.testing import check_forward_backward, randn, seed_for
+from vitkern.testing import check_forward_backward, randn, run_every_triton_config, seed_for
 
 OP = "patch_embed"
 PREFIXES = {"none": (0, 0, 0), "cls": (1, 0, 0), "cls+dist": (1, 1, 0), "cls+reg4": (1, 0, 4)}  # (cls, dist, reg)
@@ -478,6 +478,14 @@ def test_torch_compile_fullgraph_no_graph_breaks(backend):
 def test_triton_gpu_parity(dtype, img, p, prefix, no_embed_class):
     D = {16: 768, 14: 1280, 32: 384}[p]
     run_parity("triton", 3, 3, img, img, p, D, prefix, no_embed_class, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_triton_gpu_every_config(dtype):
+    """Every tile config of the forward and the input/weight gradient GEMMs (ViT-B/16 stem, class token), not only
+    the one the autotuner picks or VITKERN_AUTOTUNE=0 runs."""
+    run_every_triton_config(lambda: run_parity("triton", 3, 3, 224, 224, 16, 768, "cls", False, dtype, device="cuda"))
 
 
 @pytest.mark.gpu

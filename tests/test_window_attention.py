@@ -16,7 +16,7 @@ from vitkern.functional.window_attention import window_attention
 from vitkern.nn.window_attention import ShiftedWindowAttention, WindowAttention
 from vitkern.ops import window_attention as wa_op
 from vitkern.reference import swin as ref_swin
-from vitkern.testing import check_forward_backward, poison_outputs, randn, seed_for
+from vitkern.testing import check_forward_backward, poison_outputs, randn, run_every_triton_config, seed_for
 
 OP = "window_attention"
 PARAM_NAMES = ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table"]
@@ -523,6 +523,16 @@ def test_gpu_swin_stage_shapes(model, dtype):
 ])
 def test_gpu_block_parity(B, res, ws, shift, heads, D, dtype):
     run_block_parity(B, res, ws, shift, heads, D, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ws", [7, 12])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_every_config(dtype, ws):
+    """Every warps/stages config the forward and backward autotune over (ws 12 prunes the 2-warp ones), shifted and
+    padded, not only the one the autotuner picks or VITKERN_AUTOTUNE=0 runs."""
+    run_every_triton_config(lambda: run_functional_parity(2, (2 * ws + 3, 2 * ws + 1), (ws, ws), (ws // 2, ws // 2), 3,
+                                                          32, dtype, "cuda"))
 
 
 @pytest.mark.gpu

@@ -71,6 +71,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("GPU: none visible (torch.cuda.is_available() is False)")
     ok, msg = triton_status()
     print(f"Triton: {msg}")
+    if ok:
+        from vitkern.kernels.triton import tuning
+
+        try:
+            print(f"Triton launch configs: {tuning.describe()}")
+        except ValueError as exc:  # a bad VITKERN_AUTOTUNE: say so here rather than at the first launch
+            print(f"Triton launch configs: {exc}")
     try:
         from vitkern._extension import extension_status
 

@@ -1,5 +1,6 @@
 """Test utilities shipped with the package so the CPU tests, the GPU suite and `vitkern check` share them."""
 
+from vitkern.testing.backends import run_every_triton_config
 from vitkern.testing.compile_graph import check_compile_and_cuda_graph
 from vitkern.testing.numerics import (
     ATOL,
@@ -13,6 +14,6 @@ from vitkern.testing.numerics import (
 )
 
 __all__ = [
-    "check_compile_and_cuda_graph",
+    "check_compile_and_cuda_graph", "run_every_triton_config",
     "ATOL", "Tolerance", "assert_close", "check_forward_backward", "max_abs_err", "poison_outputs", "randn", "seed_for",
 ]

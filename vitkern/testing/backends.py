@@ -1,9 +1,10 @@
-"""Tests that a forced backend really ran: count calls of a CUDA forward and of the Triton backward after it."""
+"""Test helpers about backends: that a forced backend really ran (count calls of a CUDA forward and of the Triton
+backward after it), and running every autotune config of the Triton kernels."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vitkern import dispatch
 
@@ -37,3 +38,27 @@ def check_ran(calls: dict[str, int], before: dict[str, int], backward: bool = Tr
     assert calls["cuda_forward"] > before["cuda_forward"], ("the CUDA forward did not run", calls)
     if backward:
         assert calls["triton_backward"] > before["triton_backward"], ("the Triton backward did not run", calls)
+
+
+def run_every_triton_config(run: Callable[[], object]) -> dict[str, list[int]]:
+    """Call ``run()`` once per autotune config: in call i every autotuned Triton launch runs config i of its pruned
+    list (modulo the list's length), until the longest list is covered. The autotuner (or VITKERN_AUTOTUNE=0) runs
+    one config per shape; this checks the others. A config over the device's limits (OutOfResources, which the
+    autotuner skips too) is reported, not failed, but at least one must run. Returns {"ran": [...], "skipped": [...]}."""
+    from triton.runtime.errors import OutOfResources
+
+    from vitkern.kernels.triton import tuning
+
+    result: dict[str, list[int]] = {"ran": [], "skipped": []}
+    index, most = 0, 1
+    while index < most:
+        with tuning.only_config(index) as seen:
+            try:
+                run()
+                result["ran"].append(index)
+            except OutOfResources:
+                result["skipped"].append(index)
+        most = max(most, seen["most"])
+        index += 1
+    assert result["ran"], f"every config ran out of resources: {result}"
+    return result

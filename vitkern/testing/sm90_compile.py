@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import io
 import re
 import subprocess
@@ -39,6 +40,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
+
+from vitkern.kernels.triton import tuning
 
 SM90 = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on H100 (227 KB, cudaDevAttrMaxSharedMemoryPerBlockOptin)
@@ -308,7 +311,9 @@ class _Recorder:
         configs, prune = self.autotune["configs"], self.autotune.get("early_config_prune")
         kept = configs
         if prune is not None:
-            named = dict(zip(real_jit(self.kernel).arg_names, args))
+            # argument names from the Python function, not real_jit(): cloning now would snapshot the module's
+            # globals while launches() has its kernels swapped for recorders
+            named = dict(zip(inspect.signature(self.kernel.fn).parameters, args))
             kept = prune(configs, named, **kwargs)
         self.log.append(Launch(self.kernel, args, kwargs, [(dict(c.kwargs), c.num_warps, c.num_stages) for c in kept],
                                autotuned=True, all_configs=[(dict(c.kwargs), c.num_warps, c.num_stages)
@@ -321,16 +326,17 @@ def _is_kernel(v) -> bool:
 
 def launches(module: types.ModuleType, launcher: Callable, *args, num_sms: int = 132, **kwargs) -> list[Launch]:
     """Every kernel launch ``launcher(*args, **kwargs)`` makes on the GPU path (pass ``meta`` tensors: the
-    launchers treat a non-CPU tensor as a GPU one), with the autotune configs it would try after pruning.
+    launchers treat a non-CPU tensor as a GPU one), with the autotune configs it would try after pruning (and after
+    the ``VITKERN_AUTOTUNE`` switch: with 0, only the first).
 
     The module's @triton.jit globals are replaced by recorders for the call, its ``_tuned*`` autotuner factories
-    by factories of recorders carrying the same configs/prune function (``triton.autotune`` is intercepted), and
+    by factories of recorders carrying the same configs/prune function (``tuning.autotune`` is intercepted), and
     ``_num_sms`` (if present) returns ``num_sms`` (132: H100 SXM). Everything is restored afterwards."""
     log: list[Launch] = []
     saved: dict[str, Any] = {}
 
-    def fake_autotune(configs, key, prune_configs_by=None, **_):
-        return lambda kernel: _Recorder(kernel, log, dict(configs=configs, **(prune_configs_by or {})))
+    def fake_autotune(kernel, configs, key, prune=None, **_):  # tuning.autotune's signature
+        return _Recorder(kernel, log, dict(configs=configs, early_config_prune=tuning.pruner(prune)))
 
     try:
         kernels = {name: v for name, v in vars(module).items() if _is_kernel(v)}
@@ -353,11 +359,11 @@ def launches(module: types.ModuleType, launcher: Callable, *args, num_sms: int =
 
 def _rebuild_tuned(cached, saved_kernels: dict, fake_autotune):
     """A fresh (uncached) copy of an ``@lru_cache`` ``_tuned(...)`` factory that sees ``fake_autotune`` for
-    ``triton.autotune`` and the original kernels (not the recorders) under their names."""
+    ``tuning.autotune`` and the original kernels (not the recorders) under their names."""
     fn = cached.__wrapped__
     glb = dict(fn.__globals__)
     glb.update(saved_kernels)
-    glb["triton"] = types.SimpleNamespace(**{**vars(triton), "autotune": fake_autotune})
+    glb["tuning"] = types.SimpleNamespace(**{**vars(tuning), "autotune": fake_autotune})
     return types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
 
 # tests/test_sm90_compile.py runs only in a process started with this set (see tests/test_sm90_compile_isolated.py)

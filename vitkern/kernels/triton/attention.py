@@ -21,6 +21,7 @@ import functools
 import torch
 import triton
 
+from vitkern.kernels.triton import tuning
 from vitkern.kernels.triton.attention_bwd import (
     attention_bwd_delta_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
 )
@@ -75,8 +76,7 @@ def _tuned(name: str):
         "dkdv": (attention_bwd_dkdv_kernel, _BWD_CONFIGS),
         "dq": (attention_bwd_dq_kernel, _BWD_CONFIGS),
     }[name]
-    return triton.autotune(configs=_configs(table), key=["N_Q", "N_K", "HEAD_DIM"],
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
+    return tuning.autotune(kernel, _configs(table), ["N_Q", "N_K", "HEAD_DIM"], prune=_prune)
 
 
 def _launch(name: str, kernel, t: torch.Tensor, grid_rows: int, b_h: int, args, **meta) -> None:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitkern.kernels.triton import tuning
+
 
 @triton.jit
 def layer_norm_fwd_kernel(
@@ -135,10 +137,8 @@ def _prune(configs, named_args, **kwargs):
 def _tuned(kernel_name: str):
     kernel = {"fwd": layer_norm_fwd_kernel, "bwd": layer_norm_bwd_kernel}[kernel_name]
     key = ["N", "HAS_RES", "HAS_W", "HAS_B"] if kernel_name == "fwd" else ["N", "HAS_DSUM", "HAS_W", "NEED_DW", "NEED_DB"]
-    return triton.autotune(
-        configs=_gpu_configs(), key=key, prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench,
-        cache_results=True,  # the choice per (N, dtype, flags) persists in Triton's cache across processes
-    )(kernel)
+    # cache_results: the choice per (N, dtype, flags) persists in Triton's cache across processes
+    return tuning.autotune(kernel, _gpu_configs(), key, prune=_prune, do_bench=_quick_bench, cache_results=True)
 
 
 def _quick_bench(kernel_call, quantiles):

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitkern.kernels.triton import tuning
+
 ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH = 0, 1, 2
 GELU_CODES = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # keyed by F.gelu's ``approximate``
 
@@ -163,9 +165,9 @@ _FLAGS = ["LN_A", "HAS_LN_W", "HAS_LN_B", "HAS_BIAS", "ACT", "STORE_PRE", "ACT_B
 
 
 def _gpu_configs() -> list[triton.Config]:
-    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
-        (128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4), (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 3, 8),
+    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); the first fits fp32 too (what VITKERN_AUTOTUNE=0 runs)
+        (128, 128, 32, 4, 4), (128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (256, 128, 64, 3, 8),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
@@ -175,7 +177,7 @@ def _gpu_configs() -> list[triton.Config]:
 
 @functools.lru_cache(maxsize=None)
 def _tuned_linear():
-    return triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"] + _FLAGS)(fused_linear_kernel)
+    return tuning.autotune(fused_linear_kernel, _gpu_configs(), ["M", "N", "K"] + _FLAGS)
 
 
 def _interpreted(t: torch.Tensor) -> bool:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitkern.kernels.triton import tuning
+
 
 @triton.jit
 def patch_row_offsets(rows, NP, GW, PH, PW, s_b, s_h, s_w):
@@ -180,7 +182,7 @@ def _gpu_configs() -> list[triton.Config]:
 def _tuned(name: str):
     kernel = {"fwd": patch_embed_fwd_kernel, "dx": patch_embed_dx_kernel, "dw": patch_embed_dw_kernel}[name]
     key = ["D", "K", "NP", "PW", "NUM_PREFIX", "NORMALIZE"]
-    return triton.autotune(configs=_gpu_configs(), key=key)(kernel)
+    return tuning.autotune(kernel, _gpu_configs(), key)
 
 
 def _interpreted(t: torch.Tensor) -> bool:

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitkern.kernels.triton import tuning
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -231,7 +233,19 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _gpu_configs() -> list[triton.Config]:
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2)]
+    # 4 warps first: a whole warpgroup (wgmma) that compiles without spills at ws 7 and is what VITKERN_AUTOTUNE=0 runs
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8, 2) for s in (1, 2)]
+
+
+MAX_SCORES_PER_THREAD = 128  # fp32 [BLOCK_M, BLOCK_N] score elements per thread
+
+
+def _prune(configs, named_args, **kwargs):
+    # ptxas -v at ws 12/16 (BLOCK_M 64 x BLOCK_N 256, tests/test_sm90_compile.py tooling): 2 warps hold 256 scores per
+    # thread and spill 17-22 KB (forward) / 38-46 KB (backward) per thread; 4 and 8 warps spill <= 7 KB. Drop them.
+    per_thread = kwargs["BLOCK_M"] * kwargs["BLOCK_N"] // 32
+    kept = [c for c in configs if per_thread // c.num_warps <= MAX_SCORES_PER_THREAD]
+    return kept or configs[:1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -240,7 +254,7 @@ def _tuned(kernel_name: str):
     key = ["WH", "WW", "HEAD_DIM", "HAS_QKV_BIAS", "HAS_MASK", "PAD_FIRST", "PRECISION", "BLOCK_M"]
     if kernel_name == "bwd":
         key += ["NEED_DTABLE", "NEED_DBIAS"]
-    return triton.autotune(configs=_gpu_configs(), key=key)(kernel)
+    return tuning.autotune(kernel, _gpu_configs(), key, prune=_prune)
 
 
 @functools.lru_cache(maxsize=None)

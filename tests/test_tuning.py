@@ -1,0 +1,91 @@
+"""The autotuning switch (vitkern/kernels/triton/tuning.py), run through Triton's real autotuner in the interpreter.
+
+A tiny kernel writes its BLOCK constexpr to every element, so the output says which config ran; a stub ``do_bench``
+counts how many configs were timed and makes a chosen one the fastest.
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from vitkern.kernels.triton import tuning
+
+pytestmark = pytest.mark.interpreter
+
+
+@triton.jit
+def _which_config_kernel(OUT, n, BLOCK: tl.constexpr):  # OUT: [n] int32 <- BLOCK
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + offs, tl.full([BLOCK], BLOCK, tl.int32), mask=offs < n)
+
+
+BLOCKS = (64, 16, 32, 128)  # the launcher's list; the prune below keeps BLOCK <= n, in this order
+
+
+def _tuner(timings: dict):
+    """An autotuned launcher over BLOCKS; returns (run(n) -> the BLOCK that ran, the BLOCKs timed so far)."""
+    timed, last_out = [], {}
+
+    def bench(kernel_call, quantiles):  # times a config: run it and read which BLOCK it was from the output
+        kernel_call()
+        block = int(last_out["t"][0])
+        timed.append(block)
+        return [timings.get(block, 1.0)] * len(quantiles)
+
+    tuner = tuning.autotune(_which_config_kernel, [triton.Config({"BLOCK": b}) for b in BLOCKS], ["n"],
+                            prune=lambda configs, named, **_: [c for c in configs if c.kwargs["BLOCK"] <= named["n"]],
+                            do_bench=bench)
+
+    def run(n: int = 40) -> int:
+        out = last_out["t"] = torch.full((n,), -1, dtype=torch.int32)  # poisoned: every element must be written
+        tuner[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](out, n)
+        assert (out == out[0]).all() and out[0] > 0, out
+        return int(out[0])
+
+    return run, timed
+
+
+def test_autotune_on_times_every_kept_config_and_runs_the_fastest(monkeypatch):
+    monkeypatch.delenv(tuning.ENV, raising=False)
+    run, timed = _tuner({16: 2.0, 32: 0.5})
+    assert run(40) == 32
+    assert timed == [16, 32]  # 64 and 128 pruned (> n); the rest timed in list order
+    assert run(40) == 32 and timed == [16, 32]  # cached per key: not timed again
+
+
+def test_autotune_off_runs_the_first_kept_config_untimed(monkeypatch):
+    monkeypatch.setenv(tuning.ENV, "0")
+    run, timed = _tuner({32: 0.5})
+    assert run(40) == 16
+    assert run(100) == 64  # another key: the first config that survives the prune at n=100
+    assert timed == []
+    assert "VITKERN_AUTOTUNE=0" in tuning.describe()
+
+
+@pytest.mark.parametrize("value", ["2", "fast"])
+def test_bad_switch_value_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv(tuning.ENV, value)
+    run, _ = _tuner({})
+    with pytest.raises(ValueError, match=r"VITKERN_AUTOTUNE must be 1 .* or 0 .*got '" + value):
+        run(40)
+
+
+def test_only_config_walks_every_kept_config_then_resets(monkeypatch):
+    monkeypatch.delenv(tuning.ENV, raising=False)
+    run, timed = _tuner({16: 2.0, 32: 0.5})
+    assert run(40) == 32  # tuned and cached before the block
+    seen = []
+    with tuning.only_config(0) as state:
+        seen.append(run(40))  # the cached choice is dropped on entry
+    for i in range(1, state["most"]):
+        with tuning.only_config(i):
+            seen.append(run(40))
+    assert state["most"] == 2 and seen == [16, 32]
+    with tuning.only_config(5):  # modulo the kept list's length
+        assert run(40) == 32
+    timed.clear()
+    assert run(40) == 32 and timed == [16, 32]  # leaving the block resets: tuned afresh
+    with tuning.only_config(0), pytest.raises(RuntimeError, match="do not nest"):
+        with tuning.only_config(1):
+            pass
