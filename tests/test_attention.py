@@ -334,6 +334,27 @@ def test_unsupported_head_dim_falls_back_with_reason():
         torch.testing.assert_close(attention(qkv=qkv, num_heads=1), ref_packed(qkv, 1))
 
 
+@pytest.mark.parametrize("layout, n, d, rejected", [
+    ("bhnd", 2**25, 64, False),  # the last element is at offset 2^31 - 1: still fits int32
+    ("bhnd", 2**25 + 1, 64, True),
+    ("packed", 2**21, 64, True),  # rows 3·H·D = 3072 apart (H=16): 2^21 rows span 3·2^31 elements
+])
+def test_triton_rejects_heads_spanning_past_int32(layout, n, d, rejected):
+    """Meta tensors: the problem is built from shapes and strides only, nothing is allocated."""
+    from vitkern import dispatch
+    from vitkern.ops import attention as attention_op
+
+    heads = 16 if layout == "packed" else 1
+    if layout == "packed":
+        qkv = torch.empty(1, n, 3, heads, d, device="meta")
+        q4, k4, v4 = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        q4 = k4 = v4 = torch.empty(1, heads, n, d, device="meta")
+    problem = attention_op.problem(dispatch.FORWARD, q4, k4, v4, layout)
+    reasons = dispatch.backends(OP)["triton"].reject_reasons(problem)
+    assert any("past 2^31" in r for r in reasons) == rejected, reasons
+
+
 def test_forced_triton_rejects_fp64():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
     with vitkern.use_backend("triton", op=OP), pytest.raises(vitkern.BackendError, match="dtype"):

@@ -131,6 +131,10 @@ class AttentionTriton(TritonBackend):
             reasons.append(f"dropout on the attention probabilities (dropout_p={p}) is not fused")
         if not problem.attr("same_dtype", True):
             reasons.append("q, k, v have different dtypes")
+        offset = problem.attr("max_head_offset", 0)
+        if offset >= 2**31:
+            reasons.append(f"offsets within one (batch, head) of q/k/v/out reach {offset}, past 2^31 - 1 (the kernels "
+                           "form row offsets in int32; batch and head offsets are int64)")
         return reasons
 
     def forward(self, q, k, v, scale, o):
@@ -150,6 +154,14 @@ dispatch.register_backend(OP, AttentionReference())
 dispatch.register_backend(OP, AttentionTriton())
 
 
+def _max_head_offset(q4: Tensor, k4: Tensor, v4: Tensor) -> int:
+    """The largest element offset a kernel forms within one (batch, head) of q, k, v or the output. The output's
+    rows are at most H·D apart in every layout (and so are the gradients')."""
+    last = [(t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) for t in (q4, k4, v4) if t.numel()]
+    B, H, nq, d = q4.shape
+    return max(last + [nq * H * d - 1])
+
+
 def problem(
     direction: str, q4: Tensor, k4: Tensor, v4: Tensor, layout: str, dropout_p: float = 0.0
 ) -> dispatch.Problem:
@@ -157,7 +169,7 @@ def problem(
     return dispatch.tensor_problem(
         OP, direction, [("q", q4), ("k", k4)],
         attrs=[("layout", layout), ("dropout_p", float(dropout_p)),
-               ("same_dtype", q4.dtype == k4.dtype == v4.dtype)],
+               ("same_dtype", q4.dtype == k4.dtype == v4.dtype), ("max_head_offset", _max_head_offset(q4, k4, v4))],
     )
 
 
