@@ -56,9 +56,9 @@ def make_inputs(case: Case, device: torch.device) -> dict[str, Tensor]:
     grad = case.direction == FWD_BWD
     kw: dict[str, Any] = dict(device=device, dtype=case.dtype)
     return {  # random, never zeros; O(1) q/k/v and bias entries as in a trained Swin
-        "qkv": torch.randn(B, hw, hw, 3 * heads * HEAD_DIM, **kw).requires_grad_(grad),
+        "qkv": torch.randn(B, hw, hw, 3 * heads * case.params["D"], **kw).requires_grad_(grad),
         "table": torch.randn((2 * ws - 1) ** 2, heads, **kw).requires_grad_(grad),
-        "qkv_bias": (0.1 * torch.randn(3 * heads * HEAD_DIM, **kw)).requires_grad_(grad),
+        "qkv_bias": (0.1 * torch.randn(3 * heads * case.params["D"], **kw)).requires_grad_(grad),
     }
 
 
@@ -70,8 +70,9 @@ def model(case: Case, provider: Provider) -> Work:
              the forward's (FlashAttention's convention, recomputation not counted). The table is negligible.
     """
     B, hw, heads, ws, _ = _geometry(case)
-    e, tokens, c = case.dtype.itemsize, B * hw * hw, heads * HEAD_DIM
-    flops = 4.0 * tokens * heads * ws * ws * HEAD_DIM  # B·nW·N = tokens
+    d = case.params["D"]
+    e, tokens, c = case.dtype.itemsize, B * hw * hw, heads * d
+    flops = 4.0 * tokens * heads * ws * ws * d  # B·nW·N = tokens
     if case.direction == FWD:
         return Work(bytes=4.0 * c * e * tokens, flops=flops)
     return Work(bytes=12.0 * c * e * tokens, flops=3.5 * flops)
@@ -83,7 +84,7 @@ def _window_qkv(qkv: Tensor, heads: int, ws: int, shift: int) -> tuple[Tensor, T
     B, H, W, c3 = qkv.shape
     if shift:
         qkv = torch.roll(qkv, shifts=(-shift, -shift), dims=(1, 2))
-    x = qkv.view(B, H // ws, ws, W // ws, ws, c3).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, 3, heads, HEAD_DIM)
+    x = qkv.view(B, H // ws, ws, W // ws, ws, c3).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, 3, heads, c3 // (3 * heads))
     return x.permute(2, 0, 3, 1, 4).unbind(0)
 
 
@@ -114,7 +115,7 @@ def _bias(table: Tensor, index: Tensor) -> Tensor:
 def _timm_eager(case: Case, inp: Any) -> Callable[[], Tensor]:
     B, hw, heads, ws, shift = _geometry(case)
     st = _static(case, inp["qkv"].device)
-    scale = HEAD_DIM ** -0.5
+    scale = case.params["D"] ** -0.5
 
     def fwd() -> Tensor:
         q, k, v = _window_qkv(inp["qkv"], heads, ws, shift)
@@ -161,7 +162,7 @@ def _flex(case: Case, inp: Any) -> Callable[[], Tensor]:
 
     def attn(qkv: Tensor) -> Tensor:
         q, k, v = _window_qkv(qkv, heads, ws, shift)
-        o = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=HEAD_DIM ** -0.5)
+        o = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=case.params["D"] ** -0.5)
         return _unwindow(o, B, hw, hw, ws, shift)
 
     compiled = compile_fresh(attn)
@@ -253,13 +254,13 @@ PROVIDERS = [
 
 def cases(ctx: Context) -> list[Case]:
     if ctx.smoke:  # tiny shapes: exercises every code path on CPU in seconds
-        return [Case({"B": 2, "HW": 14, "heads": 2, "ws": WINDOW, "shift": 3}, dt, d)
+        return [Case({"B": 2, "HW": 14, "heads": 2, "D": HEAD_DIM, "ws": WINDOW, "shift": 3}, dt, d)
                 for dt in (torch.bfloat16, torch.float32) for d in (FWD, FWD_BWD)]
-    out = [Case({"B": B, "HW": hw, "heads": h, "ws": WINDOW, "shift": 3}, torch.bfloat16, d)
+    out = [Case({"B": B, "HW": hw, "heads": h, "D": HEAD_DIM, "ws": WINDOW, "shift": 3}, torch.bfloat16, d)
            for B, hw, h in STAGES.values() for d in (FWD, FWD_BWD)]
     if not ctx.quick:
         B, hw, h = STAGES["swin_t_stage1"]
-        out += [Case({"B": B, "HW": hw, "heads": h, "ws": WINDOW, "shift": 0}, torch.bfloat16, d)
+        out += [Case({"B": B, "HW": hw, "heads": h, "D": HEAD_DIM, "ws": WINDOW, "shift": 0}, torch.bfloat16, d)
                 for d in (FWD, FWD_BWD)]
     return out
 

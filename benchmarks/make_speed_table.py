@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -43,18 +42,6 @@ CUDA, TRITON = "cuda", "triton"
 ABOUT = ("Measured winner (CUDA C++ vs Triton) per op, direction, GPU model, dtype and shape class; read by "
          "vitkern/backends/speed_table.py. Written by benchmarks/make_speed_table.py from GPU benchmark results "
          "(README.md, 'Backends and dispatch'); do not edit by hand. No entry: rank order (Triton before CUDA).")
-
-
-def _window_head_dim(params: Mapping[str, Any], row: Mapping[str, Any]) -> int:
-    """bench_window_attention fixes the head dim (HEAD_DIM) outside the case params; its vitkern row's explain text
-    (the dispatcher's Problem) records it. Taken from there rather than today's constant, which old files predate."""
-    for k in ("D", "head_dim"):
-        if k in params:
-            return int(params[k])
-    m = re.search(r"\bhead_dim=(\d+)", str(row.get("extra", {}).get("explain", "")))
-    if m is None:
-        raise ValueError("no head_dim in the case params nor in the vitkern row's explain")
-    return int(m.group(1))
 
 
 def _square(v: Any) -> tuple[int, int]:
@@ -77,7 +64,7 @@ BENCHES: dict[str, BenchMap] = {
                           lambda p, row: {"head_dim": p["D"], "seq": p["N"]}),
     "window_attention": BenchMap("window_attention", (("vitkern-cuda", "vitkern", {}),),
                                  lambda p, row: {"window_tokens": math.prod(_square(p["ws"])),
-                                                 "head_dim": _window_head_dim(p, row)}),
+                                                 "head_dim": p["D"]}),
     "layernorm": BenchMap("layer_norm", (("vitkern-cuda", "vitkern", {"residual": False}),
                                          ("vitkern-cuda-residual", "vitkern-residual", {"residual": True})),
                           lambda p, row: {"width": p["N"]}, cuda_backward=True),

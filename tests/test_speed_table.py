@@ -201,7 +201,7 @@ def test_bench_cases_map_to_the_dispatchers_classes():
     cases = {  # bench: (params as the bench records them, the vitkern row's extra, the problem's class)
         "attention": ({"shape": "tiny", "B": 2, "H": 2, "N": 197, "D": 64}, {},
                       _class("attention", qkv=r(2, 197, 3 * 2 * 64), num_heads=2)),
-        "window_attention": ({"B": 2, "HW": 14, "heads": 2, "ws": 7, "shift": 3}, {"explain": str(wa)},
+        "window_attention": ({"B": 2, "HW": 14, "heads": 2, "D": 32, "ws": 7, "shift": 3}, {},
                              st.problem_class(wa.problem)),
         "layernorm": ({"M": 64, "N": 768}, {}, _class("layer_norm", r(64, 768), 768)),
         "ln_mlp": ({"M": 64, "D": 32}, {}, _class("ln_mlp", r(64, 32), None, None, r(128, 32), None, r(32, 128), None)),
@@ -213,7 +213,7 @@ def test_bench_cases_map_to_the_dispatchers_classes():
         m = mst.BENCHES[bench]
         got = st.shape_class(m.op, {**m.dims(params, {"extra": extra}), **m.pairs[0][2]})
         assert got == want, bench
-    with pytest.raises(ValueError, match="head_dim"):  # no silent guess of the window bench's head dim
+    with pytest.raises(KeyError, match="D"):  # no silent guess of the window bench's head dim
         mst.BENCHES["window_attention"].dims({"B": 2, "HW": 14, "heads": 2, "ws": 7, "shift": 3}, {"extra": {}})
 
 
