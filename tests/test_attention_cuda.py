@@ -64,15 +64,6 @@ def test_unavailable_without_gpu_with_reason():
     assert "cuda: rejected: " + reason in str(choice), str(choice)
 
 
-def test_explain_says_when_the_extension_is_not_built(run_without_extension):
-    out = run_without_extension(
-        "import torch, vitkern\n"
-        "print(vitkern.explain(vitkern.functional.attention, qkv=torch.randn(2, 7, 3 * 64), num_heads=2))\n"
-    )
-    line = next(ln for ln in out.splitlines() if ln.strip().startswith("cuda:"))
-    assert "rejected: CUDA extension unavailable: vitkern._C is not built" in line, out
-
-
 def test_rejects_what_the_kernels_cannot_run():
     p = _problem(device="cpu", dtype=torch.float32, q=(2, 3, 0, 48), k=(2, 3, 5, 48), dropout_p=0.1,
                  same_dtype=False)

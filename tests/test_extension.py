@@ -174,6 +174,22 @@ def test_extension_status_when_not_built(run_without_extension):
     assert "not built" in st["reason"] and "--no-build-isolation" in st["reason"]
 
 
+def test_explain_says_when_the_extension_is_not_built(run_without_extension):
+    """Every op's CUDA backend, in a process where vitkern._C cannot be imported: rejected with that reason (the
+    calls are `vitkern info`'s representative ones, one per op)."""
+    out = run_without_extension(
+        "from vitkern import cli, dispatch\n"
+        "for label, op, args, kwargs in cli._probe_calls():\n"
+        "    print('OP ' + op)\n"
+        "    print(dispatch.explain(op, *args, **kwargs))\n"
+    )
+    sections = {s.split("\n", 1)[0]: s for s in out.split("OP ")[1:]}
+    assert set(sections) == {"layer_norm", "ln_linear", "ln_mlp", "attention", "window_attention", "patch_embed"}, out
+    for op, text in sections.items():
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith("cuda:"))
+        assert "rejected: CUDA extension unavailable: vitkern._C is not built" in line, (op, text)
+
+
 def test_import_vitkern_does_not_need_the_extension():
     import vitkern  # noqa: F401
     import vitkern._extension  # noqa: F401

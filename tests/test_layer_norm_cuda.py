@@ -57,16 +57,6 @@ def test_unavailable_without_gpu_with_reason():
     assert "cuda: rejected: " + reason in text, text
 
 
-def test_explain_says_when_the_extension_is_not_built(run_without_extension):
-    # a fresh process in which vitkern._C cannot be imported (as on a machine that never built it)
-    out = run_without_extension(
-        "import torch, vitkern\n"
-        "print(vitkern.explain('layer_norm', torch.randn(3, 192), 192))\n"
-    )
-    line = next(ln for ln in out.splitlines() if ln.strip().startswith("cuda:"))
-    assert "rejected: CUDA extension unavailable: vitkern._C is not built" in line, out
-
-
 def test_rejects_what_the_kernels_cannot_run():
     b = _backend()
     p = vitkern.dispatch.Problem(

@@ -58,15 +58,6 @@ def test_unavailable_without_gpu_with_reason():
     assert "cuda: rejected: " + reason in str(choice), str(choice)
 
 
-def test_explain_says_when_the_extension_is_not_built(run_without_extension):
-    out = run_without_extension(
-        "import torch, vitkern\n"
-        "print(vitkern.explain('patch_embed', torch.randn(2, 3, 32, 32), torch.randn(48, 3, 8, 8)))\n"
-    )
-    line = next(ln for ln in out.splitlines() if ln.strip().startswith("cuda:"))
-    assert "rejected: CUDA extension unavailable: vitkern._C is not built" in line, out
-
-
 def test_backward_problems_go_to_the_next_backend_with_the_reason():
     x, w = torch.randn(2, 3, 32, 32), torch.randn(48, 3, 8, 8)
     assert _backend().reject_reasons(pe_problem(dispatch.BACKWARD, x, w)) == [BACKWARD_REASON]

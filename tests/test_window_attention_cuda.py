@@ -69,16 +69,6 @@ def test_unavailable_without_gpu_with_reason():
     assert "cuda: rejected: " + reason in str(choice), str(choice)
 
 
-def test_explain_says_when_the_extension_is_not_built(run_without_extension):
-    out = run_without_extension(
-        "import torch, vitkern\n"
-        "qkv, table = torch.randn(1, 14, 14, 3 * 64), torch.randn(13 * 13, 2)\n"
-        "print(vitkern.explain(vitkern.functional.window_attention, qkv, table, 2, 7, 3))\n"
-    )
-    line = next(ln for ln in out.splitlines() if ln.strip().startswith("cuda:"))
-    assert "rejected: CUDA extension unavailable: vitkern._C is not built" in line, out
-
-
 def test_rejects_what_the_kernel_cannot_run():
     p = _problem(device="cpu", dtype=torch.float32, qkv=(0, 17, 17, 48), window=(17, 17), head_dim=16,
                  contiguous=False)
