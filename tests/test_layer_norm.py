@@ -135,7 +135,7 @@ def test_triton_gpu_parity(dtype, width, rows, residual):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])  # tiling differs per config, not per dtype
 def test_triton_gpu_every_config(dtype):
     """Every rows-per-program / warps config of the forward (with residual) and backward at ViT-B width, with a row
     count (394) that leaves a partial last block for every BLOCK_M."""

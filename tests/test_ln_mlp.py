@@ -235,11 +235,10 @@ def test_triton_gpu_vs_timm(dtype, dim, rows):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])  # tiling differs per config, not per dtype
 def test_triton_gpu_every_config(dtype):
     """Every GEMM tile config of every fused_linear variant (LN+qkv, LN+fc1+GELU, fc2+layer scale+residual and the
-    backward GEMMs) at M = 2·197 (a partial last row tile for every BLOCK_M); fp32 configs over the shared-memory
-    limit are skipped as the autotuner skips them."""
+    backward GEMMs) at M = 2·197 (a partial last row tile for every BLOCK_M)."""
     def run():
         run_mlp_parity(2 * 197, 384, 4 * 384, dtype, "cuda", True)
         run_linear_parity(2 * 197, 384, dtype, "cuda")

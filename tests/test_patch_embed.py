@@ -481,7 +481,7 @@ def test_triton_gpu_parity(dtype, img, p, prefix, no_embed_class):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])  # tiling differs per config, not per dtype
 def test_triton_gpu_every_config(dtype):
     """Every tile config of the forward and the input/weight gradient GEMMs (ViT-B/16 stem, class token), not only
     the one the autotuner picks or VITKERN_AUTOTUNE=0 runs."""
