@@ -3,12 +3,15 @@
 # with logs and results copied to $OUT and a short summary printed LAST (the device tool returns only the tail).
 #
 #   scripts/gpu_suite.sh [--quick] [--only NAME[,NAME]] [--tests "PATH ..."] [--no-tests] [--no-bench] [--sanitize]
-#                        [--autotune] [-- extra pytest args]
+#                        [--autotune] [--jobs N] [-- extra pytest args]
 #   --sanitize: compute-sanitizer memcheck/racecheck/synccheck over small shapes of the CUDA attention kernels
 #   --autotune: let the GPU tests autotune too. By default they run with VITKERN_AUTOTUNE=0 (each Triton launch runs
 #               its first config; vitkern/kernels/triton/tuning.py): autotuning compiles every config of every
 #               (shape, dtype, flags) key, minutes of compiling over hundreds of test shapes. The *_every_config tests
 #               check the other configs; the benchmarks always autotune.
+#   --jobs N:   run the test files in N pytest processes at once (default 4; round-robin over the files in the order
+#               given, so list the heavy ones first). Triton compiles on one CPU core per process, and the GPU tests
+#               are mostly compilation on a fresh machine; a crash (e.g. a sticky CUDA error) also ends one process only.
 #
 # The whole suite outgrows one 10-minute device command as op families land: split it per family, e.g.
 #   scripts/gpu_suite.sh --only layernorm --tests "tests/test_layer_norm.py tests/test_layer_norm_cuda.py tests/test_extension.py"
@@ -28,7 +31,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 budget="${SUITE_BUDGET_S:-570}"
-quick=() only=() run_tests=1 run_bench=1 run_sanitizer=0 test_autotune=0 pytest_extra=() test_paths=(tests/)
+quick=() only=() run_tests=1 run_bench=1 run_sanitizer=0 test_autotune=0 jobs=4 pytest_extra=() test_paths=(tests/)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=(--quick) ;;
@@ -38,6 +41,7 @@ while [ $# -gt 0 ]; do
     --no-bench) run_bench=0 ;;
     --sanitize) run_sanitizer=1 ;;
     --autotune) test_autotune=1 ;;
+    --jobs) jobs="$2"; shift ;;
     --) shift; pytest_extra=("$@"); break ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -102,12 +106,31 @@ if [ "$run_tests" = 1 ]; then
   hr; echo "pytest -m gpu (cap ${cap}s) ..."
   per_test=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
-  echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune"
-  VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.log" \
-    "$PY" -m pytest -m gpu "${test_paths[@]}" -q -rs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
-  pytest_rc=$?
-  [ "$pytest_rc" = 124 ] && echo "pytest TIMED OUT after ${cap}s" | tee -a "$logs/pytest.log"
-  tail -n 3 "$logs/pytest.log"
+  files=()
+  for p in "${test_paths[@]}"; do
+    if [ -d "$p" ]; then files+=("$p"/test_*.py); else files+=("$p"); fi
+  done
+  [ "$jobs" -gt "${#files[@]}" ] && jobs=${#files[@]}
+  [ "$jobs" -lt 1 ] && jobs=1
+  echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune; ${#files[@]} files in $jobs pytest processes"
+  pids=()
+  for ((g = 0; g < jobs; g++)); do
+    group=()
+    for ((i = g; i < ${#files[@]}; i += jobs)); do group+=("${files[$i]}"); done
+    echo "  process $g: ${group[*]}"
+    VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.$g.log" \
+      "$PY" -m pytest -m gpu "${group[@]}" -q -rfEs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}" &
+    pids+=($!)
+  done
+  pytest_rc=5  # pytest's "nothing collected" unless a process says otherwise; the first real failure wins
+  for ((g = 0; g < jobs; g++)); do
+    wait "${pids[$g]}"; rc=$?
+    [ "$rc" = 124 ] && echo "pytest process $g TIMED OUT after ${cap}s" | tee -a "$logs/pytest.$g.log"
+    if [ "$rc" != 5 ] && { [ "$pytest_rc" = 5 ] || [ "$pytest_rc" = 0 ]; }; then pytest_rc=$rc; fi
+    { echo "===== pytest process $g (rc=$rc)"; cat "$logs/pytest.$g.log"; } >>"$logs/pytest.log"
+    echo "  process $g: rc=$rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
+      "$logs/pytest.$g.log" | tail -n 1)"
+  done
 fi
 
 sanitizer_rc=skipped
@@ -152,8 +175,9 @@ fi
 hr; echo "SUMMARY  ($(date -u +%H:%M:%SZ), ${SECONDS}s)"
 echo "CUDA build: $build_rc"
 if [ "$pytest_rc" != skipped ]; then
-  counts="$(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' "$logs/pytest.log" | tail -n 1)"
-  echo "pytest -m gpu: rc=$pytest_rc  ${counts:-no summary line (see pytest.log)}"
+  echo "pytest -m gpu: rc=$pytest_rc  (per process:)"
+  grep -E '^=+ .*[0-9]+ (passed|failed|errors?|skipped|deselected)|^[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
+    "$logs/pytest.log" | sed 's/^/  /'
   grep -E '^(FAILED|ERROR) ' "$logs/pytest.log" | head -n 15
 fi
 echo "compute-sanitizer: rc=$sanitizer_rc"
