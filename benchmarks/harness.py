@@ -560,6 +560,16 @@ def _nvidia_smi() -> dict[str, str]:
         return {}
 
 
+def _triton_configs() -> str:
+    """How vitkern's Triton launches chose their configs (VITKERN_AUTOTUNE): rows measured untuned must say so."""
+    try:
+        from vitkern.kernels.triton import tuning
+
+        return tuning.describe()
+    except Exception as e:  # noqa: BLE001 - a bad VITKERN_AUTOTUNE value, or vitkern not importable
+        return f"unknown ({type(e).__name__}: {e})"
+
+
 def collect_metadata(
     device: torch.device | str, peaks: Peaks | None, argv: Sequence[str] | None = None
 ) -> dict[str, Any]:
@@ -599,6 +609,7 @@ def collect_metadata(
         "driver": None,
         "nvidia_smi": {},
         "peaks": dataclasses.asdict(peaks) if peaks else None,
+        "triton_configs": _triton_configs(),
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
     }
     if device.type == "cuda":

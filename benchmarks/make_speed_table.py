@@ -18,8 +18,8 @@ Directions: ``fwd`` entries come from the ``fwd`` rows. ``bwd`` entries only for
 CUDA backward too (LayerNorm), from ``(fwd+bwd) - fwd`` of each provider; the other CUDA backends are forward-only
 (their ``fwd+bwd`` rows run the Triton backward), so they get none.
 
-Only GPU-timed results are accepted: a file whose metadata says smoke, or with a row timed by the CPU smoke timer,
-makes the script refuse (exit 2). Later files (``meta.date_utc``) replace earlier measurements of the same class;
+Only GPU-timed results with Triton autotuned are accepted: a file whose metadata says smoke or VITKERN_AUTOTUNE=0,
+or with a row timed by the CPU smoke timer, makes the script refuse (exit 2). Later files (``meta.date_utc``) replace earlier measurements of the same class;
 ``--merge`` keeps the current table's entries for classes the given results do not measure.
 """
 
@@ -126,6 +126,9 @@ def read_results(paths: Iterable[str | Path], notes: list[str]) -> list[tuple[Pa
         if meta.get("smoke") or smoke or str(meta.get("device", "cpu")).lower().startswith("cpu"):
             raise RefusedResults(f"{_rel(f)}: CPU smoke results ({meta.get('timer') or CPU_TIMER}), not measurements; "
                                  "the speed table takes GPU-timed results only")
+        if "VITKERN_AUTOTUNE=0" in str(meta.get("triton_configs", "")):
+            raise RefusedResults(f"{_rel(f)}: measured with VITKERN_AUTOTUNE=0 (untuned Triton configs): CUDA vs "
+                                 "Triton must be compared with Triton autotuned")
         docs.append((f, doc))
     return sorted(docs, key=lambda fd: str((fd[1].get("meta") or {}).get("date_utc", "")))
 

@@ -102,7 +102,7 @@ def _summary(meta: dict[str, Any], sections: list[tuple[str, list[Row], list[str
             if peaks
             else "- peaks: not measured"
         ),
-        f"- timer: {meta['timer']}",
+        f"- timer: {meta['timer']}; vitkern Triton launches: {meta.get('triton_configs', 'unknown')}",
         f"- command: `{meta['command']}`",
     ]
     if meta.get("smoke"):

@@ -61,8 +61,9 @@ def test_smoke_end_to_end_writes_json_and_csv(tmp_path: Path) -> None:
     doc = json.loads(json_path.read_text())
     assert doc["schema"] == harness.SCHEMA and doc["bench"] == "toy" and len(doc["rows"]) == 4
     for key in ("device", "sm_count", "torch", "triton", "cuda", "cudnn", "driver", "python", "git_commit",
-                "date_utc", "peaks", "command", "smoke", "timer"):
+                "date_utc", "peaks", "command", "smoke", "timer", "triton_configs"):
         assert key in doc["meta"], key
+    assert doc["meta"]["triton_configs"].startswith(("autotuned", "first config")), doc["meta"]["triton_configs"]
     assert doc["meta"]["smoke"] is True and doc["meta"]["peaks"] is None and doc["meta"]["command"] == "pytest"
     assert doc["rows"][0]["dtype"] == "float32" and doc["rows"][0]["params"] == {"N": 1000}
     with csv_path.open() as fh:

@@ -289,6 +289,14 @@ def test_make_speed_table_builds_winners_by_margin(tmp_path, capsys):
     assert ("attention", "fwd", "H100", "bfloat16", "head_dim=64,seq<=1024") in st.load(out).entries
 
 
+def test_make_speed_table_refuses_untuned_results(tmp_path, capsys):
+    out = tmp_path / "speed_table.json"
+    untuned = write(tmp_path, "attention", attention_rows(),
+                    triton_configs="first config of each launcher, not tuned (VITKERN_AUTOTUNE=0)")
+    assert mst.main([str(untuned), "--out", str(out)]) == 2 and not out.exists()
+    assert "VITKERN_AUTOTUNE=0" in capsys.readouterr().err
+
+
 def test_make_speed_table_refuses_smoke_results(tmp_path, capsys):
     out = tmp_path / "speed_table.json"
     smoke_rows = [dataclasses.replace(r, timer=harness.CPU_TIMER) for r in attention_rows()]
