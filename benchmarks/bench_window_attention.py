@@ -46,19 +46,19 @@ def _vitkern() -> Any:
     return vitkern
 
 
-def _geometry(case: Case) -> tuple[int, int, int, int, int]:
+def _geometry(case: Case) -> tuple[int, int, int, int, int, int]:
     p = case.params
-    return p["B"], p["HW"], p["heads"], p["ws"], p["shift"]
+    return p["B"], p["HW"], p["heads"], p["D"], p["ws"], p["shift"]
 
 
 def make_inputs(case: Case, device: torch.device) -> dict[str, Tensor]:
-    B, hw, heads, ws, _ = _geometry(case)
+    B, hw, heads, d, ws, _ = _geometry(case)
     grad = case.direction == FWD_BWD
     kw: dict[str, Any] = dict(device=device, dtype=case.dtype)
     return {  # random, never zeros; O(1) q/k/v and bias entries as in a trained Swin
-        "qkv": torch.randn(B, hw, hw, 3 * heads * case.params["D"], **kw).requires_grad_(grad),
+        "qkv": torch.randn(B, hw, hw, 3 * heads * d, **kw).requires_grad_(grad),
         "table": torch.randn((2 * ws - 1) ** 2, heads, **kw).requires_grad_(grad),
-        "qkv_bias": (0.1 * torch.randn(3 * heads * case.params["D"], **kw)).requires_grad_(grad),
+        "qkv_bias": (0.1 * torch.randn(3 * heads * d, **kw)).requires_grad_(grad),
     }
 
 
@@ -69,8 +69,7 @@ def model(case: Case, provider: Provider) -> Work:
     fwd+bwd: plus read qkv, out and dout again and write dqkv (8C·e per token); backward matmuls counted as 2.5x
              the forward's (FlashAttention's convention, recomputation not counted). The table is negligible.
     """
-    B, hw, heads, ws, _ = _geometry(case)
-    d = case.params["D"]
+    B, hw, heads, d, ws, _ = _geometry(case)
     e, tokens, c = case.dtype.itemsize, B * hw * hw, heads * d
     flops = 4.0 * tokens * heads * ws * ws * d  # B·nW·N = tokens
     if case.direction == FWD:
@@ -84,7 +83,8 @@ def _window_qkv(qkv: Tensor, heads: int, ws: int, shift: int) -> tuple[Tensor, T
     B, H, W, c3 = qkv.shape
     if shift:
         qkv = torch.roll(qkv, shifts=(-shift, -shift), dims=(1, 2))
-    x = qkv.view(B, H // ws, ws, W // ws, ws, c3).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, 3, heads, c3 // (3 * heads))
+    x = qkv.view(B, H // ws, ws, W // ws, ws, c3).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(-1, ws * ws, 3, heads, c3 // (3 * heads))
     return x.permute(2, 0, 3, 1, 4).unbind(0)
 
 
@@ -98,7 +98,7 @@ def _static(case: Case, device: torch.device) -> dict[str, Any]:
     """timm's buffers: relative_position_index [N, N], the shift mask [nW, N, N] (or None), region ids [nW, N]."""
     from vitkern.reference import swin as ref_swin
 
-    B, hw, heads, ws, shift = _geometry(case)
+    B, hw, heads, _, ws, shift = _geometry(case)
     mask = ref_swin.shifted_window_mask(hw, hw, ws, shift, device=device, dtype=case.dtype) if shift else None
     ids = torch.arange(hw, device=device)
     ids = (torch.where(ids < hw - ws, 0, torch.where(ids < hw - shift, 1, 2)) if shift else torch.zeros_like(ids))
@@ -113,9 +113,9 @@ def _bias(table: Tensor, index: Tensor) -> Tensor:
 
 
 def _timm_eager(case: Case, inp: Any) -> Callable[[], Tensor]:
-    B, hw, heads, ws, shift = _geometry(case)
+    B, hw, heads, d, ws, shift = _geometry(case)
     st = _static(case, inp["qkv"].device)
-    scale = case.params["D"] ** -0.5
+    scale = d ** -0.5
 
     def fwd() -> Tensor:
         q, k, v = _window_qkv(inp["qkv"], heads, ws, shift)
@@ -129,7 +129,7 @@ def _timm_eager(case: Case, inp: Any) -> Callable[[], Tensor]:
 
 
 def _sdpa_mask(case: Case, inp: Any) -> Callable[[], Tensor]:
-    B, hw, heads, ws, shift = _geometry(case)
+    B, hw, heads, _, ws, shift = _geometry(case)
     st = _static(case, inp["qkv"].device)
     n = ws * ws
 
@@ -147,7 +147,7 @@ def _sdpa_mask(case: Case, inp: Any) -> Callable[[], Tensor]:
 def _flex(case: Case, inp: Any) -> Callable[[], Tensor]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    B, hw, heads, ws, shift = _geometry(case)
+    B, hw, heads, d, ws, shift = _geometry(case)
     st = _static(case, inp["qkv"].device)
     index, labels, table, n = st["index"], st["labels"], inp["table"], ws * ws
     nw = labels.shape[0]
@@ -162,7 +162,7 @@ def _flex(case: Case, inp: Any) -> Callable[[], Tensor]:
 
     def attn(qkv: Tensor) -> Tensor:
         q, k, v = _window_qkv(qkv, heads, ws, shift)
-        o = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=case.params["D"] ** -0.5)
+        o = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=d ** -0.5)
         return _unwindow(o, B, hw, hw, ws, shift)
 
     compiled = compile_fresh(attn)
@@ -170,7 +170,7 @@ def _flex(case: Case, inp: Any) -> Callable[[], Tensor]:
 
 
 def _vk(case: Case, inp: Any) -> Callable[[], Tensor]:
-    _, _, heads, ws, shift = _geometry(case)
+    _, _, heads, _, ws, shift = _geometry(case)
     wa = _vitkern().functional.window_attention
     return lambda: wa(inp["qkv"], inp["table"], heads, ws, shift, qkv_bias=inp["qkv_bias"])
 
@@ -178,7 +178,7 @@ def _vk(case: Case, inp: Any) -> Callable[[], Tensor]:
 def _vk_cuda(case: Case, inp: Any) -> Callable[[], Tensor]:
     """The CUDA C++ forward (csrc/ops/window_attention.cu), Triton backward (the CUDA backend rejects backward
     problems). Strict check first: a case the CUDA backend rejects is an error row, not a silent Triton run."""
-    _, _, heads, ws, shift = _geometry(case)
+    _, _, heads, _, ws, shift = _geometry(case)
     vk = _vitkern()
     wa = vk.functional.window_attention
     with vk.use_backend("cuda", op="window_attention"):
@@ -233,7 +233,7 @@ def _describe(setup, vitkern_backend: bool = False):
     def describe(case: Case, inp: Any) -> dict[str, Any]:
         extra = _peak_mib(setup, case, inp)
         if vitkern_backend:
-            _, _, heads, ws, shift = _geometry(case)
+            _, _, heads, _, ws, shift = _geometry(case)
             choice = _vitkern().explain("window_attention", inp["qkv"], inp["table"], heads, ws, shift,
                                         qkv_bias=inp["qkv_bias"])
             extra.update(backend=str(choice.backend_name), explain=str(choice))

@@ -19,8 +19,9 @@ CUDA backward too (LayerNorm), from ``(fwd+bwd) - fwd`` of each provider; the ot
 (their ``fwd+bwd`` rows run the Triton backward), so they get none.
 
 Only GPU-timed results with Triton autotuned are accepted: a file whose metadata says smoke or VITKERN_AUTOTUNE=0,
-or with a row timed by the CPU smoke timer, makes the script refuse (exit 2). Later files (``meta.date_utc``) replace earlier measurements of the same class;
-``--merge`` keeps the current table's entries for classes the given results do not measure.
+or with a row timed by the CPU smoke timer, makes the script refuse (exit 2). Later files (``meta.date_utc``) replace
+earlier measurements of the same class; ``--merge`` keeps the current table's entries for classes the given results
+do not measure.
 """
 
 from __future__ import annotations
