@@ -123,13 +123,15 @@ if [ "$run_tests" = 1 ]; then
     pids+=($!)
   done
   pytest_rc=5  # pytest's "nothing collected" unless a process says otherwise; the first real failure wins
+  pytest_counts=()  # one "process g: rc=.. <pytest's last count line>" per process, for the summary too
   for ((g = 0; g < jobs; g++)); do
     wait "${pids[$g]}"; rc=$?
     [ "$rc" = 124 ] && echo "pytest process $g TIMED OUT after ${cap}s" | tee -a "$logs/pytest.$g.log"
     if [ "$rc" != 5 ] && { [ "$pytest_rc" = 5 ] || [ "$pytest_rc" = 0 ]; }; then pytest_rc=$rc; fi
     { echo "===== pytest process $g (rc=$rc)"; cat "$logs/pytest.$g.log"; } >>"$logs/pytest.log"
-    echo "  process $g: rc=$rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
-      "$logs/pytest.$g.log" | tail -n 1)"
+    pytest_counts+=("process $g: rc=$rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
+      "$logs/pytest.$g.log" | tail -n 1)")
+    echo "  ${pytest_counts[-1]}"
   done
 fi
 
@@ -175,9 +177,8 @@ fi
 hr; echo "SUMMARY  ($(date -u +%H:%M:%SZ), ${SECONDS}s)"
 echo "CUDA build: $build_rc"
 if [ "$pytest_rc" != skipped ]; then
-  echo "pytest -m gpu: rc=$pytest_rc  (per process:)"
-  grep -E '^=+ .*[0-9]+ (passed|failed|errors?|skipped|deselected)|^[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
-    "$logs/pytest.log" | sed 's/^/  /'
+  echo "pytest -m gpu: rc=$pytest_rc"
+  printf '  %s\n' "${pytest_counts[@]}"
   grep -E '^(FAILED|ERROR) ' "$logs/pytest.log" | head -n 15
 fi
 echo "compute-sanitizer: rc=$sanitizer_rc"
