@@ -308,13 +308,11 @@ class _Recorder:
             stages = kwargs.pop("num_stages", 3)
             self.log.append(Launch(self.kernel, args, kwargs, [({}, warps, stages)], autotuned=False))
             return
-        configs, prune = self.autotune["configs"], self.autotune.get("early_config_prune")
-        kept = configs
-        if prune is not None:
-            # argument names from the Python function, not real_jit(): cloning now would snapshot the module's
-            # globals while launches() has its kernels swapped for recorders
-            named = dict(zip(inspect.signature(self.kernel.fn).parameters, args))
-            kept = prune(configs, named, **kwargs)
+        configs, prune = self.autotune["configs"], self.autotune["early_config_prune"]  # tuning.pruner(...)
+        # argument names from the Python function, not real_jit(): cloning now would snapshot the module's globals
+        # while launches() has its kernels swapped for recorders
+        named = dict(zip(inspect.signature(self.kernel.fn).parameters, args))
+        kept = prune(configs, named, **kwargs)
         self.log.append(Launch(self.kernel, args, kwargs, [(dict(c.kwargs), c.num_warps, c.num_stages) for c in kept],
                                autotuned=True, all_configs=[(dict(c.kwargs), c.num_warps, c.num_stages)
                                                             for c in configs]))
