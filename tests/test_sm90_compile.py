@@ -111,7 +111,9 @@ def ln_linear_launches(width: int, dtype):
     out += launches(lnl_k, lnl_k.fused_linear, x, w2, _t(M, hidden, dtype=dtype), act=lnl_k.ACT_GELU_ERF, pre=pre,
                     act_bwd=True)  # backward through fc2 and GELU
     out += launches(lnl_k, lnl_k.fused_linear, h, w1, _t(M, width, dtype=dtype))  # backward through fc1
-    return _tag(out, ["stats", "apply", "qkv", "fc1", "fc2", "fc2-bwd", "fc1-bwd"])
+    out += launches(lnl_k, lnl_k.fused_linear, x, w_qkv[:width].t(), _t(M, width, dtype=dtype), bias=g,
+                    residual=x)  # linear_residual: proj + residual (Swin: no layer scale)
+    return _tag(out, ["stats", "apply", "qkv", "fc1", "fc2", "fc2-bwd", "fc1-bwd", "proj"])
 
 
 def patch_embed_launches(patch: int, dtype, uint8_norm: bool = False):

@@ -89,10 +89,13 @@ class LnLinearTriton(TritonBackend):
 
     ln = LayerNormTriton()
 
+    def __init__(self, layer_norm: bool = True) -> None:
+        self.layer_norm = layer_norm  # the op runs the statistics pre-pass (False: a plain GEMM with epilogues)
+
     def reject_reasons(self, problem: dispatch.Problem) -> list[str]:
         reasons = self.device_reasons(problem)
         m, k = problem.shape("x")
-        if k > TRITON_MAX_K:
+        if self.layer_norm and k > TRITON_MAX_K:
             reasons.append(f"input width {k} > {TRITON_MAX_K} (single-tile statistics pre-pass)")
         if m == 0:
             reasons.append("empty input (M = 0)")
@@ -130,9 +133,10 @@ class LnLinearTriton(TritonBackend):
         return out, (pre if want_pre else None)
 
 
-def register(op: str) -> None:
+def register(op: str, layer_norm: bool = True) -> None:
+    """The reference and Triton backends of a GEMM-family op (``layer_norm``: whether it normalises its input)."""
     dispatch.register_backend(op, LnLinearReference())
-    dispatch.register_backend(op, LnLinearTriton())
+    dispatch.register_backend(op, LnLinearTriton(layer_norm))
 
 
 register(OP)
@@ -157,6 +161,32 @@ def ln_weight_grads(backend, dxn: Tensor, dsum: Optional[Tensor], x: Tensor, ln_
 
 def col_sum(t: Tensor) -> Tensor:
     return t.sum(0, dtype=stat_dtype(t))
+
+
+def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 (fp64 for fp64) result: cuBLAS's fp32 output for 16-bit operands on CUDA."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+    return a @ b
+
+
+def scaled_linear_grads(dy: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor]):
+    """Parameter gradients of y = residual + γ · (a @ Wᵀ + b) (fc2 of the MLP, the attention's proj):
+    dW = γ·(dyᵀ @ a), db = γ·Σ dy, dγ = Σ_m dy ∘ (a @ Wᵀ + b) = rowsum(W ∘ G) + b ∘ Σ dy with G = dyᵀ @ a, so the
+    GEMM output is neither kept nor recomputed. Returns dW, db, dγ (empty where the parameter is absent)."""
+    dy_sum = col_sum(dy)
+    if layer_scale is None:
+        db = dy_sum.to(bias.dtype) if bias is not None else _empty(a)
+        return dy.t() @ a, db, _empty(a)
+    acc = stat_dtype(a)
+    g = _mm_acc(dy.t(), a).to(acc)  # [N, K] = dW before the layer scale, kept in fp32: dγ and dW both derive from it
+    lsf = layer_scale.to(acc)
+    dw = (g * lsf[:, None]).to(weight.dtype)
+    db = (dy_sum * lsf).to(bias.dtype) if bias is not None else _empty(a)
+    dls = (weight.to(acc) * g).sum(1)
+    if bias is not None:
+        dls = dls + bias.to(acc) * dy_sum
+    return dw, db, dls.to(layer_scale.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops

@@ -20,8 +20,8 @@ it and re-deriving it from pre is another M×H pass.
   dLN   = dpre @ W1                            Triton GEMM
   dx    = LN-backward(dLN) + dy                LayerNorm backward kernel (residual gradient added in the same pass)
   weight gradients with torch/cuBLAS (deterministic, no atomics; see vitkern.ops.ln_linear):
-  dW1 = dpreᵀ @ LN(x) (LN recomputed), db1 = Σ dpre, G = dyᵀ @ h (fp32 result), dW2 = γ_ls·G, db2 = γ_ls·Σ dy,
-  dγ_ls = Σ_m dy ∘ fc2(h) = rowsum(W2 ∘ G) + b2 ∘ Σ dy   (no need to keep or recompute the fc2 output).
+  dW1 = dpreᵀ @ LN(x) (LN recomputed), db1 = Σ dpre, and dW2, db2, dγ_ls from
+  vitkern.ops.ln_linear.scaled_linear_grads (no need to keep or recompute the fc2 output).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from vitkern import dispatch
 from vitkern.ops.ln_linear import BACKEND_FUSED_FORWARD, _empty, _unit_col_stride, col_sum, ln_weight_grads, problem, \
-    register, stat_dtype
+    register, scaled_linear_grads, stat_dtype
 
 OP = "ln_mlp"
 APPROXIMATIONS = ("none", "tanh")  # F.gelu's ``approximate``: "none" is the exact erf form (timm's default)
@@ -74,13 +74,6 @@ def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_s
     return x.new_empty(x.shape), act(), act(), stats, stats.new_empty(stats.shape)
 
 
-def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with an fp32 (fp64 for fp64) result: cuBLAS's fp32 output for 16-bit operands on CUDA."""
-    if a.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
-    return a @ b
-
-
 @torch.library.custom_op("vitkern::ln_mlp_bwd", mutates_args=())
 def ln_mlp_bwd(
     dy: Tensor, x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], fc1_weight: Tensor,
@@ -92,26 +85,13 @@ def ln_mlp_bwd(
     dy = _unit_col_stride(dy)  # autograd may hand us expanded (stride-0) gradients
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
     backend = dispatch.select(_problem(dispatch.BACKWARD, x, *params)).backend
-    acc = stat_dtype(x)
     w2s = fc2_weight * layer_scale[:, None] if layer_scale is not None else fc2_weight  # [D, H]: (dy·γ_ls) @ W2
     dpre, _ = backend.linear(dy, w2s, gelu=approximate, act_bwd=True, pre=pre)  # [M, H]
     dxn, _ = backend.linear(dpre, fc1_weight)  # [M, D]
     dx, dlnw, dlnb, xn = ln_weight_grads(backend, dxn, dy, x, ln_weight, ln_bias, mean, rstd)
     dw1 = dpre.t() @ xn
     db1 = col_sum(dpre).to(fc1_bias.dtype) if fc1_bias is not None else _empty(x)
-    dy_sum = col_sum(dy)
-    if layer_scale is None:
-        dw2, dls = dy.t() @ h, _empty(x)
-        db2 = dy_sum.to(fc2_bias.dtype) if fc2_bias is not None else _empty(x)
-    else:
-        g2 = _mm_acc(dy.t(), h)  # [D, H] = dW2 before the layer scale, kept in fp32: dγ_ls and dW2 both derive from it
-        lsf = layer_scale.to(acc)
-        dw2 = (g2.to(acc) * lsf[:, None]).to(fc2_weight.dtype)
-        db2 = (dy_sum * lsf).to(fc2_bias.dtype) if fc2_bias is not None else _empty(x)
-        dls = (fc2_weight.to(acc) * g2.to(acc)).sum(1)
-        if fc2_bias is not None:
-            dls = dls + fc2_bias.to(acc) * dy_sum
-        dls = dls.to(layer_scale.dtype)
+    dw2, db2, dls = scaled_linear_grads(dy, h, fc2_weight, fc2_bias, layer_scale)
     return dx, dlnw, dlnb, dw1, db1, dw2, db2, dls
 
 

@@ -1,0 +1,63 @@
+"""``vitkern.functional.linear_residual``: a Linear whose bias, layer scale and residual add run in the GEMM epilogue.
+
+    linear_residual(x, weight, bias, residual, layer_scale) = residual + layer_scale · F.linear(x, weight, bias)
+                                                              (a block's attention output: x + ls1(attn.proj(o)))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vitkern import dispatch
+from vitkern.functional._autocast import cast_inputs
+from vitkern.ops import linear_residual as linear_residual_op
+from vitkern.validation import as_rows, check_tensor
+
+__all__ = ["linear_residual"]
+
+_NAME = "vitkern.linear_residual"
+
+
+def _validate(x, weight, bias, residual, layer_scale) -> tuple[int, int]:
+    check_tensor(_NAME, "x", x, min_ndim=1)
+    k = x.shape[-1]
+    if k == 0:
+        raise ValueError(f"{_NAME}: x has shape {tuple(x.shape)}; its last dim (in_features) must be non-zero")
+    check_tensor(_NAME, "weight", weight, ndim=2, like=x, same_dtype=True)
+    if weight.shape[1] != k:
+        raise ValueError(f"{_NAME}: weight has shape {tuple(weight.shape)}; expected [out_features, {k}] "
+                         f"(x's last dim is {k})")
+    n = weight.shape[0]
+    if bias is not None:
+        check_tensor(_NAME, "bias", bias, shape=(n,), like=x, same_dtype=True)
+    check_tensor(_NAME, "residual", residual, shape=(*x.shape[:-1], n), like=x, same_dtype=True)
+    if layer_scale is not None:
+        check_tensor(_NAME, "layer_scale", layer_scale, shape=(n,), like=x, same_dtype=True)
+    return k, n
+
+
+def linear_residual(
+    x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, layer_scale: Tensor | None = None
+) -> Tensor:
+    """``residual + layer_scale · F.linear(x, weight, bias)`` in one GEMM (bias, layer scale and residual in its
+    epilogue, accumulated in fp32 and rounded once).
+
+    x [..., K], weight [N, K], bias [N], residual [..., N] (x's leading dims), layer_scale [N]; all in x's dtype
+    (under autocast, all in the autocast dtype, as with the other fused ops). Returns [..., N].
+    """
+    x, weight, bias, residual, layer_scale = cast_inputs(x, weight, bias, residual, layer_scale)
+    k, n = _validate(x, weight, bias, residual, layer_scale)
+    y = torch.ops.vitkern.linear_residual_fwd(as_rows(x, k), weight, bias, as_rows(residual, n), layer_scale)
+    return y.view(residual.shape)
+
+
+linear_residual.__vitkern_op__ = linear_residual_op.OP  # type: ignore[attr-defined]
+
+
+def _describe(x, weight, bias, residual, layer_scale=None) -> dispatch.Problem:
+    k, _ = _validate(x, weight, bias, residual, layer_scale)
+    return linear_residual_op._problem(dispatch.FORWARD, x.reshape(-1, k), weight, bias, residual, layer_scale)
+
+
+dispatch.register_describer(linear_residual_op.OP, _describe)
