@@ -111,7 +111,7 @@ def test_blocks_that_cannot_fuse_are_reported_and_their_layers_still_swapped():
     vitkern.restore(model)
     # with attention on, the block is fused where it can be: attention yes, MLP no
     report = vitkern.optimize(model)
-    assert model.blocks[0].vitkern_ops == ("ln_linear", "attention")
+    assert model.blocks[0].vitkern_ops == ("ln_linear", "attention", "linear_residual")
     vitkern.restore(model)
 
 
@@ -125,6 +125,38 @@ def test_training_noise_runs_unfused_and_matches_timm():
     torch.manual_seed(0)
     got = model(x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # same random masks, fp32 rounding only
+
+
+def test_proj_dropout_and_a_non_linear_proj_run_the_proj_unfused():
+    """attn.proj_drop active in training (MLP dropout off, so the rest stays fused): proj + layer scale + residual
+    run as timm does, with the same dropout masks. A proj that is an nn.Linear subclass (LoRA-style) is never folded
+    into the fused GEMM: its forward may compute something else."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, init_values=0.1, **VIT_TINY).train()
+    for blk in model.blocks:
+        blk.attn.proj_drop.p = 0.3
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed_for("proj_drop")))
+    torch.manual_seed(0)
+    expected = model(x)
+    vitkern.optimize(model)
+    assert all(b.fuse_ln_qkv and b.fuse_proj and b.fuse_mlp for b in model.blocks)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)  # same masks, fp32 rounding only
+    vitkern.restore(model)
+
+    class ScaledLinear(torch.nn.Linear):  # forward differs from F.linear: must not be fused away
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model.eval()
+    for blk in model.blocks:
+        old = blk.attn.proj
+        blk.attn.proj = ScaledLinear(old.in_features, old.out_features)
+        blk.attn.proj.load_state_dict(old.state_dict())
+    with torch.no_grad():
+        expected = model(x)
+        vitkern.optimize(model)
+        assert all(b.fuse_ln_qkv and not b.fuse_proj and "linear_residual" not in b.vitkern_ops for b in model.blocks)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_patch_embed_follows_the_vits_parameters():

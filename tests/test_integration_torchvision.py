@@ -124,10 +124,12 @@ def test_vit_optimize_matches_original(option_set):
         assert isinstance(block, TorchvisionEncoderBlock)
         fused = set(block.vitkern_ops)
         attention_on = option_set != "no_attention"
-        assert fused == ({"ln_linear", "attention", "ln_mlp"} if attention_on else {"ln_mlp", "layer_norm"})
+        assert fused == ({"ln_linear", "attention", "linear_residual", "ln_mlp"} if attention_on
+                         else {"ln_mlp", "layer_norm"})
         assert block.unfused_parts() == ({} if attention_on else
                                          {"attention": "not swapped (attention=False)",
-                                          "ln_1+in_proj": "not swapped (attention=False)"})
+                                          "ln_1+in_proj": "not swapped (attention=False)",
+                                          "out_proj+residual": "not swapped (attention=False)"})
         assert type(block.self_attention) is (vitkern.nn.MultiheadAttention if attention_on
                                               else nn.MultiheadAttention)
     else:
@@ -317,7 +319,7 @@ def test_vit_training_with_dropout_runs_original_math_for_those_parts():
     vitkern.optimize(model)
     model.train(), original.train()
     block = model.encoder.layers[0]
-    assert set(block.unfused_parts()) == {"attention", "ln_1+in_proj", "ln_2+mlp"}
+    assert set(block.unfused_parts()) == {"attention", "ln_1+in_proj", "out_proj+residual", "ln_2+mlp"}
     assert "dropout" in block.unfused_parts()["attention"]
     x = image("vit-train", 32)
     ref64 = copy.deepcopy(original).double()
@@ -330,6 +332,24 @@ def test_vit_training_with_dropout_runs_original_math_for_those_parts():
     assert block.unfused_parts() == {}
 
 
+def test_vit_training_with_block_dropout_keeps_qkv_and_attention_fused():
+    """Only the block's dropout (after out_proj) and the MLP's are active: ln_1+in_proj and the attention stay fused,
+    out_proj + residual runs as torchvision does (dropout between them), with the same dropout masks."""
+    model = tv_vit(dropout=0.2)
+    original = copy.deepcopy(model)
+    vitkern.optimize(model)
+    model.train(), original.train()
+    block = model.encoder.layers[0]
+    assert block.unfused_parts() == {"out_proj+residual": "dropout in training (p=0.2)",
+                                     "ln_2+mlp": "MLP dropout in training (p=0.2)"}
+    x = image("vit-train-dropout", 32)
+    outs = []
+    for m, inp in ((model, x), (original, x), (copy.deepcopy(original).double(), x.double())):
+        torch.manual_seed(4321)
+        outs.append(m(inp))
+    assert_close("vit train logits (block dropout)", *outs)
+
+
 def test_swin_training_with_stochastic_depth_keeps_attention_fused(monkeypatch):
     model = tv_swin_model(stochastic_depth_prob=0.5)
     original = copy.deepcopy(model)
@@ -337,7 +357,8 @@ def test_swin_training_with_stochastic_depth_keeps_attention_fused(monkeypatch):
     model.train(), original.train()
     blk = model.features[1][1]  # stochastic depth p > 0 (the first block's is 0)
     assert blk.stochastic_depth.p > 0
-    assert set(blk.unfused_parts()) == {"norm2+mlp"}
+    assert set(blk.unfused_parts()) == {"proj+residual", "norm2+mlp"}
+    assert "stochastic depth" in blk.unfused_parts()["proj+residual"]
     x = image("swin-train", SWIN_IMG)
     ref64 = copy.deepcopy(original).double()
     outs, calls = [], []

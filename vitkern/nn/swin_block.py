@@ -3,7 +3,8 @@
     timm:    x = x + drop_path1(_attn(norm1(x)))   (roll, pad, partition, window attention + bias + mask, reverse)
              x = x + drop_path2(mlp(norm2(x)))
     vitkern: qkv = ln_linear(x, norm1, attn.qkv)            [B, H, W, 3C], LayerNorm folded into the GEMM
-             x   = x + attn.project(attn.attend(qkv))       one kernel: shift, padding, bias table, shift mask
+             o   = attn.attend(qkv)                         one kernel: shift, padding, bias table, shift mask
+             x   = linear_residual(o, attn.proj, x)         proj GEMM + bias + residual
              x   = ln_mlp(x, norm2, mlp.fc1, mlp.fc2)       LayerNorm + MLP + residual
 
 ``attn`` becomes a :class:`vitkern.nn.ShiftedWindowAttention` sharing timm's ``qkv``/``proj``/bias table (same
@@ -18,7 +19,8 @@ from torch import Tensor, nn
 
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.nn.layer_norm import LayerNorm
-from vitkern.nn.vit_block import _drop_p, _is_plain_layer_norm, mlp_fusion_blocker, training_noise
+from vitkern.nn.vit_block import _drop_p, _is_plain_layer_norm, mlp_fusion_blocker, proj_fusion_blocker, \
+    project_residual, training_noise
 from vitkern.nn.window_attention import ShiftedWindowAttention
 
 __all__ = ["SwinBlock"]
@@ -41,7 +43,7 @@ class SwinBlock(nn.Module):
 
     def __init__(self) -> None:  # use from_timm()
         super().__init__()
-        self.fuse_ln_qkv = self.fuse_mlp = False
+        self.fuse_ln_qkv = self.fuse_proj = self.fuse_mlp = False
 
     @classmethod
     def from_timm(cls, block: nn.Module, window_attention: bool = True, ln_mlp: bool = True,
@@ -57,6 +59,7 @@ class SwinBlock(nn.Module):
             new.norm1, new.norm2 = LayerNorm.swap_in(new.norm1), LayerNorm.swap_in(new.norm2)
         fused_attn = isinstance(new.attn, ShiftedWindowAttention)
         new.fuse_ln_qkv = ln_mlp and fused_attn and _is_plain_layer_norm(new.norm1)
+        new.fuse_proj = new.fuse_ln_qkv and proj_fusion_blocker(new.attn) is None
         new.fuse_mlp = ln_mlp and mlp_fusion_blocker(new) is None
         # unfused attention: the block's own method (vitkern.reference names timm's _attn window_attention)
         new._timm_attn = None if fused_attn else getattr(block, "_attn", None) or block.window_attention
@@ -67,11 +70,11 @@ class SwinBlock(nn.Module):
     def vitkern_ops(self) -> tuple[str, ...]:
         fused_attn = isinstance(self.attn, ShiftedWindowAttention)
         return tuple(op for op, on in (("ln_linear", self.fuse_ln_qkv), ("window_attention", fused_attn),
-                                       ("ln_mlp", self.fuse_mlp)) if on)
+                                       ("linear_residual", self.fuse_proj), ("ln_mlp", self.fuse_mlp)) if on)
 
     def extra_repr(self) -> str:
         return (f"window_size={self.window_size}, shift_size={self.shift_size}, fuse_ln_qkv={self.fuse_ln_qkv}, "
-                f"fuse_mlp={self.fuse_mlp}")
+                f"fuse_proj={self.fuse_proj}, fuse_mlp={self.fuse_mlp}")
 
     def _attn(self, x: Tensor) -> Tensor:
         """timm's name: windowed attention of the normed map [B, H, W, C]."""
@@ -87,7 +90,7 @@ class SwinBlock(nn.Module):
         else:
             n1, attn = self.norm1, self.attn
             qkv = ln_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)
-            x = x + attn.project(attn.attend(qkv))
+            x = project_residual(attn, attn.attend(qkv), x, None, self.fuse_proj)
         if recording or training_noise(self) or not self.fuse_mlp:
             return x + self.drop_path2(self.mlp(self.norm2(x)))
         n2, mlp = self.norm2, self.mlp

@@ -5,13 +5,15 @@ submodule names, buffers and state_dict keys shared / unchanged).
 ViT ``EncoderBlock`` (ln_1, self_attention, dropout, ln_2, mlp = [Linear, GELU, Dropout, Linear, Dropout])::
 
     qkv = ln_linear(x, ln_1, self_attention.in_proj)         # LayerNorm + in_proj: one GEMM
-    x   = x + dropout(out_proj(attention(qkv)))              # vitkern.nn.MultiheadAttention.attend / project
+    x   = x + dropout(out_proj(attention(qkv)))              # vitkern.nn.MultiheadAttention.attend, then
+                                                             #   out_proj + residual: one GEMM (linear_residual)
     x   = ln_mlp(x, ln_2, mlp.0, mlp.3)                      # LayerNorm + MLP + residual: one fused op
 
 Swin V1 ``SwinTransformerBlock`` (norm1, attn, stochastic_depth, norm2, mlp)::
 
     qkv = ln_linear(x, norm1, attn.qkv)                      # [B, H, W, 3C]: torchvision pads *after* norm1, so
-    x   = x + stochastic_depth(proj(window_attention(qkv)))  #   padded tokens are the qkv bias (in-kernel)
+    x   = x + stochastic_depth(proj(window_attention(qkv)))  #   padded tokens are the qkv bias (in-kernel);
+                                                             #   proj + residual: one GEMM (linear_residual)
     x   = ln_mlp(x, norm2, mlp.0, mlp.3)
 
 Each part is fused only while its stochastic layers are no-ops (eval, or p == 0), decided per call, so
@@ -31,6 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.nn.layer_norm import LayerNorm
 from vitkern.nn.multihead_attention import MultiheadAttention
@@ -114,7 +117,8 @@ class TorchvisionEncoderBlock(nn.Module):
         new.mlp = block.mlp
         new.training = block.training
         fused_attn = isinstance(new.self_attention, MultiheadAttention)
-        new.vitkern_ops = _ops(("ln_linear", new.fuse_qkv), ("attention", fused_attn), ("ln_mlp", new.fuse_mlp),
+        new.vitkern_ops = _ops(("ln_linear", new.fuse_qkv), ("attention", fused_attn),
+                               ("linear_residual", new.fuse_qkv and fused_attn), ("ln_mlp", new.fuse_mlp),
                                ("layer_norm", isinstance(new.ln_1, LayerNorm) and not new.fuse_qkv),
                                ("layer_norm", isinstance(new.ln_2, LayerNorm) and not new.fuse_mlp))
         return new
@@ -131,7 +135,9 @@ class TorchvisionEncoderBlock(nn.Module):
         elif attn.training and attn.dropout > 0:
             out["attention"] = f"attention dropout in training (p={attn.dropout})"
         if "attention" in out or not self.fuse_qkv:
-            out["ln_1+in_proj"] = out.get("attention", "ln_linear fusion off")
+            out["ln_1+in_proj"] = out["out_proj+residual"] = out.get("attention", "ln_linear fusion off")
+        elif self.dropout.training and self.dropout.p > 0:
+            out["out_proj+residual"] = f"dropout in training (p={self.dropout.p})"
         if not self.fuse_mlp:
             out["ln_2+mlp"] = "ln_mlp fusion off"
         elif _mlp_dropout_active(self.mlp):
@@ -144,11 +150,15 @@ class TorchvisionEncoderBlock(nn.Module):
         if self.fuse_qkv and isinstance(attn, MultiheadAttention) and not (attn.training and attn.dropout > 0):
             ln = self.ln_1
             qkv = ln_linear(input, ln.weight, ln.bias, attn.in_proj_weight, attn.in_proj_bias, ln.eps)
-            x = attn.project(attn.attend(qkv))
+            o = attn.attend(qkv)
+            if not (self.dropout.training and self.dropout.p > 0):  # out_proj + residual in one GEMM
+                x = linear_residual(o, attn.out_proj.weight, attn.out_proj.bias, input)
+            else:  # torch's MHA returns out_proj's output in [N, B, E] memory order: the same dropout mask needs it
+                x = self.dropout(attn.project(o.transpose(0, 1)).transpose(0, 1)) + input
         else:
             h = self.ln_1(input)
             x, _ = attn(h, h, h, need_weights=False)
-        x = self.dropout(x) + input
+            x = self.dropout(x) + input
         if self.fuse_mlp and not _mlp_dropout_active(self.mlp):
             return _fused_mlp(x, self.ln_2, self.mlp)
         return x + self.mlp(self.ln_2(x))
@@ -220,7 +230,7 @@ class TorchvisionSwinBlock(nn.Module):
         new.training = block.training
         fused_attn = isinstance(new.attn, TorchvisionShiftedWindowAttention)
         new.vitkern_ops = _ops(("ln_linear", new.fuse_qkv), ("window_attention", fused_attn),
-                               ("ln_mlp", new.fuse_mlp),
+                               ("linear_residual", new.fuse_qkv and fused_attn), ("ln_mlp", new.fuse_mlp),
                                ("layer_norm", isinstance(new.norm1, LayerNorm) and not new.fuse_qkv),
                                ("layer_norm", isinstance(new.norm2, LayerNorm) and not new.fuse_mlp))
         return new
@@ -240,7 +250,9 @@ class TorchvisionSwinBlock(nn.Module):
         elif attn._dropout_active():
             out["attention"] = f"dropout in training (attention {attn.attn_drop.p}, output {attn.proj_drop.p})"
         if "attention" in out or not self.fuse_qkv:
-            out["norm1+qkv"] = out.get("attention", "ln_linear fusion off")
+            out["norm1+qkv"] = out["proj+residual"] = out.get("attention", "ln_linear fusion off")
+        elif self._stochastic_depth_active():
+            out["proj+residual"] = f"stochastic depth in training (p={self.stochastic_depth.p})"
         if not self.fuse_mlp:
             out["norm2+mlp"] = "ln_mlp fusion off"
         elif self._stochastic_depth_active() or _mlp_dropout_active(self.mlp):
@@ -252,12 +264,15 @@ class TorchvisionSwinBlock(nn.Module):
         attn = self.attn
         if self.fuse_qkv and isinstance(attn, TorchvisionShiftedWindowAttention) and not attn._dropout_active():
             norm = self.norm1
-            a = attn.project(attn.attend(ln_linear(x, norm.weight, norm.bias, attn.qkv.weight, attn.qkv.bias,
-                                                   norm.eps)))
+            o = attn.attend(ln_linear(x, norm.weight, norm.bias, attn.qkv.weight, attn.qkv.bias, norm.eps))
         else:
-            a = attn(self.norm1(x))
+            o = None
         sd_active = self._stochastic_depth_active()
-        x = x + (self.stochastic_depth(a) if sd_active else a)
+        if o is not None and not sd_active:  # proj + residual in one GEMM
+            x = linear_residual(o, attn.proj.weight, attn.proj.bias, x)
+        else:
+            a = attn.project(o) if o is not None else attn(self.norm1(x))
+            x = x + (self.stochastic_depth(a) if sd_active else a)
         if self.fuse_mlp and not sd_active and not _mlp_dropout_active(self.mlp):
             return _fused_mlp(x, self.norm2, self.mlp)
         y = self.mlp(self.norm2(x))

@@ -2,14 +2,16 @@
 
     timm:    x = x + drop_path1(ls1(attn(norm1(x))));  x = x + drop_path2(ls2(mlp(norm2(x))))
     vitkern: qkv = ln_linear(x, norm1, attn.qkv)        one GEMM with the LayerNorm folded in
-             x   = x + ls1(attn.project(attn.attend(qkv)))   flash attention on the packed qkv, then proj
+             o   = attn.attend(qkv)                     flash attention on the packed qkv
+             x   = linear_residual(o, attn.proj, x, ls1)  proj GEMM + bias + layer scale + residual
              x   = ln_mlp(x, norm2, mlp.fc1, mlp.fc2, ls2)   LayerNorm + fc1 + GELU + fc2 + layer scale + residual
 
 Submodules keep timm's names (``norm1``, ``attn.qkv``, ``attn.proj``, ``ls1.gamma``, ``norm2``, ``mlp.fc1``,
 ``mlp.fc2``, ``ls2.gamma``, ...), so parameters are the block's own objects and state_dict keys are unchanged.
 Each fusion applies only where it is exact: a gated attention needs norm1's output (no norm1+qkv fusion); stochastic
 depth or MLP dropout in training, an ``attn_mask`` or ``is_causal``, or recording attention maps run the block
-unfused, with the same submodules (still vitkern attention / LayerNorm where those were swapped).
+unfused, with the same submodules (still vitkern attention / LayerNorm where those were swapped); so does the proj
+GEMM's epilogue fusion when proj dropout is active in training or ``attn.proj`` is not a plain ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.nn.attention import Attention
 from vitkern.nn.layer_norm import LayerNorm
@@ -52,6 +55,30 @@ def training_noise(block: nn.Module) -> bool:
                                          getattr(mlp, "drop2", None)))
 
 
+def _layer_scale_ok(ls: Optional[nn.Module]) -> bool:
+    """Identity/absent, or a LayerScale (timm's ``gamma`` multiplier) that a GEMM epilogue can apply."""
+    return ls is None or isinstance(ls, nn.Identity) or isinstance(getattr(ls, "gamma", None), torch.Tensor)
+
+
+def proj_fusion_blocker(attn: nn.Module, ls: Optional[nn.Module] = None) -> Optional[str]:
+    """Why ``x + ls(attn.project(o))`` cannot be one linear_residual call (None: it can)."""
+    proj = getattr(attn, "proj", None)
+    if type(proj) is not nn.Linear:  # a subclass (LoRA, quantized) may change what forward computes
+        return f"attn.proj is {type(proj).__name__}, not an nn.Linear"
+    if not _layer_scale_ok(ls):
+        return f"the layer scale is {type(ls).__name__}, not a LayerScale"
+    return None
+
+
+def project_residual(attn: nn.Module, o: Tensor, x: Tensor, ls: Optional[nn.Module], fuse: bool) -> Tensor:
+    """``x + ls(attn.project(o))``: with ``fuse`` (proj_fusion_blocker said yes) the proj GEMM, its bias, the layer
+    scale and the residual add are one linear_residual call, unless proj dropout is active (training)."""
+    if not fuse or (attn.training and _drop_p(getattr(attn, "proj_drop", None)) > 0):
+        out = attn.project(o)
+        return x + (ls(out) if ls is not None else out)
+    return linear_residual(o, attn.proj.weight, attn.proj.bias, x, getattr(ls, "gamma", None))
+
+
 def mlp_fusion_blocker(block: nn.Module) -> Optional[str]:
     """Why the MLP half of a pre-norm block cannot become one ln_mlp call (None: it can)."""
     mlp = getattr(block, "mlp", None)
@@ -64,7 +91,7 @@ def mlp_fusion_blocker(block: nn.Module) -> Optional[str]:
     if not _is_plain_layer_norm(block.norm2):
         return f"norm2 is {type(block.norm2).__name__}, not a LayerNorm over the last dim"
     ls = getattr(block, "ls2", None)
-    if not (ls is None or isinstance(ls, nn.Identity) or isinstance(getattr(ls, "gamma", None), torch.Tensor)):
+    if not _layer_scale_ok(ls):
         return f"ls2 is {type(ls).__name__}, not a LayerScale"
     return None
 
@@ -80,7 +107,7 @@ class ViTBlock(nn.Module):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__()
-        self.fuse_ln_qkv = self.fuse_mlp = False
+        self.fuse_ln_qkv = self.fuse_proj = self.fuse_mlp = False
         if args or kwargs:  # timm's Block signature (timm's block_fn): build timm's block and take it over
             from timm.models.vision_transformer import Block
 
@@ -90,7 +117,8 @@ class ViTBlock(nn.Module):
     def from_timm(cls, block: nn.Module, attention: bool = True, ln_mlp: bool = True,
                   layer_norm: bool = True) -> "ViTBlock":
         """Wrap the submodules of a timm (or ``vitkern.reference``) ViT ``Block``; the flags choose what is fused:
-        ``attention`` swaps ``attn`` for ``vitkern.nn.Attention``, ``ln_mlp`` fuses norm1+qkv and norm2+mlp,
+        ``attention`` swaps ``attn`` for ``vitkern.nn.Attention``, ``ln_mlp`` fuses norm1+qkv, proj+ls1+residual
+        and norm2+mlp,
         ``layer_norm`` swaps norms left unfused for ``vitkern.nn.LayerNorm``."""
         new = cls()
         new._take_over(block, attention, ln_mlp, layer_norm)
@@ -106,16 +134,17 @@ class ViTBlock(nn.Module):
             self.norm1, self.norm2 = LayerNorm.swap_in(self.norm1), LayerNorm.swap_in(self.norm2)
         self.fuse_ln_qkv = (ln_mlp and isinstance(self.attn, Attention) and self.attn.gate is None
                             and _is_plain_layer_norm(self.norm1))
+        self.fuse_proj = self.fuse_ln_qkv and proj_fusion_blocker(self.attn, self.ls1) is None
         self.fuse_mlp = ln_mlp and mlp_fusion_blocker(self) is None
         self.train(block.training)
 
     @property
     def vitkern_ops(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(op for op, on in (("ln_linear", self.fuse_ln_qkv), ("attention", isinstance(self.attn, Attention)),
-                                       ("ln_mlp", self.fuse_mlp)) if on)
+                                       ("linear_residual", self.fuse_proj), ("ln_mlp", self.fuse_mlp)) if on)
 
     def extra_repr(self) -> str:
-        return f"fuse_ln_qkv={self.fuse_ln_qkv}, fuse_mlp={self.fuse_mlp}"
+        return f"fuse_ln_qkv={self.fuse_ln_qkv}, fuse_proj={self.fuse_proj}, fuse_mlp={self.fuse_mlp}"
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         # x: [B, N, C] -> [B, N, C]
@@ -128,7 +157,7 @@ class ViTBlock(nn.Module):
         if self.fuse_ln_qkv:
             n1 = self.norm1
             qkv = ln_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)
-            x = x + self.ls1(attn.project(attn.attend(qkv)))
+            x = project_residual(attn, attn.attend(qkv), x, self.ls1, self.fuse_proj)
         else:
             x = x + self.ls1(attn(self.norm1(x)))
         if not self.fuse_mlp:
