@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.harness import (
-    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
-    cuda_vs_triton_targets, run_benchmark, vitkern_backend_unavailable,
+    CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, cuda_vs_triton_targets,
+    gemm_share_target, run_benchmark, speedup_target, unmeasured, vitkern_backend_unavailable,
 )
 
 NAME = "ln_mlp"
@@ -205,22 +205,15 @@ def targets(rows: list[Row]) -> list[str]:
             sel = {r.provider: r for r in rows if r.params.get("D") == d and r.direction == direction}
             what = f"vitkern ln_mlp {direction} D={d} bf16"
             vk = sel.get("vitkern")
-            if vk is None or vk.status != "ok" or not vk.median_ms:
-                out.append(f"targets ({what}): not measured ({vk.status + ': ' + str(vk.error) if vk else 'no row'})")
+            why = unmeasured(vk)
+            if why is not None:
+                out.append(f"targets ({what}): not measured ({why})")
                 continue
             for name, goal in (("eager", TARGET_EAGER), ("torch.compile-max-autotune", TARGET_COMPILE)):
-                other = sel.get(name)
-                if other is None or other.status not in ("ok", "wrong") or not other.median_ms:
-                    if name == "eager" or d == COMPILE_WIDTH:
-                        out.append(f"target {what} >= {goal}x {name}: n/a ({other.status if other else 'no row'})")
-                    continue
-                sp = other.median_ms / vk.median_ms
-                out.append(f"target {what} >= {goal}x {name}: {sp:.2f}x {'MET' if sp >= goal else 'NOT MET'}")
-            gem = sel.get("cublas-gemms")
-            if gem is not None and gem.status == "ok" and gem.tflops and vk.tflops:
-                pct = 100.0 * vk.tflops / gem.tflops
-                out.append(f"target {what} >= {TARGET_GEMM_PCT:.0f}% of cuBLAS GEMM TFLOP/s: {pct:.0f}% "
-                           + ("MET" if pct >= TARGET_GEMM_PCT else "NOT MET"))
-            else:
-                out.append(f"target {what} >= {TARGET_GEMM_PCT:.0f}% of cuBLAS GEMM TFLOP/s: n/a")
+                line = speedup_target(what, goal, name, sel.get(name), vk)
+                if line is None and (name == "eager" or d == COMPILE_WIDTH):
+                    other = sel.get(name)
+                    line = f"target {what} >= {goal}x {name}: n/a ({other.status if other else 'no row'})"
+                out += [line] if line else []
+            out.append(gemm_share_target(what, vk, sel.get("cublas-gemms"), TARGET_GEMM_PCT))
     return out + cuda_vs_triton_targets(rows)  # issue 8's bar for the CUDA C++ forward

@@ -489,6 +489,32 @@ def vitkern_backend_unavailable(op: str, backend: str = "cuda") -> Callable[[Cas
     return supports
 
 
+def unmeasured(row: Row | None) -> str | None:
+    """Why ``row`` has no time to judge a target by (None: it was timed and correct)."""
+    if row is None:
+        return "no row"
+    return None if row.status == OK and row.median_ms else f"{row.status}: {row.error}"
+
+
+def speedup_target(what: str, goal: float, name: str, other: Row | None, mine: Row) -> str | None:
+    """``target {what} >= {goal}x {name}: ...x MET / NOT MET`` (None when ``other`` has no time: the caller decides
+    whether that is worth a line). A wrong-result baseline still has a time to compare with."""
+    if other is None or other.status not in (OK, WRONG) or not other.median_ms:
+        return None
+    sp = other.median_ms / mine.median_ms
+    return f"target {what} >= {goal}x {name}: {sp:.2f}x {'MET' if sp >= goal else 'NOT MET'}"
+
+
+def gemm_share_target(what: str, mine: Row, gemm: Row | None, pct_goal: float) -> str:
+    """``mine``'s TFLOP/s as a share of the cuBLAS GEMM row's, measured in the same run (a lower bound on the GEMM
+    efficiency of a fused op whose time also covers its prologue and epilogues)."""
+    head = f"target {what} >= {pct_goal:.0f}% of cuBLAS GEMM TFLOP/s"
+    if gemm is None or gemm.status != OK or not gemm.tflops or not mine.tflops:
+        return f"{head}: n/a"
+    pct = 100.0 * mine.tflops / gemm.tflops
+    return f"{head}: {pct:.0f}% {'MET' if pct >= pct_goal else 'NOT MET'}"
+
+
 def cuda_vs_triton_targets(rows: Sequence[Row], cuda: str = "vitkern-cuda", default: str = "vitkern",
                            within: float = 0.10, best_at_least: float | None = None) -> list[str]:
     """Issues 7/8's bar for a CUDA C++ provider: within ``within`` of the Triton op or faster at every measured case

@@ -4,7 +4,8 @@
     python -m benchmarks.make_speed_table benchmarks/results/<date>_<device>_<commit>   # review the diff, commit
 
 Per op bench (``bench_attention`` -> op ``attention``, ``bench_window_attention`` -> ``window_attention``,
-``bench_layernorm`` -> ``layer_norm``, ``bench_ln_mlp`` -> ``ln_mlp``, ``bench_patch_embed`` -> ``patch_embed``) the
+``bench_layernorm`` -> ``layer_norm``, ``bench_ln_mlp`` -> ``ln_mlp``, ``bench_linear_residual`` -> ``linear_residual``,
+``bench_patch_embed`` -> ``patch_embed``) the
 ``vitkern-cuda`` rows are paired with the ``vitkern`` rows whose recorded backend is Triton (same case, dtype,
 direction; both ``status == "ok"``, i.e. timed and correct). Each case maps to the dispatcher's shape class through
 :func:`vitkern.backends.speed_table.shape_class`, the function the dispatcher applies to a call's Problem.
@@ -70,6 +71,7 @@ BENCHES: dict[str, BenchMap] = {
                                          ("vitkern-cuda-residual", "vitkern-residual", {"residual": True})),
                           lambda p, row: {"width": p["N"]}, cuda_backward=True),
     "ln_mlp": BenchMap("ln_mlp", (("vitkern-cuda", "vitkern", {}),), lambda p, row: {"width": p["D"]}),
+    "linear_residual": BenchMap("linear_residual", (("vitkern-cuda", "vitkern", {}),), lambda p, row: {"width": p["D"]}),
     "patch_embed": BenchMap("patch_embed", (("vitkern-cuda", "vitkern", {}),),
                             lambda p, row: {"patch": st.patch_dim(*_square(p["p"])), "width": p["D"]}),
 }

@@ -207,7 +207,7 @@ def test_layernorm_bench_smoke() -> None:
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("name", ["attention", "window_attention", "ln_mlp", "patch_embed"])
+@pytest.mark.parametrize("name", ["attention", "window_attention", "ln_mlp", "linear_residual", "patch_embed"])
 def test_op_bench_smoke_and_targets(name: str) -> None:
     """Every op bench runs in smoke mode (its vitkern rows on the Triton interpreter), and its targets() gets
     through timed rows without an exception (made-up times at the smoke shapes, so most targets read "not

@@ -185,6 +185,7 @@ def test_shape_classes_of_real_problems():
     mlp = (r(4, d), torch.ones(d), torch.zeros(d), r(4 * d, d), torch.zeros(4 * d), r(d, 4 * d), torch.zeros(d))
     assert _class("ln_mlp", *mlp) == "width=32"
     assert _class("ln_linear", *mlp[:3], r(3 * d, d), torch.zeros(3 * d)) == "width=32"
+    assert _class("linear_residual", r(4, 48), r(d, 48), None, r(4, d)) == "width=48"  # the GEMM's input width
     assert _class("patch_embed", r(2, 3, 32, 32), r(48, 3, 16, 16), torch.zeros(48)) == "patch=16,width=48"
     assert _class("patch_embed", r(2, 3, 32, 32), r(48, 3, 8, 8), torch.zeros(48)) == "patch=8,width=48"
     # the direction does not change the class: the backward's problem has the forward's shapes
@@ -205,6 +206,7 @@ def test_bench_cases_map_to_the_dispatchers_classes():
                              st.problem_class(wa.problem)),
         "layernorm": ({"M": 64, "N": 768}, {}, _class("layer_norm", r(64, 768), 768)),
         "ln_mlp": ({"M": 64, "D": 32}, {}, _class("ln_mlp", r(64, 32), None, None, r(128, 32), None, r(32, 128), None)),
+        "linear_residual": ({"M": 64, "D": 32}, {}, _class("linear_residual", r(64, 32), r(32, 32), None, r(64, 32))),
         "patch_embed": ({"B": 2, "img": 32, "p": 8, "D": 32}, {},
                         _class("patch_embed", r(2, 3, 32, 32), r(32, 3, 8, 8), torch.zeros(32))),
     }

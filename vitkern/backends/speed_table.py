@@ -20,6 +20,7 @@ An entry's key is (op, direction ``fwd``/``bwd``, device key, dtype, shape class
   window_attention              ``window_tokens=Wh*Ww,head_dim=D``
   layer_norm                    ``width=N`` (+ ``,residual`` for the fused residual add)
   ln_mlp, ln_linear             ``width=D`` (the LayerNorm / input width)
+  linear_residual               ``width=K`` (the input width of the GEMM)
   patch_embed                   ``patch=p,width=D`` (``patch=ph x pw`` written ``16x8`` when not square)
   ============================  ==============================================================================
 
@@ -61,6 +62,7 @@ CLASS_KEYS: dict[str, tuple[str, ...]] = {
     "layer_norm": ("width", "residual"),
     "ln_mlp": ("width",),
     "ln_linear": ("width",),
+    "linear_residual": ("width",),
     "patch_embed": ("patch", "width"),
 }
 
@@ -76,6 +78,7 @@ PROBLEM_DIMS: dict[str, Callable[["Problem"], dict[str, Any]]] = {
     "layer_norm": lambda p: {"width": p.shape("x")[-1], "residual": "residual" in dict(p.shapes)},
     "ln_mlp": lambda p: {"width": p.shape("x")[-1]},
     "ln_linear": lambda p: {"width": p.shape("x")[-1]},
+    "linear_residual": lambda p: {"width": p.shape("x")[-1]},  # x: [M, K], the proj's input width
     "patch_embed": lambda p: {"patch": patch_dim(*p.shape("weight")[2:]), "width": p.shape("weight")[0]},  # [D, C, p, p]
 }
 
