@@ -46,6 +46,7 @@ def _probe_calls() -> list[tuple[str, str, tuple, dict]]:
     return [
         ("ViT-B tokens", "layer_norm", (x, (D,), e(D), e(D)), {}),
         ("ViT-B norm1 + qkv", "ln_linear", (x, e(D), e(D), e(3 * D, D), e(3 * D)), {}),
+        ("ViT-B proj + ls1 + residual", "linear_residual", (x, e(D, D), e(D), x, e(D)), {}),
         ("ViT-B norm2 + MLP", "ln_mlp", (x, e(D), e(D), e(4 * D, D), e(4 * D), e(D, 4 * D), e(D)), {}),
         ("ViT-B attention", "attention", (), {"qkv": e(B, N, 3 * D), "num_heads": H}),
         ("Swin-T stage 1, shifted", "window_attention",
