@@ -105,6 +105,19 @@ TORCH_LIBRARY(vitkern_C, m) {
         "Tensor fc2_weight, Tensor? fc2_bias, Tensor? layer_scale, float eps, str approximate, int gelu_impl=0, "
         "int ls_impl=0, *, Tensor(a!) y, Tensor(b!)? pre, Tensor(c!)? h, Tensor(d!) mean, Tensor(e!) rstd) -> ()");
 
+  // Linear + bias + layer scale + residual forward (a ViT block's x + ls1(attn.proj(o))): the contract of
+  // vitkern/ops/linear_residual.py's forward, y = residual + layer_scale · (x @ weightᵀ + bias).
+  // x [M, K] fp16/bf16/fp32, weight [N, K] (nn.Linear layout), residual [M, N]: unit column stride, any
+  // non-overlapping row stride; bias [N]? and layer_scale [N]? contiguous; all in x's dtype -> y [M, N] (the .out
+  // variant's y: contiguous, sharing no memory with x or residual). LayerNorm+MLP's fc2 step alone: one cuBLASLt
+  // GEMM (bias epilogue, residual through beta·C); ls_impl: 0 auto (fold when M >= K), 1 fold γ into the weight's
+  // rows, 2 separate residual + γ·y kernel. No backward kernel: the Triton/reference backward needs only the
+  // inputs. Kernels: CUDA + Meta (csrc/ops/ln_mlp.cu).
+  m.def("linear_residual_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor? layer_scale, "
+        "int ls_impl=0) -> Tensor");
+  m.def("linear_residual_fwd.out(Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor? layer_scale, "
+        "int ls_impl=0, *, Tensor(a!) y) -> ()");
+
   // Patch embedding forward: the contract of vitkern/ops/patch_embed.py's forward (see the top of
   // csrc/ops/patch_embed.cu). pos_impl: 0 auto, 1 pos as a batch-stride-0 C, 2 pos rows written first + in-place
   // GEMM. No backward kernel: the Triton/reference backward runs from (x, norm, weight). Kernels: CUDA + Meta.

@@ -1,5 +1,6 @@
-"""The CUDA C++ LayerNorm+Linear / LayerNorm+MLP forward (csrc/ops/ln_mlp.cu, csrc/common/cublaslt.h,
-vitkern/ops/ln_mlp_cuda.py): LayerNorm kernel + cuBLASLt GEMMs with epilogues.
+"""The CUDA C++ LayerNorm+Linear / LayerNorm+MLP / Linear+residual forward (csrc/ops/ln_mlp.cu,
+csrc/common/cublaslt.h, vitkern/ops/ln_mlp_cuda.py): LayerNorm kernel + cuBLASLt GEMMs with epilogues; linear_residual
+is LayerNorm+MLP's fc2 step (the same C++ function) on its own.
 
 * CPU, always: the backends are registered after Triton, report themselves unavailable with a reason, reject
   backward problems (the Triton backward runs after a CUDA forward) and, until the op files route forwards to
@@ -11,7 +12,8 @@ vitkern/ops/ln_mlp_cuda.py): LayerNorm kernel + cuBLASLt GEMMs with epilogues.
   float64 with vitkern.testing's rule (err <= 2 x PyTorch's error in the same dtype + atol(dtype) x scale), against
   the Triton forward (Triton's error as the baseline), every GELU / layer-scale variant, forward+backward with the
   op's own backward consuming the CUDA forward's saved tensors, strided/odd shapes, determinism, streams, and
-  compute-sanitizer (slow).
+  compute-sanitizer (slow). linear_residual: y against float64 and against the Triton forward at ViT widths, both
+  layer-scale paths, strided x / weight / residual, forward+backward with the op's own (Triton) backward.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch.nn.functional as F
 
 import vitkern
 from vitkern import dispatch
+from vitkern.ops import linear_residual as linear_residual_op
 from vitkern.ops import ln_linear as ln_linear_op
 from vitkern.ops import ln_mlp as ln_mlp_op
 from vitkern.ops.ln_linear import LnLinearReference
 from vitkern.backends.cuda_common import BACKWARD_REASON
-from vitkern.ops.ln_mlp_cuda import CUDA_MAX_D, LnLinearCuda, LnMlpCuda
+from vitkern.ops.ln_mlp_cuda import CUDA_MAX_D, LAYER_SCALE_IMPLS, LinearResidualCuda, LnLinearCuda, LnMlpCuda
 from vitkern.testing.sanitizer import run_under_sanitizer
 from vitkern.testing import check_forward_backward, poison_outputs, randn, seed_for
 from vitkern.testing.numerics import assert_close
@@ -45,6 +48,10 @@ def _linear_backend() -> LnLinearCuda:
     return dispatch.backends("ln_linear")["cuda"]
 
 
+def _lr_backend() -> LinearResidualCuda:
+    return dispatch.backends("linear_residual")["cuda"]
+
+
 def _problem(op, direction="forward", device="cuda", dtype=torch.bfloat16, x=(394, 768), param_dtypes=None):
     attrs = (("param_dtypes", param_dtypes if param_dtypes is not None else (dtype,) * 4), ("device_index", 0))
     return dispatch.Problem(op, direction, device, dtype, (("x", x),), attrs)
@@ -52,7 +59,7 @@ def _problem(op, direction="forward", device="cuda", dtype=torch.bfloat16, x=(39
 
 # ----------------------------------------------------------------------------------------------- CPU: status
 def test_backends_registered_after_triton():
-    for op, cls in (("ln_linear", LnLinearCuda), ("ln_mlp", LnMlpCuda)):
+    for op, cls in (("ln_linear", LnLinearCuda), ("ln_mlp", LnMlpCuda), ("linear_residual", LinearResidualCuda)):
         table = dispatch.backends(op)
         assert isinstance(table["cuda"], cls)
         # unmeasured: must not be the default on CUDA until committed benchmark numbers say it is faster
@@ -61,16 +68,19 @@ def test_backends_registered_after_triton():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU status; this machine has a GPU")
 def test_unavailable_without_gpu_with_reason():
-    for b in (_mlp_backend(), _linear_backend()):
+    for b in (_mlp_backend(), _linear_backend(), _lr_backend()):
         reason = b.availability()
         assert reason and "CUDA extension" in reason, reason
     x = torch.randn(3, 192)
     choice = vitkern.explain("ln_mlp", x, None, None, torch.randn(768, 192), None, torch.randn(192, 768), None)
     assert choice.backend_name == "reference"
     assert "cuda: rejected: " + _mlp_backend().availability() in str(choice), str(choice)
+    choice = vitkern.explain("linear_residual", x, torch.randn(96, 192), None, torch.randn(3, 96), None)
+    assert choice.backend_name == "reference"
+    assert "cuda: rejected: " + _lr_backend().availability() in str(choice), str(choice)
 
 
-@pytest.mark.parametrize("op", ["ln_linear", "ln_mlp"])
+@pytest.mark.parametrize("op", ["ln_linear", "ln_mlp", "linear_residual"])
 def test_backward_problems_go_to_the_next_backend_with_the_reason(op):
     b = dispatch.backends(op)["cuda"]
     assert b.reject_reasons(_problem(op, "backward")) == [BACKWARD_REASON]
@@ -86,7 +96,20 @@ def test_rejects_what_the_kernels_cannot_run(op):
         assert part in reasons, reasons
 
 
-@pytest.mark.parametrize("op, module", [("ln_linear", ln_linear_op), ("ln_mlp", ln_mlp_op)])
+def test_linear_residual_has_no_width_limit():
+    """No LayerNorm in linear_residual: the LayerNorm kernel's width limit is not a reason; the rest still are."""
+    b = _lr_backend()
+    assert not b.op_reasons(_problem("linear_residual", x=(394, 4 * CUDA_MAX_D)))
+    p = _problem("linear_residual", device="cpu", dtype=torch.float64, x=(4, CUDA_MAX_D + 8),
+                 param_dtypes=(torch.float32,))
+    reasons = " | ".join(b.reject_reasons(p))
+    for part in ("device 'cpu'", "torch.float64 not in", "parameter dtypes ['torch.float32'] differ"):
+        assert part in reasons, reasons
+    assert "width" not in reasons, reasons
+
+
+@pytest.mark.parametrize("op, module", [("ln_linear", ln_linear_op), ("ln_mlp", ln_mlp_op),
+                                        ("linear_residual", linear_residual_op)])
 def test_op_files_route_forwards_to_whole_op_backends(op, module):
     """The op files drive Triton through stats/linear primitives; a backend with fused_forward (CUDA: LN kernel +
     cuBLASLt) gets the whole forward instead."""
@@ -106,7 +129,7 @@ def _meta_mlp(m=394, d=768, hidden=3072, dtype=torch.bfloat16, ls=True):
 
 
 def test_schemas_exist(ops):
-    for name in ("ln_linear_fwd", "ln_mlp_fwd"):
+    for name in ("ln_linear_fwd", "ln_mlp_fwd", "linear_residual_fwd"):
         assert {"default", "out"} <= set(getattr(ops, name).overloads()), name
 
 
@@ -129,11 +152,31 @@ def test_meta_shapes(ops, save, ls):
     assert y.shape == (m, 3 * d) and y.dtype == torch.bfloat16 and mean.shape == (m,) and mean.dtype == torch.float32
 
 
+@pytest.mark.parametrize("bias, ls", [(True, True), (False, False)], ids=["bias_ls", "nobias_nols"])
+def test_linear_residual_meta_shapes(ops, bias, ls):
+    m, k, n = 394, 768, 2304
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        y = ops.linear_residual_fwd(_meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype),
+                                    _meta(n, dtype=dtype) if bias else None, _meta(m, n, dtype=dtype),
+                                    _meta(n, dtype=dtype) if ls else None)
+        assert (y.shape, y.dtype, y.device.type) == ((m, n), dtype, "meta")
+    # no LayerNorm: no width limit; a strided residual and x (any row stride) are accepted
+    wide = CUDA_MAX_D + 8
+    x = _meta(m, wide + 8)[:, :wide]
+    res = _meta(m, 24)[:, 4:20]
+    y = ops.linear_residual_fwd(x, _meta(16, wide), None, res, _meta(16), 2)
+    assert y.shape == (m, 16) and y.is_contiguous()
+    assert ops.linear_residual_fwd(_meta(0, k), _meta(n, k), None, _meta(0, n), None).shape == (0, n)
+
+
 def test_meta_opcheck(ops):
     torch.library.opcheck(ops.ln_mlp_fwd.default, (*_meta_mlp(6, 192, 768), EPS, "tanh", True, 1, 2))
     torch.library.opcheck(ops.ln_mlp_fwd.default, (*_meta_mlp(6, 192, 768, ls=False), EPS, "none", False))
     torch.library.opcheck(ops.ln_linear_fwd.default, (_meta(6, 192), _meta(192), _meta(192), _meta(576, 192),
                                                       _meta(576), EPS))
+    torch.library.opcheck(ops.linear_residual_fwd.default, (_meta(6, 192), _meta(96, 192), _meta(96), _meta(6, 96),
+                                                            _meta(96), 1))
+    torch.library.opcheck(ops.linear_residual_fwd.default, (_meta(6, 192), _meta(96, 192), None, _meta(6, 96), None))
 
 
 def test_meta_torch_compile(ops):
@@ -144,6 +187,13 @@ def test_meta_torch_compile(ops):
     y, h, mean = torch.compile(f, fullgraph=True, backend="aot_eager")(*_meta_mlp(8, 384, 1536))
     assert y.shape == (8, 384) and h.shape == (8, 1536) and mean.dtype == torch.float32
 
+    def g(x, w, b, res, ls):
+        return ops.linear_residual_fwd(x, w, b, res, ls, 2)
+
+    y = torch.compile(g, fullgraph=True, backend="aot_eager")(_meta(8, 384), _meta(96, 384), _meta(96), _meta(8, 96),
+                                                              _meta(96))
+    assert y.shape == (8, 96) and y.dtype == torch.bfloat16
+
 
 def _mlp_call(**over):
     args = dict(zip(["x", "ln_w", "ln_b", "w1", "b1", "w2", "b2", "ls"], _meta_mlp(4, 8, 16)))
@@ -151,6 +201,12 @@ def _mlp_call(**over):
     for k, v in over.items():
         (args if k in args else kw)[k] = v
     return lambda o: o.ln_mlp_fwd(*args.values(), EPS, kw["approximate"], kw["save"], kw["gelu_impl"], kw["ls_impl"])
+
+
+def _lr_call(**over):
+    args = {"x": _meta(4, 8), "w": _meta(6, 8), "b": _meta(6), "res": _meta(4, 6), "ls": _meta(6), "ls_impl": 0}
+    args.update(over)
+    return lambda o: o.linear_residual_fwd(*args.values())
 
 
 @pytest.mark.parametrize(
@@ -179,10 +235,36 @@ def _mlp_call(**over):
         (lambda o: o.ln_linear_fwd(_meta(4, 8), None, None, _meta(6, 8), _meta(5), EPS),
          r"ln_linear_fwd: bias.size\(0\) must be 6, got 5"),
         (lambda o: o.ln_linear_fwd(_meta(4, 8), None, None, _meta(6, 8), None, -1.0), r"eps must be >= 0"),
+        (_lr_call(x=_meta(4, 8, dtype=torch.float64)),
+         r"linear_residual_fwd: x must have dtype float16, bfloat16 or float32"),
+        (_lr_call(x=_meta(4, 2, 8)), r"linear_residual_fwd: x must be 2-D"),
+        (_lr_call(x=_meta(8, 4).t()), r"linear_residual_fwd: x must be contiguous in its last dim"),
+        (_lr_call(x=_meta(4, 8).as_strided((4, 8), (0, 1))), r"linear_residual_fwd: x rows overlap"),
+        (_lr_call(x=_meta(4, 0), w=_meta(6, 0)), r"linear_residual_fwd: x.size\(1\) \(in_features\) must be >= 1"),
+        (_lr_call(w=_meta(0, 8), b=None, res=_meta(4, 0), ls=None),
+         r"linear_residual_fwd: weight must have at least one row \(out_features\)"),
+        (_lr_call(w=_meta(6, 9)), r"linear_residual_fwd: weight must have shape \[6, 8\], got \[6, 9\]"),
+        (_lr_call(w=_meta(6, 8, dtype=torch.float16)), r"weight must have x's dtype bfloat16, got float16"),
+        (_lr_call(w=_meta(8, 6).t()), r"linear_residual_fwd: weight must be contiguous in its last dim"),
+        (_lr_call(b=_meta(5)), r"linear_residual_fwd: bias.size\(0\) must be 6, got 5"),
+        (_lr_call(b=_meta(6, dtype=torch.float32)), r"bias must have x's dtype bfloat16, got float32"),
+        (_lr_call(res=_meta(4, 7)), r"linear_residual_fwd: residual must have shape \[4, 6\], got \[4, 7\]"),
+        (_lr_call(res=_meta(6)), r"linear_residual_fwd: residual must be 2-D"),
+        (_lr_call(res=_meta(4, 6, dtype=torch.float32)), r"residual must have x's dtype bfloat16, got float32"),
+        (_lr_call(res=_meta(6, 4).t()), r"linear_residual_fwd: residual must be contiguous in its last dim"),
+        (_lr_call(res=_meta(1, 6).expand(4, 6)), r"linear_residual_fwd: residual rows overlap \(stride\(0\) 0 < 6\)"),
+        (_lr_call(ls=_meta(7)), r"linear_residual_fwd: layer_scale.size\(0\) must be 6, got 7"),
+        (_lr_call(ls=_meta(6, dtype=torch.float16)), r"layer_scale must have x's dtype bfloat16, got float16"),
+        (_lr_call(ls=_meta(12)[::2]), r"linear_residual_fwd: layer_scale must be contiguous"),
+        (_lr_call(ls_impl=3), r"ls_impl must be 0 \(auto\), 1 \(fold into the weight\) or 2 \(separate kernel\)"),
     ],
     ids=["x_dtype", "x_3d", "x_strided_cols", "x_overlapping_rows", "too_wide", "ln_weight_dtype", "ln_bias_size",
          "fc1_shape", "fc1_bias_size", "fc2_shape", "fc2_transposed", "ls_dtype", "approximate", "erf_epilogue",
-         "gelu_impl", "ls_impl", "linear_no_rows", "linear_bias", "eps"],
+         "gelu_impl", "ls_impl", "linear_no_rows", "linear_bias", "eps",
+         "lr_x_dtype", "lr_x_3d", "lr_x_strided_cols", "lr_x_overlapping_rows", "lr_no_in_features",
+         "lr_no_out_features", "lr_weight_shape", "lr_weight_dtype", "lr_weight_transposed", "lr_bias_size",
+         "lr_bias_dtype", "lr_residual_shape", "lr_residual_1d", "lr_residual_dtype", "lr_residual_transposed",
+         "lr_residual_broadcast", "lr_ls_size", "lr_ls_dtype", "lr_ls_strided", "lr_ls_impl"],
 )
 def test_checks_name_the_argument(ops, call, match):
     with pytest.raises(RuntimeError, match=match):
@@ -192,6 +274,8 @@ def test_checks_name_the_argument(ops, call, match):
 def test_no_cpu_kernel(ops):
     with pytest.raises(RuntimeError, match="CPU"):  # NotImplementedError from the dispatcher (a RuntimeError)
         ops.ln_linear_fwd(torch.zeros(2, 8), None, None, torch.zeros(4, 8), None, EPS)
+    with pytest.raises(RuntimeError, match="CPU"):
+        ops.linear_residual_fwd(torch.zeros(2, 8), torch.zeros(4, 8), None, torch.zeros(2, 4), None)
 
 
 # ----------------------------------------------------------------------------------------------- GPU helpers
@@ -500,6 +584,289 @@ def test_cuda_linear_forward_backward(cuda_ops, dtype):
                                list(inputs), seed=seed)
 
 
+# ----------------------------------------------------------------------------------------------- GPU: linear_residual
+LR_NAMES = ["x", "w", "b", "res", "ls"]
+VIT_WIDTHS = [384, 768, 1024, 1280]  # ViT-S/B/L/H
+LR_ROWS = [1, 394, 64 * 197]
+LR_PARAMS = {"bias_ls": (True, True), "bias_nols": (True, False), "nobias_ls": (False, True),
+             "nobias_nols": (False, False)}
+
+
+def make_lr_inputs(rows, k, n, dtype, seed, bias=True, layer_scale=True, device="cuda"):
+    """x [rows, k], weight [n, k] (scaled so x @ Wᵀ is O(1)), bias [n], residual [rows, n], layer scale [n]."""
+    def r(shape, i, **kw):
+        return randn(shape, dtype=dtype, device=device, seed=seed + i, **kw)
+
+    return {
+        "x": r((rows, k), 0),
+        "w": r((n, k), 1, scale=k ** -0.5),
+        "b": r((n,), 2, scale=0.5) if bias else None,
+        "res": r((rows, n), 3),
+        "ls": r((n,), 4, scale=0.5) if layer_scale else None,
+    }
+
+
+def linear_residual_reference(x, w, b, res, ls):
+    """The unfused module chain (timm: x + ls1(attn.proj(o))): each step rounded to the dtype."""
+    z = F.linear(x, w, b)
+    return res + (z * ls if ls is not None else z)
+
+
+def _lr_args(inputs):
+    return [inputs[k] for k in LR_NAMES]
+
+
+def _lr_impls(inputs):
+    """Both layer-scale paths when there is a layer scale (auto picks one of them by M vs K); else the only path."""
+    return ("fold", "kernel", "auto") if inputs["ls"] is not None else ("auto",)
+
+
+def check_lr_forward(inputs, impls=None, baseline=None):
+    """y of the CUDA forward (output poisoned first) against float64, once per layer-scale path; the bound's baseline
+    is PyTorch's unfused chain in the inputs' dtype, or `baseline` (another backend's y)."""
+    args = _lr_args(inputs)
+    ref64 = linear_residual_reference(*(t.double() if t is not None else None for t in args))
+    same = baseline if baseline is not None else linear_residual_reference(*args)
+    ys = {}
+    for impl in impls or _lr_impls(inputs):
+        with poison_outputs():
+            ys[impl] = _lr_backend().fused_forward(*args, layer_scale_impl=impl)
+        assert ys[impl].shape == ref64.shape and ys[impl].dtype == inputs["x"].dtype and ys[impl].is_contiguous()
+        assert_close(f"y (ls_impl={impl})", ys[impl], ref64, same)
+    return ys
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("params", list(LR_PARAMS))
+@pytest.mark.parametrize("rows", LR_ROWS)
+@pytest.mark.parametrize("d", VIT_WIDTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_linear_residual_forward_parity(cuda_ops, dtype, d, rows, params):
+    """The attention proj of ViT-S/B/L/H (K = N = D) at 1 row, 2 images and 64 images of 197 tokens: auto folds the
+    layer scale from M >= D on, so the sweep runs both paths through auto as well as forced."""
+    bias, ls = LR_PARAMS[params]
+    seed = seed_for("linear-residual-cuda-fwd", dtype, d, rows, params)
+    inputs = make_lr_inputs(rows, d, d, dtype, seed, bias, ls)
+    ys = check_lr_forward(inputs)
+    if ls:  # auto is one of the two forced paths, bit for bit
+        forced = "fold" if rows >= d else "kernel"
+        torch.testing.assert_close(ys["auto"], ys[forced], atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("params", ["bias_ls", "nobias_nols"])
+@pytest.mark.parametrize("rows", LR_ROWS)
+@pytest.mark.parametrize("d", VIT_WIDTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_linear_residual_as_accurate_as_triton(cuda_ops, dtype, d, rows, params):
+    """Same inputs through the Triton forward (one rounding in its epilogue): the CUDA forward's error, both
+    layer-scale paths, is within the rule with the Triton forward's error as the baseline."""
+    bias, ls = LR_PARAMS[params]
+    seed = seed_for("linear-residual-cuda-vs-triton", dtype, d, rows, params)
+    inputs = make_lr_inputs(rows, d, d, dtype, seed, bias, ls)
+    with vitkern.use_backend("triton", op="linear_residual"), torch.no_grad():
+        y_triton = torch.ops.vitkern.linear_residual_fwd(*_lr_args(inputs))
+    check_lr_forward(inputs, baseline=y_triton)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n", [(3072, 768), (768, 2304), (100, 300), (300, 100)],
+                         ids=["fc2_shape", "qkv_shape", "odd_widen", "odd_narrow"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_linear_residual_rectangular(cuda_ops, dtype, k, n):
+    """K != N (the MLP's fc2 shape, a widening GEMM) and odd widths: unaligned weight/residual rows (the scalar paths
+    of the fold and residual kernels), partial tiles; rows below and above K (auto's switch)."""
+    for rows in (37, 3100):
+        seed = seed_for("linear-residual-cuda-rect", dtype, k, n, rows)
+        check_lr_forward(make_lr_inputs(rows, k, n, dtype, seed))
+        check_lr_forward(make_lr_inputs(rows, k, n, dtype, seed, bias=False))
+
+
+def _strided(t, extra, off, seed):
+    """t's values as a column slice of a wider matrix: row stride t.size(1) + extra, base offset `off` elements."""
+    rows, cols = t.shape
+    big = randn((rows, cols + extra), dtype=t.dtype, device=t.device, seed=seed)
+    view = big[:, off:off + cols]
+    view.copy_(t)
+    assert view.stride() == (cols + extra, 1)
+    return view
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("operand", ["x", "w", "res", "all"])
+@pytest.mark.parametrize("layout", ["row_stride_aligned", "row_stride_odd", "offset_1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_linear_residual_strided_rows(cuda_ops, dtype, layout, operand):
+    """x (the GEMM's A), the weight (B; also the fold kernel's input) and the residual (C, or the residual kernel's
+    input) as row-strided views passed straight to the C++ op (no copy): leading dimension = the row stride
+    (8-aligned, odd, or a misaligned base pointer), both layer-scale paths, with and without bias."""
+    rows, k, n = 50, 384, 192
+    extra = {"row_stride_aligned": 8, "row_stride_odd": 3, "offset_1": 8}[layout]
+    off = 1 if layout == "offset_1" else 0
+    seed = seed_for("linear-residual-cuda-strided", dtype, layout, operand)
+    for bias in (True, False):
+        inputs = make_lr_inputs(rows, k, n, dtype, seed, bias=bias)
+        for i, name in enumerate(("x", "w", "res")):
+            if operand in (name, "all"):
+                inputs[name] = _strided(inputs[name], extra, off, seed + 10 + i)
+        args = _lr_args(inputs)
+        ref64 = linear_residual_reference(*(t.double() if t is not None else None for t in args))
+        same = linear_residual_reference(*args)
+        for impl in ("fold", "kernel"):
+            y = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
+            cuda_ops.linear_residual_fwd.out(*args, LAYER_SCALE_IMPLS[impl], y=y)
+            assert_close(f"y (ls_impl={impl}, bias={bias})", y, ref64, same)
+
+
+class _CudaLinearResidual(torch.autograd.Function):
+    """Forward: the CUDA backend's whole-op forward; backward: the op's own backward (vitkern::linear_residual_bwd,
+    default dispatch: Triton on a GPU, since the CUDA backend rejects backward problems; it needs only the inputs) —
+    what autograd runs after a CUDA forward. The residual's gradient is dy itself."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, res, ls, ls_impl):
+        y = _lr_backend().fused_forward(x, w, b, res, ls, layer_scale_impl=ls_impl)
+        ctx.save_for_backward(x, w, b, ls)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, b, ls = ctx.saved_tensors
+        dx, dw, db, dls = torch.ops.vitkern.linear_residual_bwd(dy.contiguous(), x, w, b, ls)
+        need = ctx.needs_input_grad
+        grads = (dx, dw, db, dy, dls)
+        return tuple(g if need[i] and g.numel() else None for i, g in enumerate(grads)) + (None,)
+
+
+def cuda_linear_residual(ls_impl="auto"):
+    def fn(x, w, b, res, ls):
+        return _CudaLinearResidual.apply(x, w, b, res, ls, ls_impl)
+
+    return fn
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["vit_b_fold", "vit_b_kernel", "nobias_nols", "fc2_shape", "odd_fold"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_linear_residual_forward_backward(cuda_ops, dtype, case):
+    """Training: CUDA forward, the op's Triton backward; y and every gradient (x, weight, bias, residual, layer
+    scale) against float64."""
+    rows, k, n, bias, ls, impl = {
+        "vit_b_fold": (197, 768, 768, True, True, "fold"),
+        "vit_b_kernel": (197, 768, 768, True, True, "kernel"),
+        "nobias_nols": (394, 384, 384, False, False, "auto"),
+        "fc2_shape": (394, 1536, 384, True, True, "auto"),  # M < K: auto takes the kernel path
+        "odd_fold": (197, 100, 300, True, True, "fold"),
+    }[case]
+    seed = seed_for("linear-residual-cuda-fwd-bwd", dtype, case)
+    inputs = make_lr_inputs(rows, k, n, dtype, seed, bias, ls)
+    grads = [name for name, v in inputs.items() if v is not None]
+    check_forward_backward(cuda_linear_residual(impl), linear_residual_reference, inputs, grads, seed=seed)
+
+
+@pytest.mark.gpu
+def test_cuda_linear_residual_x_as_residual(cuda_ops):
+    """x read both as the GEMM's A and as the residual (allowed: both are inputs; only y must be separate)."""
+    inputs = make_lr_inputs(394, 384, 384, torch.bfloat16, seed_for("linear-residual-cuda-x-res"))
+    inputs["res"] = inputs["x"]
+    check_lr_forward(inputs)
+
+
+@pytest.mark.gpu
+def test_cuda_linear_residual_is_deterministic_and_uses_the_current_stream(cuda_ops):
+    inputs = make_lr_inputs(2000, 768, 768, torch.bfloat16, seed_for("linear-residual-cuda-det"))
+    for impl in ("fold", "kernel"):
+        runs = [_lr_backend().fused_forward(*_lr_args(inputs), layer_scale_impl=impl) for _ in range(2)]
+        assert torch.equal(*runs)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            on_side = _lr_backend().fused_forward(*_lr_args(inputs), layer_scale_impl=impl)
+        s.synchronize()
+        assert torch.equal(runs[0], on_side)
+
+
+@pytest.mark.gpu
+def test_cuda_linear_residual_empty_and_bad_inputs(cuda_ops):
+    """M = 0 returns an empty y; the checks that need CUDA tensors (devices, the .out variant's y, memory overlap)
+    name the argument."""
+    args = _lr_args(make_lr_inputs(0, 192, 96, torch.bfloat16, seed_for("linear-residual-cuda-empty")))
+    assert cuda_ops.linear_residual_fwd(*args).shape == (0, 96)
+    assert _lr_backend().fused_forward(*args).shape == (0, 96)
+    y = torch.empty(0, 96, dtype=torch.bfloat16, device="cuda")
+    cuda_ops.linear_residual_fwd.out(*args, y=y)
+
+    inputs = make_lr_inputs(4, 192, 192, torch.bfloat16, seed_for("linear-residual-cuda-bad"))
+    x, w, b, res, ls = _lr_args(inputs)
+    x0, res0 = x.clone(), res.clone()
+    op = "vitkern_C::linear_residual_fwd: "
+
+    def out(**kw):
+        a = {"x": x, "w": w, "b": b, "res": res, "ls": ls, "ls_impl": 0, "y": torch.empty_like(res)} | kw
+        y = a.pop("y")
+        return lambda: cuda_ops.linear_residual_fwd.out(*a.values(), y=y)
+
+    cases = [
+        (lambda: cuda_ops.linear_residual_fwd(x.cpu(), w, b, res, ls),
+         "x must be a CUDA tensor, got a tensor on cpu"),
+        (lambda: cuda_ops.linear_residual_fwd(x, w, b.cpu(), res, ls),
+         "bias must be a CUDA tensor, got a tensor on cpu"),
+        (lambda: cuda_ops.linear_residual_fwd(x, w, b, res.cpu(), ls),
+         "residual must be a CUDA tensor, got a tensor on cpu"),
+        (lambda: cuda_ops.linear_residual_fwd(x, w, b, res, ls.cpu()),
+         "layer_scale must be a CUDA tensor, got a tensor on cpu"),
+        (lambda: cuda_ops.linear_residual_fwd(x, w, b, res, ls, 5), "ls_impl must be 0 (auto)"),
+        (out(y=torch.empty(4, 192, dtype=torch.bfloat16)), "y must be a CUDA tensor, got a tensor on cpu"),
+        (out(y=torch.empty(4, 191, dtype=torch.bfloat16, device="cuda")), "y must have shape [4, 192], got [4, 191]"),
+        (out(y=torch.empty(4, 192, dtype=torch.float16, device="cuda")), "y must have x's dtype bfloat16, got float16"),
+        (out(y=torch.empty(192, 4, dtype=torch.bfloat16, device="cuda").t()), "y must be contiguous"),
+        (out(y=res), "y (written) and residual (read) share memory"),
+        (out(y=x), "y (written) and x (read) share memory"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert op + match in str(info.value), (match, str(info.value))
+    # nothing was written (the overlap checks run before any launch)
+    torch.testing.assert_close(res, res0, atol=0, rtol=0)
+    torch.testing.assert_close(x, x0, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_linear_residual_torch_compile_and_opcheck(cuda_ops):
+    inputs = make_lr_inputs(394, 384, 384, torch.bfloat16, seed_for("linear-residual-cuda-compile"))
+
+    def f(*args):
+        return cuda_ops.linear_residual_fwd(*args, 2)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(*_lr_args(inputs)), f(*_lr_args(inputs)), atol=0,
+                               rtol=0)
+    torch.library.opcheck(cuda_ops.linear_residual_fwd.default, tuple(_lr_args(inputs)))
+    torch.library.opcheck(cuda_ops.linear_residual_fwd.default,
+                          (inputs["x"], inputs["w"], None, inputs["res"], None, 1))
+
+
+@pytest.mark.gpu
+def test_gpu_linear_residual_dispatch_through_the_op(cuda_ops):
+    """Through vitkern.functional.linear_residual: the CUDA forward (strict) via the op's fused_forward routing;
+    training falls back to the Triton backward (strict=False)."""
+    from vitkern.functional.linear_residual import linear_residual
+
+    inputs = make_lr_inputs(394, 768, 768, torch.bfloat16, seed_for("linear-residual-cuda-dispatch"))
+    choice = vitkern.explain("linear_residual", *_lr_args(inputs))
+    assert "cuda: supported, lower preference" in str(choice), str(choice)  # ranked after Triton until measured
+    with vitkern.use_backend("cuda", op="linear_residual"), torch.no_grad():
+        y = linear_residual(*_lr_args(inputs))
+    torch.testing.assert_close(y, check_lr_forward(inputs, impls=("auto",))["auto"], atol=0, rtol=0)
+
+    def kernel(**a):
+        with vitkern.use_backend("cuda", op="linear_residual", strict=False):
+            return linear_residual(*(a[k] for k in LR_NAMES))
+
+    seed = seed_for("linear-residual-cuda-dispatch-grad")
+    check_forward_backward(kernel, linear_residual_reference, inputs, LR_NAMES, seed=seed)
+
+
 # ----------------------------------------------------------------------------------------------- GPU: sanitizer
 # the body of a vitkern.testing.sanitizer.workload (which loads the extension as `ops`)
 SANITIZER_SCRIPT = r"""
@@ -514,6 +881,13 @@ for dtype in (torch.bfloat16, torch.float32):
                 ops.ln_mlp_fwd(x, *p, 1e-6, approximate, True, gelu_impl, ls_impl)
                 ops.ln_mlp_fwd(x, *p, 1e-6, approximate, False, gelu_impl, ls_impl)
         ops.ln_linear_fwd(x, p[0], p[1], p[2], p[3], 1e-6)
+        # linear_residual: x [m, d] @ fc1_weightᵀ + fc1_bias, strided residual [m, hidden]
+        res = torch.randn(m, hidden + off, device="cuda", dtype=dtype)[:, off:]
+        ls_h = torch.randn(hidden, device="cuda", dtype=dtype) * 0.1
+        for ls_impl in (1, 2):
+            ops.linear_residual_fwd(x, p[2], p[3], res, ls_h, ls_impl)
+            ops.linear_residual_fwd(x, p[2], None, res, ls_h, ls_impl)
+        ops.linear_residual_fwd(x, p[2], None, res, None)
 """
 
 

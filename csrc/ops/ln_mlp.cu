@@ -1,5 +1,6 @@
 // vitkern_C::ln_linear_fwd and vitkern_C::ln_mlp_fwd (+ .out variants): LayerNorm fused in front of cuBLASLt GEMMs
-// with epilogues, forward only. Contracts (identical to vitkern/ops/ln_linear.py and vitkern/ops/ln_mlp.py, so the
+// with epilogues, forward only; and vitkern_C::linear_residual_fwd (+ .out), LayerNorm+MLP's fc2 step on its own.
+// Contracts (identical to vitkern/ops/ln_linear.py, vitkern/ops/ln_mlp.py and vitkern/ops/linear_residual.py, so the
 // Triton/reference backwards consume these forwards' outputs):
 //   ln_linear_fwd(x [M, D], ln_weight [D]?, ln_bias [D]?, weight [N, D], bias [N]?, eps) -> y [M, N], mean [M] fp32,
 //       rstd [M] fp32
@@ -7,7 +8,10 @@
 //       layer_scale [D]?, eps, approximate "none"|"tanh", save_for_backward, gelu_impl, ls_impl)
 //       -> y = x + γ·fc2(GELU(fc1(LN(x)))) [M, D], pre [M, H] (fc1 output before GELU), h [M, H] (after GELU)
 //          (pre and h: [0] when not saved), mean [M], rstd [M]
-// x: fp16/bf16/fp32 with unit column stride (rows may be strided); every parameter has x's dtype, unit column stride.
+//   linear_residual_fwd(x [M, K], weight [N, K], bias [N]?, residual [M, N], layer_scale [N]?, ls_impl)
+//       -> y = residual + γ·(x @ weightᵀ + bias) [M, N] (a ViT block's x + ls1(attn.proj(o)): step 3 below alone)
+// x: fp16/bf16/fp32 with unit column stride (rows may be strided); every parameter has x's dtype, unit column stride;
+// linear_residual's residual likewise (any row stride). No LayerNorm in linear_residual, so no width limit on K.
 //
 // Pipeline:
 //   1. LayerNorm (csrc/ops/layer_norm.cuh's forward kernel, fp32 statistics) writes LN(x) into a scratch [M, D]
@@ -18,14 +22,18 @@
 //      its non-cuBLASLt path for the same reason; the GPU test test_gelu_epilogue_is_tanh checks it), so it is used
 //      only for approximate="tanh"; the exact erf GELU (timm's default) always takes the kernel. gelu_impl selects
 //      (0 auto, 1 epilogue, 2 kernel) so the GPU session can measure both and keep the faster.
-//   3. fc2: cuBLASLt with the BIAS epilogue and the residual through beta·C (C = x, beta = 1, D = y).
-//      The layer scale γ cannot go through beta (it scales the GEMM product, not C). ls_impl (0 auto, 1 fold,
-//      2 kernel): fold γ into W2's rows and b2 on the fly (scale_rows_kernel: D·H elements, independent of M), or
-//      let fc2 write h @ W2ᵀ + b2 into y and add x + γ·y in residual_scale_kernel (two extra M·D passes). Auto folds
-//      when M >= H, where the fold is the cheaper of the two. Folding rounds γ·W2 to x's dtype, i.e. one rounding
-//      of the branch's weights: an error of the size of one output rounding of the branch, which the residual
-//      then dwarfs (tests hold it to the same bound as the Triton forward).
-// Scratch (LN output; the GELU output when not saved; the folded W2) comes from the CUDA caching allocator.
+//   3. fc2 (launch_linear_residual, shared with linear_residual_fwd: y = residual + γ·(a @ Wᵀ + b) for a [M, K],
+//      W [N, K]; here a = h, K = H, N = D, residual = x): cuBLASLt with the BIAS epilogue and the residual through
+//      beta·C (C = residual, beta = 1, D = y). The layer scale γ cannot go through beta (it scales the GEMM product,
+//      not C). ls_impl (0 auto, 1 fold, 2 kernel): fold γ into W's rows and b on the fly (scale_rows_kernel: reads
+//      and writes N·K elements, independent of M), or let the GEMM write a @ Wᵀ + b into y and add residual + γ·y in
+//      residual_scale_kernel (reads y and writes it again: two extra M·N passes; the residual read moves from the
+//      GEMM's epilogue into the kernel). Each adds one launch. Auto folds when 2·N·K <= 2·M·N, i.e. M >= K, where
+//      the fold is the cheaper of the two (fc2: M >= H; linear_residual: M >= in_features, e.g. ViT-B's proj,
+//      K = 768, from 4 images of 197 tokens on). Folding rounds γ·W to x's dtype, i.e. one rounding of the branch's
+//      weights: an error of the size of one output rounding of the branch, which the residual then dwarfs (tests
+//      hold it to the same bound as the Triton forward).
+// Scratch (LN output; the GELU output when not saved; the folded W and b) comes from the CUDA caching allocator.
 //
 // Schemas: csrc/vitkern_C.cpp.
 #include <optional>
@@ -51,11 +59,19 @@ namespace {
 
 constexpr const char* kLinear = "vitkern_C::ln_linear_fwd";
 constexpr const char* kMlp = "vitkern_C::ln_mlp_fwd";
+constexpr const char* kResidual = "vitkern_C::linear_residual_fwd";
 
 using OptTensor = std::optional<at::Tensor>;
 
 // ------------------------------------------------------------------------------------------------ argument checks
 // (shared by the CUDA and Meta kernels; device checks are separate)
+
+// The rows of a 2-D t do not overlap (any row stride >= its width; a single row may carry any stride), so it is a
+// valid cuBLASLt matrix with leading dimension row_ld(t).
+void check_disjoint_rows(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), op, ": ", name, " rows overlap (stride(0) ", t.stride(0),
+              " < ", t.size(1), "); call .contiguous() first");
+}
 
 void check_x(const at::Tensor& x, const char* op) {
   check::ndim(x, 2, op, "x");
@@ -63,8 +79,7 @@ void check_x(const at::Tensor& x, const char* op) {
   check::last_dim_contiguous(x, op, "x");
   TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= layer_norm::kMaxWidth, op,
               ": x.size(1) (the LayerNorm width) must be in [1, ", layer_norm::kMaxWidth, "], got ", x.size(1));
-  TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= x.size(1), op, ": x rows overlap (stride(0) ", x.stride(0), " < ",
-              x.size(1), "); call .contiguous() first");
+  check_disjoint_rows(x, op, "x");
 }
 
 // Row stride of a [rows, cols] matrix as cuBLASLt's leading dimension (a single row may carry any stride).
@@ -84,15 +99,15 @@ void check_vector(const OptTensor& t, const at::Tensor& x, int64_t n, const char
   check::contiguous(*t, op, name);
 }
 
-// A [rows, cols] weight in x's dtype with unit column stride (nn.Linear's layout; rows may be strided).
-void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t rows, int64_t cols, const char* op,
+// A [rows, cols] matrix in x's dtype with unit column stride and disjoint rows of any stride (a weight in
+// nn.Linear's layout; linear_residual's residual).
+void check_matrix(const at::Tensor& w, const at::Tensor& x, int64_t rows, int64_t cols, const char* op,
                   const char* name) {
   check::ndim(w, 2, op, name);
   check_dtype(w, x, op, name);
   check::shape(w, {rows, cols}, op, name);
   check::last_dim_contiguous(w, op, name);
-  TORCH_CHECK(rows <= 1 || w.stride(0) >= cols, op, ": ", name, " rows overlap (stride(0) ", w.stride(0), " < ", cols,
-              "); call .contiguous() first");
+  check_disjoint_rows(w, op, name);
 }
 
 // A contiguous [rows, cols] output in x's dtype.
@@ -117,6 +132,12 @@ void check_ln(const at::Tensor& x, const OptTensor& ln_weight, const OptTensor& 
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
 }
 
+// ls_impl (ln_mlp::ScaleImpl) is 0, 1 or 2; `target`: what the layer scale is folded into.
+void check_ls_impl(int64_t ls_impl, const char* op, const char* target) {
+  TORCH_CHECK(ls_impl >= ln_mlp::kScaleAuto && ls_impl <= ln_mlp::kScaleKernel, op,
+              ": ls_impl must be 0 (auto), 1 (fold into ", target, ") or 2 (separate kernel), got ", ls_impl);
+}
+
 bool tanh_gelu(std::string_view approximate) {
   TORCH_CHECK(approximate == "none" || approximate == "tanh", kMlp,
               ": approximate must be \"none\" (exact erf GELU) or \"tanh\", got \"", std::string(approximate), "\"");
@@ -129,7 +150,7 @@ void check_linear_args(const at::Tensor& x, const OptTensor& ln_weight, const Op
   check::ndim(weight, 2, kLinear, "weight");
   TORCH_CHECK(weight.size(0) >= 1, kLinear, ": weight must have at least one row (out_features), got shape ",
               weight.sizes());
-  check_weight(weight, x, weight.size(0), x.size(1), kLinear, "weight");
+  check_matrix(weight, x, weight.size(0), x.size(1), kLinear, "weight");
   check_vector(bias, x, weight.size(0), kLinear, "bias");
 }
 
@@ -143,9 +164,9 @@ void check_mlp_args(const at::Tensor& x, const OptTensor& ln_weight, const OptTe
   const int64_t hidden = fc1_weight.size(0);
   TORCH_CHECK(hidden >= 1, kMlp, ": fc1_weight must have at least one row (the hidden size), got shape ",
               fc1_weight.sizes());
-  check_weight(fc1_weight, x, hidden, d, kMlp, "fc1_weight");
+  check_matrix(fc1_weight, x, hidden, d, kMlp, "fc1_weight");
   check_vector(fc1_bias, x, hidden, kMlp, "fc1_bias");
-  check_weight(fc2_weight, x, d, hidden, kMlp, "fc2_weight");
+  check_matrix(fc2_weight, x, d, hidden, kMlp, "fc2_weight");
   check_vector(fc2_bias, x, d, kMlp, "fc2_bias");
   check_vector(layer_scale, x, d, kMlp, "layer_scale");
   const bool tanh = tanh_gelu(approximate);
@@ -154,8 +175,26 @@ void check_mlp_args(const at::Tensor& x, const OptTensor& ln_weight, const OptTe
   TORCH_CHECK(gelu_impl != ln_mlp::kGeluEpilogue || tanh, kMlp,
               ": gelu_impl=1 (cuBLASLt GELU epilogue) computes the tanh approximation; approximate=\"none\" "
               "(exact erf) needs gelu_impl 0 or 2");
-  TORCH_CHECK(ls_impl >= ln_mlp::kScaleAuto && ls_impl <= ln_mlp::kScaleKernel, kMlp,
-              ": ls_impl must be 0 (auto), 1 (fold into fc2) or 2 (separate kernel), got ", ls_impl);
+  check_ls_impl(ls_impl, kMlp, "fc2");
+}
+
+void check_linear_residual_args(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                const at::Tensor& residual, const OptTensor& layer_scale, int64_t ls_impl) {
+  check::ndim(x, 2, kResidual, "x");
+  check::dtype_in(x, {at::kHalf, at::kBFloat16, at::kFloat}, kResidual, "x");
+  check::last_dim_contiguous(x, kResidual, "x");
+  TORCH_CHECK(x.size(1) >= 1, kResidual, ": x.size(1) (in_features) must be >= 1, got shape ", x.sizes());
+  check_disjoint_rows(x, kResidual, "x");
+  const int64_t m = x.size(0), k = x.size(1);
+  check::ndim(weight, 2, kResidual, "weight");
+  TORCH_CHECK(weight.size(0) >= 1, kResidual, ": weight must have at least one row (out_features), got shape ",
+              weight.sizes());
+  const int64_t n = weight.size(0);
+  check_matrix(weight, x, n, k, kResidual, "weight");
+  check_vector(bias, x, n, kResidual, "bias");
+  check_matrix(residual, x, m, n, kResidual, "residual");
+  check_vector(layer_scale, x, n, kResidual, "layer_scale");
+  check_ls_impl(ls_impl, kResidual, "the weight");
 }
 
 struct Arg {
@@ -172,6 +211,14 @@ void check_devices(const at::Tensor& x, const char* op, std::initializer_list<Ar
     check::cuda(*a.t, op, a.name);
     check::same_device(x, "x", *a.t, a.name, op);
   }
+}
+
+// at::assert_no_overlap(out, in), with a message naming both arguments.
+void check_no_overlap(const at::Tensor& out, const char* out_name, const at::Tensor& in, const char* in_name,
+                      const char* op) {
+  const at::MemOverlapStatus lap = at::get_overlap_status(out, in);
+  TORCH_CHECK(lap != at::MemOverlapStatus::Partial && lap != at::MemOverlapStatus::Full, op, ": ", out_name,
+              " (written) and ", in_name, " (read) share memory; pass a separate output or clone() the input");
 }
 
 const void* ptr_or_null(const OptTensor& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
@@ -265,6 +312,56 @@ void launch_residual_scale(const T* x, int64_t ldx, const T* scale, T* y, int64_
         x, ldx, scale, y, rows, cols);
   }
   VITKERN_CUDA_LAUNCH_CHECK();
+}
+
+// Whether the layer scale of y = residual + γ·(a @ Wᵀ + b), a [M, K], W [N, K], is folded into W's rows (else
+// residual_scale_kernel applies it after the GEMM). Auto: the fold reads and writes N·K elements, the kernel two
+// extra M·N passes, so fold when M >= K (the top of this file).
+bool fold_layer_scale(int64_t ls_impl, int64_t m, int64_t k) {
+  return ls_impl == ln_mlp::kScaleFold || (ls_impl == ln_mlp::kScaleAuto && m >= k);
+}
+
+// y = residual + γ·(a @ weightᵀ + bias): LayerNorm+MLP's fc2 step and all of linear_residual_fwd. a [M, K] and
+// residual [M, N] with unit column stride and any row stride (row_ld), weight [N, K] likewise, bias/γ [N]
+// contiguous, y contiguous [M, N] and disjoint from the inputs; all T; M, N, K >= 1 (checked by the callers). The
+// bias rides in cuBLASLt's BIAS epilogue and the residual in beta·C; γ is folded into W's rows and b
+// (scale_rows_kernel) or applied with the residual afterwards (residual_scale_kernel), per ls_impl
+// (fold_layer_scale). `what` names the GEMM in cuBLASLt errors.
+template <typename T>
+void launch_linear_residual(const at::Tensor& a, const at::Tensor& weight, const OptTensor& bias,
+                            const at::Tensor& residual, const OptTensor& layer_scale, int64_t ls_impl,
+                            const at::Tensor& y, cudaStream_t stream, const char* what) {
+  const int64_t m = a.size(0), k = a.size(1), n = weight.size(0);
+  const bool fold = layer_scale.has_value() && fold_layer_scale(ls_impl, m, k);
+  at::Tensor w = weight;
+  OptTensor b = bias;
+  if (fold) {
+    const auto opts = weight.options().memory_format(at::MemoryFormat::Contiguous);
+    w = at::empty({n, k}, opts);
+    if (bias.has_value()) b = at::empty({n}, opts);
+    launch_scale_rows<T>(static_cast<const T*>(weight.const_data_ptr()), row_ld(weight),
+                         static_cast<const T*>(layer_scale->const_data_ptr()), static_cast<T*>(w.data_ptr()), n, k,
+                         static_cast<const T*>(ptr_or_null(bias)),
+                         b.has_value() ? static_cast<T*>(b->data_ptr()) : nullptr, stream);
+  }
+  lt::MatmulArgs g = lt::linear_args(a.scalar_type(), m, n, k, a.const_data_ptr(), row_ld(a), w.const_data_ptr(),
+                                     row_ld(w), y.data_ptr(), n);
+  if (b.has_value()) {
+    g.epilogue = CUBLASLT_EPILOGUE_BIAS;
+    g.bias = b->const_data_ptr();
+  }
+  const bool post_scale = layer_scale.has_value() && !fold;
+  if (!post_scale) {  // residual through beta·C: y = (a @ Wᵀ + b) + 1·residual
+    g.c = residual.const_data_ptr();
+    g.ldc = row_ld(residual);
+    g.beta = 1.f;
+  }
+  lt::matmul(g, what);
+  if (post_scale) {
+    launch_residual_scale<T>(static_cast<const T*>(residual.const_data_ptr()), row_ld(residual),
+                             static_cast<const T*>(layer_scale->const_data_ptr()), static_cast<T*>(y.data_ptr()), m, n,
+                             stream);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ ln_linear
@@ -401,37 +498,8 @@ void ln_mlp_fwd_out_cuda(const at::Tensor& x, const OptTensor& ln_weight, const 
       launch_gelu<T>(pre_ptr, static_cast<T*>(act.data_ptr()), m * hidden, tanh, stream);
     }
 
-    // 3. fc2 + bias + layer scale + residual -> y
-    const bool fold = layer_scale.has_value() &&
-                      (ls_impl == ln_mlp::kScaleFold || (ls_impl == ln_mlp::kScaleAuto && m >= hidden));
-    at::Tensor w2 = fc2_weight;
-    OptTensor b2 = fc2_bias;
-    if (fold) {
-      w2 = at::empty({d, hidden}, opts);
-      if (fc2_bias.has_value()) b2 = at::empty({d}, opts);
-      launch_scale_rows<T>(static_cast<const T*>(fc2_weight.const_data_ptr()), row_ld(fc2_weight),
-                           static_cast<const T*>(layer_scale->const_data_ptr()), static_cast<T*>(w2.data_ptr()), d,
-                           hidden, static_cast<const T*>(ptr_or_null(fc2_bias)),
-                           b2.has_value() ? static_cast<T*>(b2->data_ptr()) : nullptr, stream);
-    }
-    lt::MatmulArgs g2 = lt::linear_args(dtype, m, d, hidden, act.const_data_ptr(), hidden, w2.const_data_ptr(),
-                                        row_ld(w2), y.data_ptr(), d);
-    if (b2.has_value()) {
-      g2.epilogue = CUBLASLT_EPILOGUE_BIAS;
-      g2.bias = b2->const_data_ptr();
-    }
-    const bool post_scale = layer_scale.has_value() && !fold;
-    if (!post_scale) {  // residual through beta·C: y = (h @ W2ᵀ + b2) + 1·x
-      g2.c = x.const_data_ptr();
-      g2.ldc = row_ld(x);
-      g2.beta = 1.f;
-    }
-    lt::matmul(g2, "ln_mlp fc2 GEMM");
-    if (post_scale) {
-      launch_residual_scale<T>(static_cast<const T*>(x.const_data_ptr()), row_ld(x),
-                               static_cast<const T*>(layer_scale->const_data_ptr()), static_cast<T*>(y.data_ptr()), m,
-                               d, stream);
-    }
+    // 3. fc2 + bias + layer scale + residual -> y = x + γ·(act @ W2ᵀ + b2)
+    launch_linear_residual<T>(act, fc2_weight, fc2_bias, x, layer_scale, ls_impl, y, stream, "ln_mlp fc2 GEMM");
   });
 }
 
@@ -469,6 +537,46 @@ MlpOutputs ln_mlp_fwd_meta(const at::Tensor& x, const OptTensor& ln_weight, cons
   return mlp_outputs(x, fc1_weight.size(0), save_for_backward);
 }
 
+// ------------------------------------------------------------------------------------------------ linear_residual
+
+void linear_residual_fwd_out_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                  const at::Tensor& residual, const OptTensor& layer_scale, int64_t ls_impl,
+                                  const at::Tensor& y) {
+  check_devices(x, kResidual, {arg(weight, "weight"), arg(bias, "bias"), arg(residual, "residual"),
+                               arg(layer_scale, "layer_scale"), arg(y, "y")});
+  check_linear_residual_args(x, weight, bias, residual, layer_scale, ls_impl);
+  const int64_t m = x.size(0);
+  check_output(y, x, m, weight.size(0), kResidual, "y");
+  if (m == 0) return;
+  check_no_overlap(y, "y", x, "x", kResidual);
+  check_no_overlap(y, "y", residual, "residual", kResidual);
+
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  VITKERN_FLOAT_SWITCH(x.scalar_type(), T, [&] {
+    launch_linear_residual<T>(x, weight, bias, residual, layer_scale, ls_impl, y, stream, "linear_residual GEMM");
+  });
+}
+
+at::Tensor linear_residual_output(const at::Tensor& x, const at::Tensor& weight) {
+  return at::empty({x.size(0), weight.size(0)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+at::Tensor linear_residual_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                    const at::Tensor& residual, const OptTensor& layer_scale, int64_t ls_impl) {
+  check::cuda(x, kResidual, "x");
+  check_linear_residual_args(x, weight, bias, residual, layer_scale, ls_impl);
+  at::Tensor y = linear_residual_output(x, weight);
+  linear_residual_fwd_out_cuda(x, weight, bias, residual, layer_scale, ls_impl, y);
+  return y;
+}
+
+at::Tensor linear_residual_fwd_meta(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                    const at::Tensor& residual, const OptTensor& layer_scale, int64_t ls_impl) {
+  check_linear_residual_args(x, weight, bias, residual, layer_scale, ls_impl);
+  return linear_residual_output(x, weight);
+}
+
 }  // namespace
 
 // Test hook: the version of the cuBLASLt these ops call (resolved with dlopen/dlsym, csrc/common/cublaslt.h). Needs
@@ -482,8 +590,11 @@ TORCH_LIBRARY_IMPL(vitkern_C, CUDA, m) {
   m.impl("ln_linear_fwd.out", &vitkern::ln_linear_fwd_out_cuda);
   m.impl("ln_mlp_fwd", &vitkern::ln_mlp_fwd_cuda);
   m.impl("ln_mlp_fwd.out", &vitkern::ln_mlp_fwd_out_cuda);
+  m.impl("linear_residual_fwd", &vitkern::linear_residual_fwd_cuda);
+  m.impl("linear_residual_fwd.out", &vitkern::linear_residual_fwd_out_cuda);
 }
 TORCH_LIBRARY_IMPL(vitkern_C, Meta, m) {
   m.impl("ln_linear_fwd", &vitkern::ln_linear_fwd_meta);
   m.impl("ln_mlp_fwd", &vitkern::ln_mlp_fwd_meta);
+  m.impl("linear_residual_fwd", &vitkern::linear_residual_fwd_meta);
 }

@@ -21,7 +21,8 @@ enum GeluImpl : int64_t {
   kGeluKernel = 2,    // plain bias epilogue, then gelu_kernel
 };
 enum ScaleImpl : int64_t {
-  kScaleAuto = 0,    // fold when M >= hidden (then the fold's D·H elements cost less than a second M·D pass)
+  kScaleAuto = 0,    // fold when M >= K, the GEMM's inner dim (hidden for ln_mlp's fc2): the fold's N·K elements then
+                     // cost less than the post kernel's extra M·N pass
   kScaleFold = 1,    // γ folded into W2/b2 (scale_rows_kernel), residual through beta·C
   kScaleKernel = 2,  // fc2 writes h @ W2ᵀ + b2 into y, residual_scale_kernel adds x + γ·y
 };

@@ -1,11 +1,13 @@
-"""The CUDA C++ backends of the LayerNorm+Linear and LayerNorm+MLP op families (csrc/ops/ln_mlp.cu: the LayerNorm
-kernel of csrc/ops/layer_norm.cuh, then cuBLASLt GEMMs with bias / GELU / GELU+aux epilogues and the residual
-through beta·C; ops ``torch.ops.vitkern_C.ln_linear_fwd`` and ``ln_mlp_fwd``).
+"""The CUDA C++ backends of the LayerNorm+Linear, LayerNorm+MLP and Linear+residual op families
+(csrc/ops/ln_mlp.cu: the LayerNorm kernel of csrc/ops/layer_norm.cuh, then cuBLASLt GEMMs with bias / GELU /
+GELU+aux epilogues and the residual through beta·C; ops ``torch.ops.vitkern_C.ln_linear_fwd``, ``ln_mlp_fwd`` and
+``linear_residual_fwd``, the last being LayerNorm+MLP's fc2 step on its own: no LayerNorm, hence no width limit).
 
 Forward only, whole-op: each backend's ``fused_forward`` takes the op's forward arguments and returns exactly what
 the op's forward returns (:mod:`vitkern.ops.ln_linear`: ``y, mean, rstd``; :mod:`vitkern.ops.ln_mlp`: ``y, pre, h,
-mean, rstd`` with ``pre``/``h`` the fc1 output before/after GELU when saving for backward), so the backward — which
-these backends reject with a reason — runs on the next backend in order (Triton on a GPU) from those tensors.
+mean, rstd`` with ``pre``/``h`` the fc1 output before/after GELU when saving for backward;
+:mod:`vitkern.ops.linear_residual`: ``y``), so the backward — which these backends reject with a reason — runs on
+the next backend in order (Triton on a GPU) from those tensors (linear_residual's backward needs only the inputs).
 
 The op files orchestrate their Triton/reference backends through GEMM primitives (``stats``, ``linear``) that a
 cuBLASLt pipeline does not map onto (cuBLASLt has no LayerNorm prologue; statistics and the normalised input come out
@@ -25,10 +27,11 @@ from torch import Tensor
 
 from vitkern import dispatch, memory
 from vitkern.backends.cuda_common import CudaBackend
+from vitkern.ops import linear_residual as linear_residual_op
 from vitkern.ops import ln_linear as ln_linear_op
 from vitkern.ops import ln_mlp as ln_mlp_op
 
-__all__ = ["LnLinearCuda", "LnMlpCuda"]
+__all__ = ["LinearResidualCuda", "LnLinearCuda", "LnMlpCuda"]
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CUDA_MAX_D = 8192  # the LayerNorm kernel's widest row (csrc/ops/layer_norm.cuh kMaxWidth)
@@ -45,19 +48,28 @@ def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.contiguous() if t is not None else None
 
 
-class _LnCudaBackend(CudaBackend):
+class _GemmCudaBackend(CudaBackend):
+    """The cuBLASLt ops' shared rule: every parameter in the input's dtype (the GEMMs and epilogues take one type)."""
+
     dtypes = CUDA_DTYPES  # ranked after Triton until measured: vitkern/backends/cuda_common.py
+
+    def op_reasons(self, problem: dispatch.Problem) -> list[str]:
+        bad = [dt for dt in problem.attr("param_dtypes", ()) if dt != problem.dtype]
+        if bad:
+            names = sorted({str(dt) for dt in bad})
+            return [f"parameter dtypes {names} differ from the input's {problem.dtype}"]
+        return []
+
+
+class _LnCudaBackend(_GemmCudaBackend):
+    """The LayerNorm ops: also the LayerNorm kernel's limit on the input width."""
 
     def op_reasons(self, problem: dispatch.Problem) -> list[str]:
         reasons = []
         _, d = problem.shape("x")
         if d > CUDA_MAX_D:
             reasons.append(f"input width {d} > {CUDA_MAX_D} (the LayerNorm kernel holds a row in registers)")
-        bad = [dt for dt in problem.attr("param_dtypes", ()) if dt != problem.dtype]
-        if bad:
-            names = sorted({str(dt) for dt in bad})
-            reasons.append(f"parameter dtypes {names} differ from the input's {problem.dtype}")
-        return reasons
+        return reasons + super().op_reasons(problem)
 
 
 class LnLinearCuda(_LnCudaBackend):
@@ -107,5 +119,27 @@ class LnMlpCuda(_LnCudaBackend):
         return y, (pre if pre is not None else empty), (h if h is not None else empty), mean, rstd
 
 
+class LinearResidualCuda(_GemmCudaBackend):
+    """One cuBLASLt GEMM (bias epilogue, residual through beta·C), layer scale folded into the weight's rows or
+    applied by a small kernel: LayerNorm+MLP's fc2 step (same C++ function) on the attention's proj. No LayerNorm,
+    so no width limit."""
+
+    op_name = "linear_residual_fwd"
+    # How the layer scale is applied (csrc/ops/ln_mlp.cu): "auto" (fold when M >= in_features) until the GPU session
+    # has measured "fold" vs "kernel".
+    layer_scale_impl = "auto"
+
+    def fused_forward(self, x, weight, bias, residual, layer_scale, *, layer_scale_impl: str | None = None):
+        """The op's forward: y [M, N] = residual + layer_scale · (x @ weightᵀ + bias)."""
+        x, weight, residual = _rows(x), _rows(weight), _rows(residual)
+        y = memory.empty((x.shape[0], weight.shape[0]), x.dtype, x.device)
+        torch.ops.vitkern_C.linear_residual_fwd.out(
+            x, weight, _dense(bias), residual, _dense(layer_scale),
+            LAYER_SCALE_IMPLS[layer_scale_impl or self.layer_scale_impl], y=y,
+        )
+        return y
+
+
 dispatch.register_backend(ln_linear_op.OP, LnLinearCuda())
 dispatch.register_backend(ln_mlp_op.OP, LnMlpCuda())
+dispatch.register_backend(linear_residual_op.OP, LinearResidualCuda())
