@@ -99,7 +99,7 @@ def _main(out):
 def fused_calls(monkeypatch):
     """Counts calls of the fused functionals from the HF modules (proves the fused path ran, or did not)."""
     calls = {}
-    for name in ("attention", "ln_mlp", "ln_linear", "window_attention", "patch_embed"):
+    for name in ("attention", "ln_mlp", "ln_linear", "window_attention", "linear_residual", "patch_embed"):
         fn = getattr(hf_blocks, name)
 
         def spy(*args, _fn=fn, _name=name, **kwargs):
@@ -149,7 +149,8 @@ def test_optimized_model_matches_original(name, fused_calls):
 
     out, grads = _forward_backward(opt, x, seed_for("w", name))
     if name == "swin":  # every block fused, also the padded + shifted one and the clamped ones
-        assert fused_calls == {"window_attention": 4, "ln_linear": 4, "ln_mlp": 4, "patch_embed": 1}
+        assert fused_calls == {"window_attention": 4, "ln_linear": 4, "linear_residual": 4, "ln_mlp": 4,
+                               "patch_embed": 1}
     else:
         assert fused_calls == {"attention": 2, "ln_mlp": 2, "patch_embed": 1}
     assert set(out) == set(base) and len(out) > 3  # hidden states of every layer are still captured
@@ -237,7 +238,8 @@ def test_triton_kernels_end_to_end(monkeypatch):
 
     monkeypatch.setattr(dispatch, "select", record)
     for name, ops in (("vit", {"attention", "ln_mlp", "layer_norm", "patch_embed"}),
-                      ("swin", {"window_attention", "ln_linear", "ln_mlp", "layer_norm", "patch_embed"})):
+                      ("swin", {"window_attention", "ln_linear", "linear_residual", "ln_mlp", "layer_norm",
+                                "patch_embed"})):
         model = _build(name)
         x = _image(name, batch=1, tag="triton")
         ref64, grads64 = _forward_backward(copy.deepcopy(model).double(), x.double(), seed_for("tw", name))
@@ -281,8 +283,8 @@ def test_training_fallbacks_keep_hf_semantics(fused_calls):
         # Swin's drop path grows linearly from 0: its first block has none and stays fused
         # (ViT: HF's forward still calls the swapped attention, fused: its dropout is off). Swin's patch embeddings
         # have no dropout of their own (SwinEmbeddings' comes after its norm): fused in training too
-        assert fused_calls == ({"window_attention": 1, "ln_linear": 1, "ln_mlp": 1, "patch_embed": 1} if name == "swin"
-                               else {"attention": 2})
+        assert fused_calls == ({"window_attention": 1, "ln_linear": 1, "linear_residual": 1, "ln_mlp": 1,
+                                "patch_embed": 1} if name == "swin" else {"attention": 2})
         opt.eval()
         with torch.no_grad():
             opt(x)

@@ -21,8 +21,8 @@ is HF's own ``forward`` (``super().forward``) running on the swapped children.
   ``vitkern.functional.ln_mlp``; hidden dropout / drop path active in training: HF's forward (attention dropout
   is applied by the attention op itself, on its eager path).
 - ``HFSwinLayer``: LayerNorm + the q/k/v GEMM (weights concatenated in-graph, see below) + ``window_attention`` with
-  HF's pad-then-roll order (``pad_first=True``), the shift mask and relative position bias in-kernel, + o_proj,
-  then ``ln_mlp``. HF's shrinking rule (``set_shift_and_window_size``) is applied as HF does; a window that then
+  HF's pad-then-roll order (``pad_first=True``), the shift mask and relative position bias in-kernel, + o_proj and
+  the residual in one ``linear_residual``, then ``ln_mlp``. HF's shrinking rule (``set_shift_and_window_size``) is applied as HF does; a window that then
   differs from the bias table's (HF itself fails there), probabilities wanted, or dropout / drop path in training:
   HF's forward. HF's in-place window/shift change is handed back to the original layer on restore.
 - ``HFViTEmbeddings`` (ViT/DeiT), ``HFDinov2Embeddings``: ``vitkern.functional.patch_embed`` (patch GEMM + bias +
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern.functional.attention import attention
+from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.functional.patch_embed import patch_embed
 from vitkern.functional.window_attention import window_attention
@@ -400,7 +401,8 @@ class HFSwinLayer(_SwappedHF):
         new = super().from_hf(layer)
         new._vitkern_gelu = approx  # None: the MLP half stays HF's modules
         new._vitkern_ln_linear = fuse_mlp and isinstance(layer.layernorm_before, nn.LayerNorm)
-        ops = ["window_attention"] + (["ln_mlp", "ln_linear"] if fuse_mlp else [])
+        ops = ["window_attention"] + (["linear_residual"] if type(attn.o_proj) is nn.Linear else []) + (
+            ["ln_mlp", "ln_linear"] if fuse_mlp else [])
         if layer_norm:  # used where the LayerNorms are not fused (ln_mlp off) and on HF's path
             new.layernorm_before = LayerNorm.swap_in(layer.layernorm_before)
             new.layernorm_after = LayerNorm.swap_in(layer.layernorm_after)
@@ -425,7 +427,8 @@ class HFSwinLayer(_SwappedHF):
                 and tuple(attn.relative_position_bias.window_size) == (window, window)  # else HF's own error
                 and 0 <= shift < window and attn._vitkern_attn_maps is None and not _wants_weights(kwargs)
                 and _same_dtype(x, table, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-                                self.layernorm_before.weight, self.layernorm_before.bias))
+                                attn.o_proj.weight, attn.o_proj.bias, self.layernorm_before.weight,
+                                self.layernorm_before.bias))
 
     def forward(self, hidden_states: Tensor, input_dimensions: tuple[int, int], always_partition: bool = False,
                 **kwargs):
@@ -449,7 +452,11 @@ class HFSwinLayer(_SwappedHF):
         out = window_attention(qkv.view(B, height, width, 3 * C), table, attn.num_attention_heads, self.window_size,
                                self.shift_size, qkv_bias=b_qkv, scale=attn.scaling,
                                pad_first=True)  # HF pads, then rolls the padded map
-        h = hidden_states + self.drop_path(attn.o_proj(out).view(B, L, C))
+        o_proj = attn.o_proj
+        if type(o_proj) is nn.Linear:  # o_proj + residual in one GEMM (drop path is inactive on this path)
+            h = linear_residual(out.view(B, L, C), o_proj.weight, o_proj.bias, hidden_states)
+        else:  # a wrapped Linear (e.g. a PEFT adapter) computes something else: call it
+            h = hidden_states + o_proj(out).view(B, L, C)
         if self._vitkern_gelu is not None and _same_dtype(h, self.mlp.fc1.weight, self.mlp.fc2.weight,
                                                           self.layernorm_after.weight):
             return _mlp_tail(h, self.layernorm_after, self.mlp.fc1, self.mlp.fc2, None, self._vitkern_gelu), None
