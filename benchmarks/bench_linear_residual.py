@@ -31,7 +31,7 @@ from torch import Tensor
 
 from benchmarks.harness import (
     CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, cuda_vs_triton_targets,
-    gemm_share_target, run_benchmark, speedup_target, unmeasured, vitkern_backend_unavailable,
+    gemm_share_target, run_benchmark, speedup_target, timed_cases, vitkern_backend_unavailable,
 )
 
 NAME = "linear_residual"
@@ -148,18 +148,10 @@ def targets(rows: list[Row]) -> list[str]:
     """One line per (width, direction): MET / NOT MET / not measured. Printed in the summary, never asserted."""
     if any(r.timer == CPU_TIMER for r in rows):
         return ["targets (vitkern linear_residual bf16): not evaluated in CPU smoke mode"]
-    out = []
-    for d in WIDTHS:
-        for direction in (FWD, FWD_BWD):
-            sel = {r.provider: r for r in rows if r.params.get("D") == d and r.direction == direction}
-            what = f"vitkern linear_residual {direction} D={d} bf16"
-            vk = sel.get("vitkern")
-            why = unmeasured(vk)
-            if why is not None:
-                out.append(f"targets ({what}): not measured ({why})")
-                continue
-            if direction == FWD:
-                out.append(speedup_target(what, TARGET_EAGER, "eager", sel.get("eager"), vk)
-                           or f"target {what} >= {TARGET_EAGER}x eager: n/a")
-            out.append(gemm_share_target(what, vk, sel.get("cublas-gemm"), TARGET_GEMM_PCT))
+    out: list[str] = []
+    for what, direction, _d, sel, vk in timed_cases(rows, "vitkern linear_residual", WIDTHS, out):
+        if direction == FWD:
+            out.append(speedup_target(what, TARGET_EAGER, "eager", sel.get("eager"), vk)
+                       or f"target {what} >= {TARGET_EAGER}x eager: n/a")
+        out.append(gemm_share_target(what, vk, sel.get("cublas-gemm"), TARGET_GEMM_PCT))
     return out + cuda_vs_triton_targets(rows)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from benchmarks.harness import (
     CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh, cuda_vs_triton_targets,
-    gemm_share_target, run_benchmark, speedup_target, unmeasured, vitkern_backend_unavailable,
+    gemm_share_target, run_benchmark, speedup_target, timed_cases, vitkern_backend_unavailable,
 )
 
 NAME = "ln_mlp"
@@ -199,21 +199,13 @@ def targets(rows: list[Row]) -> list[str]:
     """One line per (width, direction): MET / NOT MET / not measured. Printed in the summary, never asserted."""
     if any(r.timer == CPU_TIMER for r in rows):
         return ["targets (vitkern ln_mlp bf16): not evaluated in CPU smoke mode"]
-    out = []
-    for d in WIDTHS:
-        for direction in (FWD, FWD_BWD):
-            sel = {r.provider: r for r in rows if r.params.get("D") == d and r.direction == direction}
-            what = f"vitkern ln_mlp {direction} D={d} bf16"
-            vk = sel.get("vitkern")
-            why = unmeasured(vk)
-            if why is not None:
-                out.append(f"targets ({what}): not measured ({why})")
-                continue
-            for name, goal in (("eager", TARGET_EAGER), ("torch.compile-max-autotune", TARGET_COMPILE)):
-                line = speedup_target(what, goal, name, sel.get(name), vk)
-                if line is None and (name == "eager" or d == COMPILE_WIDTH):
-                    other = sel.get(name)
-                    line = f"target {what} >= {goal}x {name}: n/a ({other.status if other else 'no row'})"
-                out += [line] if line else []
-            out.append(gemm_share_target(what, vk, sel.get("cublas-gemms"), TARGET_GEMM_PCT))
+    out: list[str] = []
+    for what, _direction, d, sel, vk in timed_cases(rows, "vitkern ln_mlp", WIDTHS, out):
+        for name, goal in (("eager", TARGET_EAGER), ("torch.compile-max-autotune", TARGET_COMPILE)):
+            line = speedup_target(what, goal, name, sel.get(name), vk)
+            if line is None and (name == "eager" or d == COMPILE_WIDTH):
+                other = sel.get(name)
+                line = f"target {what} >= {goal}x {name}: n/a ({other.status if other else 'no row'})"
+            out += [line] if line else []
+        out.append(gemm_share_target(what, vk, sel.get("cublas-gemms"), TARGET_GEMM_PCT))
     return out + cuda_vs_triton_targets(rows)  # issue 8's bar for the CUDA C++ forward

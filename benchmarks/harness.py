@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -494,6 +494,22 @@ def unmeasured(row: Row | None) -> str | None:
     if row is None:
         return "no row"
     return None if row.status == OK and row.median_ms else f"{row.status}: {row.error}"
+
+
+def timed_cases(rows: Sequence[Row], label: str, widths: Sequence[int], out: list[str], key: str = "D",
+                mine: str = "vitkern") -> Iterator[tuple[str, str, int, dict[str, Row], Row]]:
+    """Per (width, direction): (what, direction, width, {provider: row}, ``mine``'s row) where ``mine`` was timed and
+    correct;
+    for the others a "not measured" line goes to ``out``. ``what`` reads "{label} {direction} D={width} bf16"."""
+    for width in widths:
+        for direction in (FWD, FWD_BWD):
+            sel = {r.provider: r for r in rows if r.params.get(key) == width and r.direction == direction}
+            what = f"{label} {direction} {key}={width} bf16"
+            why = unmeasured(sel.get(mine))
+            if why is not None:
+                out.append(f"targets ({what}): not measured ({why})")
+                continue
+            yield what, direction, width, sel, sel[mine]
 
 
 def speedup_target(what: str, goal: float, name: str, other: Row | None, mine: Row) -> str | None:
