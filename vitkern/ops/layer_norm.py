@@ -59,6 +59,17 @@ class LayerNormReference(ReferenceBackend):
         return dx.to(xs.dtype), dw, db
 
 
+def input_reasons(problem: dispatch.Problem) -> list[str]:
+    """The rules every kernel backend shares: unit column stride, weight/bias in x's dtype or fp32."""
+    reasons = []
+    if not problem.attr("unit_col_stride", True):
+        reasons.append("x/residual columns are not contiguous (stride(1) != 1)")
+    wdt = problem.attr("weight_dtype")
+    if wdt is not None and wdt not in (problem.dtype, torch.float32):
+        reasons.append(f"weight/bias dtype {wdt} is neither x's dtype nor float32")
+    return reasons
+
+
 class LayerNormTriton(TritonBackend):
     """Several rows per program, fp32 statistics, deterministic weight/bias gradients."""
 
@@ -69,12 +80,7 @@ class LayerNormTriton(TritonBackend):
             reasons.append(f"row width {n} > {TRITON_MAX_N} (single-tile kernel)")
         if m == 0:
             reasons.append("empty input (M = 0)")
-        if not problem.attr("unit_col_stride", True):
-            reasons.append("x/residual columns are not contiguous (stride(1) != 1)")
-        wdt = problem.attr("weight_dtype")
-        if wdt is not None and wdt not in (problem.dtype, torch.float32):
-            reasons.append(f"weight/bias dtype {wdt} is neither x's dtype nor float32")
-        return reasons
+        return reasons + input_reasons(problem)
 
     def forward(self, x, weight, bias, residual, eps):
         from vitkern.kernels.triton import layer_norm as k

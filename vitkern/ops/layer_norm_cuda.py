@@ -12,7 +12,7 @@ import torch
 
 from vitkern import dispatch, memory
 from vitkern.backends.cuda_common import CudaBackend
-from vitkern.ops.layer_norm import OP
+from vitkern.ops.layer_norm import OP, input_reasons
 
 __all__ = ["LayerNormCuda"]
 
@@ -41,12 +41,7 @@ class LayerNormCuda(CudaBackend):
         m, n = problem.shape("x")
         if n > CUDA_MAX_N:
             reasons.append(f"row width {n} > {CUDA_MAX_N} (rows are held in registers)")
-        if not problem.attr("unit_col_stride", True):
-            reasons.append("x/residual columns are not contiguous (stride(1) != 1)")
-        wdt = problem.attr("weight_dtype")
-        if wdt is not None and wdt not in (problem.dtype, torch.float32):
-            reasons.append(f"weight/bias dtype {wdt} is neither x's dtype nor float32")
-        return reasons
+        return reasons + input_reasons(problem)
 
     def forward(self, x, weight, bias, residual, eps):
         weight, bias = _same_param_dtype(weight, bias)

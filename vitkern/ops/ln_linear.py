@@ -84,6 +84,12 @@ class LnLinearReference(ReferenceBackend):
         return z, pre_out
 
 
+def param_dtype_reasons(problem: dispatch.Problem) -> list[str]:
+    """The GEMM family's rule for every kernel backend: each parameter in the input's dtype (one operand type)."""
+    bad = sorted({str(d) for d in problem.attr("param_dtypes", ()) if d != problem.dtype})
+    return [f"parameter dtypes {bad} differ from the input's {problem.dtype}"] if bad else []
+
+
 class LnLinearTriton(TritonBackend):
     """Statistics pre-pass + one fused GEMM kernel family (LN prologue; bias/GELU/residual/layer-scale epilogue)."""
 
@@ -99,10 +105,7 @@ class LnLinearTriton(TritonBackend):
             reasons.append(f"input width {k} > {TRITON_MAX_K} (single-tile statistics pre-pass)")
         if m == 0:
             reasons.append("empty input (M = 0)")
-        bad = [d for d in problem.attr("param_dtypes", ()) if d != problem.dtype]
-        if bad:
-            reasons.append(f"parameter dtypes {sorted({str(d) for d in bad})} differ from the input's {problem.dtype}")
-        return reasons
+        return reasons + param_dtype_reasons(problem)
 
     def stats(self, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         from vitkern.kernels.triton import ln_linear as k

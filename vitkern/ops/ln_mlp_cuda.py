@@ -54,11 +54,7 @@ class _GemmCudaBackend(CudaBackend):
     dtypes = CUDA_DTYPES  # ranked after Triton until measured: vitkern/backends/cuda_common.py
 
     def op_reasons(self, problem: dispatch.Problem) -> list[str]:
-        bad = [dt for dt in problem.attr("param_dtypes", ()) if dt != problem.dtype]
-        if bad:
-            names = sorted({str(dt) for dt in bad})
-            return [f"parameter dtypes {names} differ from the input's {problem.dtype}"]
-        return []
+        return ln_linear_op.param_dtype_reasons(problem)
 
 
 class _LnCudaBackend(_GemmCudaBackend):

@@ -85,27 +85,33 @@ class PatchEmbedReference(ReferenceBackend):
         return (dx, dw, *_param_grads(dout, num_prefix, has_pos, pos_covers_prefix, need_db, need_dpos, need_dprefix))
 
 
+def input_reasons(problem: dispatch.Problem, image_dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    """The rules every kernel backend shares, from the attributes :func:`problem` records (``image_dtypes``: the
+    image dtypes the backend reads)."""
+    reasons = []
+    x_dtype = problem.attr("x_dtype")
+    if x_dtype not in image_dtypes:
+        reasons.append(f"image dtype {x_dtype} not in {[str(d) for d in image_dtypes]}")
+    B, C, H, W = problem.shape("x")
+    D, _, ph, pw = problem.shape("weight")
+    if B * (H // ph) * (W // pw) == 0 or D == 0:
+        reasons.append("empty input (no patches or D = 0)")
+    if H % ph or W % pw:
+        reasons.append(f"image {H}x{W} is not a multiple of the patch {ph}x{pw}")
+    if not problem.attr("dense_params", True):
+        reasons.append("weight/pos/prefix (and dout in the backward) are not contiguous")
+    if problem.attr("param_dtypes_ok") is False:
+        reasons.append("bias/pos/prefix dtype differs from the weight's")
+    if problem.attr("norm_ok") is False:
+        reasons.append("norm is not a contiguous float32 [2, C] tensor")
+    return reasons
+
+
 class PatchEmbedTriton(TritonBackend):
     """Implicit-GEMM forward with the prefix rows from the same launch; Triton dX and dW (deterministic)."""
 
     def reject_reasons(self, problem: dispatch.Problem) -> list[str]:
-        reasons = self.device_reasons(problem)
-        x_dtype = problem.attr("x_dtype")
-        if x_dtype not in self.dtypes + (torch.uint8,):
-            reasons.append(f"image dtype {x_dtype} not in {[str(d) for d in self.dtypes]}")
-        B, C, H, W = problem.shape("x")
-        D, _, ph, pw = problem.shape("weight")
-        if B * (H // ph) * (W // pw) == 0 or D == 0:
-            reasons.append("empty input (no patches or D = 0)")
-        if H % ph or W % pw:
-            reasons.append(f"image {H}x{W} is not a multiple of the patch {ph}x{pw}")
-        if not problem.attr("dense_params", True):
-            reasons.append("weight/pos/prefix/dout are not contiguous")
-        if problem.attr("param_dtypes_ok") is False:
-            reasons.append("bias/pos/prefix dtype differs from the weight's")
-        if problem.attr("norm_ok") is False:
-            reasons.append("norm is not a contiguous float32 [2, C] tensor")
-        return reasons
+        return self.device_reasons(problem) + input_reasons(problem, self.dtypes + (torch.uint8,))
 
     def forward(self, x, norm, weight, bias, pos, prefix, pos_covers_prefix):
         from vitkern.kernels.triton import patch_embed as k

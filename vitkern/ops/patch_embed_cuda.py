@@ -13,7 +13,7 @@ import torch
 
 from vitkern import dispatch, memory
 from vitkern.backends.cuda_common import CudaBackend
-from vitkern.ops.patch_embed import OP
+from vitkern.ops.patch_embed import OP, input_reasons
 
 __all__ = ["PatchEmbedCuda"]
 
@@ -33,23 +33,7 @@ class PatchEmbedCuda(CudaBackend):
     pos_impl = "auto"
 
     def op_reasons(self, problem: dispatch.Problem) -> list[str]:
-        reasons = []
-        x_dtype = problem.attr("x_dtype")
-        if x_dtype not in IMAGE_DTYPES:
-            reasons.append(f"image dtype {x_dtype} not in {[str(d) for d in IMAGE_DTYPES]}")
-        B, C, H, W = problem.shape("x")
-        D, _, ph, pw = problem.shape("weight")
-        if H % ph or W % pw:
-            reasons.append(f"image {H}x{W} is not a multiple of the patch {ph}x{pw}")
-        elif B * (H // ph) * (W // pw) == 0 or D == 0:
-            reasons.append("empty input (no patches or D = 0)")
-        if not problem.attr("dense_params", True):
-            reasons.append("weight/pos/prefix are not contiguous")
-        if problem.attr("param_dtypes_ok") is False:
-            reasons.append("bias/pos/prefix dtype differs from the weight's")
-        if problem.attr("norm_ok") is False:
-            reasons.append("norm is not a contiguous float32 [2, C] tensor")
-        return reasons
+        return input_reasons(problem, IMAGE_DTYPES)
 
     def forward(self, x, norm, weight, bias, pos, prefix, pos_covers_prefix, *, pos_impl: str | None = None):
         B, _, H, W = x.shape

@@ -174,21 +174,28 @@ class WindowAttentionReference(ReferenceBackend):
         return dqkv.to(qkv.dtype), dtable, (dbias if need_dbias and qkv_bias is not None else None)
 
 
+def input_reasons(problem: dispatch.Problem, max_tokens: int) -> list[str]:
+    """The rules every kernel backend shares: one window of at most ``max_tokens`` (the backend's on-chip limit),
+    dense inputs, a non-empty map."""
+    reasons = []
+    wh, ww = problem.attr("window")
+    if wh * ww > max_tokens:
+        reasons.append(f"window {wh}x{ww} has {wh * ww} tokens > {max_tokens} (one window must fit on chip)")
+    if not problem.attr("contiguous", True):
+        reasons.append("qkv/table/qkv_bias/dout are not contiguous")
+    if 0 in problem.shape("qkv"):
+        reasons.append("empty input")
+    return reasons
+
+
 class WindowAttentionTriton(TritonBackend):
     """One (image, window, head) per program on the un-partitioned layout; deterministic backward."""
 
     def reject_reasons(self, problem: dispatch.Problem) -> list[str]:
-        reasons = self.device_reasons(problem)
-        wh, ww = problem.attr("window")
-        if wh * ww > MAX_TOKENS:
-            reasons.append(f"window {wh}x{ww} has {wh * ww} tokens > {MAX_TOKENS} (one window must fit on chip)")
+        reasons = self.device_reasons(problem) + input_reasons(problem, MAX_TOKENS)
         d = problem.attr("head_dim")
         if d > MAX_HEAD_DIM:
             reasons.append(f"head_dim {d} > {MAX_HEAD_DIM}")
-        if not problem.attr("contiguous", True):
-            reasons.append("qkv/table/qkv_bias/dout are not contiguous")
-        if 0 in problem.shape("qkv"):
-            reasons.append("empty input")
         return reasons
 
     def forward(self, qkv, qkv_bias, table, heads, window, shift, scale, mask_value, pad_first):

@@ -18,7 +18,7 @@ import torch
 from vitkern import dispatch, memory
 from vitkern.backends.cuda_common import CudaBackend
 from vitkern.ops.attention_cuda import CUDA_HEAD_DIMS
-from vitkern.ops.window_attention import MAX_TOKENS, OP, num_windows
+from vitkern.ops.window_attention import MAX_TOKENS, OP, input_reasons, num_windows
 
 __all__ = ["WindowAttentionCuda"]
 
@@ -52,17 +52,10 @@ class WindowAttentionCuda(CudaBackend):
     op_name = "window_attention_fwd"  # ranked after Triton until measured: vitkern/backends/cuda_common.py
 
     def op_reasons(self, problem: dispatch.Problem) -> list[str]:
-        reasons = []
-        window, d = tuple(problem.attr("window")), problem.attr("head_dim")
-        if window[0] * window[1] > CUDA_MAX_TOKENS:
-            reasons.append(f"window {window[0]}x{window[1]} has {window[0] * window[1]} tokens > {CUDA_MAX_TOKENS} "
-                           "(one window must fit on chip)")
+        reasons = input_reasons(problem, CUDA_MAX_TOKENS)
+        d = problem.attr("head_dim")
         if d not in CUDA_HEAD_DIMS:
             reasons.append(f"head_dim {d} not in {CUDA_HEAD_DIMS} (one kernel per head dim)")
-        if not problem.attr("contiguous", True):
-            reasons.append("qkv/table/qkv_bias/dout are not contiguous")
-        if 0 in problem.shape("qkv"):
-            reasons.append("empty input")
         return reasons
 
     def device_reasons(self, problem: dispatch.Problem, index: int) -> list[str]:
