@@ -118,8 +118,7 @@ class ViTBlock(nn.Module):
                   layer_norm: bool = True) -> "ViTBlock":
         """Wrap the submodules of a timm (or ``vitkern.reference``) ViT ``Block``; the flags choose what is fused:
         ``attention`` swaps ``attn`` for ``vitkern.nn.Attention``, ``ln_mlp`` fuses norm1+qkv, proj+ls1+residual
-        and norm2+mlp,
-        ``layer_norm`` swaps norms left unfused for ``vitkern.nn.LayerNorm``."""
+        and norm2+mlp, ``layer_norm`` swaps norms left unfused for ``vitkern.nn.LayerNorm``."""
         new = cls()
         new._take_over(block, attention, ln_mlp, layer_norm)
         return new

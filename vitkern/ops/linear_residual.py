@@ -82,9 +82,8 @@ def _backward(ctx, dy):
     if not (need[0] or need[1] or need[2] or need[4]):  # only the residual needs a gradient
         return None, None, None, dy, None
     dx, dw, db, dls = torch.ops.vitkern.linear_residual_bwd(dy, x, weight, bias, layer_scale)
-    grads = (dx, dw, db, None, dls)
-    out = tuple(g if need[i] and g is not None and g.numel() else None for i, g in enumerate(grads))
-    return out[:3] + (dy if need[3] else None,) + out[4:]
+    grads = (dx, dw, db, dy, dls)  # empty dbias / dlayer_scale: the parameter is absent
+    return tuple(g if need[i] and g.numel() else None for i, g in enumerate(grads))
 
 
 dispatch.register_autograd(linear_residual_fwd, _backward, setup_context=_setup_context)
