@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.harness import (
+from vitkern.bench.harness import (
     CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
     cuda_vs_triton_targets, run_benchmark, vitkern_backend_unavailable,
 )

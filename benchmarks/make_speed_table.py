@@ -35,10 +35,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from benchmarks.harness import CPU_TIMER, FWD, FWD_BWD, OK, REPO_ROOT
-from benchmarks.harness import SCHEMA as BENCH_SCHEMA
+from vitkern.bench.harness import CPU_TIMER, FWD, FWD_BWD, OK
+from vitkern.bench.harness import SCHEMA as BENCH_SCHEMA
 from vitkern.backends import speed_table as st
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 MARGIN = 0.03
 CUDA, TRITON = "cuda", "triton"
 ABOUT = ("Measured winner (CUDA C++ vs Triton) per op, direction, GPU model, dtype and shape class; read by "

@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import re
 import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
 import torch
 
-from benchmarks import harness
-from benchmarks.harness import ERROR, SKIPPED, Context, Row
+from vitkern.bench import harness
+from vitkern.bench.harness import ERROR, SKIPPED, Context, Row
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGET_S = 100.0  # per bench; each must finish well under 2 minutes on an H100 (suite total: 10 min)
@@ -67,16 +65,6 @@ def _broken(stem: str, err: Exception) -> ModuleType:
 
     mod.run = run  # type: ignore[attr-defined]
     return mod
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "unknown"
-
-
-def default_out_dir(meta: dict[str, Any]) -> Path:
-    date = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    commit = str(meta.get("git_commit") or "unknown")[:8]
-    return harness.RESULTS_DIR / f"{date}_{_slug(str(meta.get('device')))}_{commit}"
 
 
 def _bench_row(name: str, ctx: Context, status: str, error: str) -> Row:
@@ -156,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print("CPU smoke mode: tiny shapes, wall-clock timer; numbers are NOT measurements", flush=True)
     else:
-        out = args.out or default_out_dir(meta)
+        out = args.out or harness.default_out_dir(meta)
 
     sections: list[tuple[str, list[Row], list[str], float]] = []
     crashed = False

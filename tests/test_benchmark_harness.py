@@ -1,4 +1,4 @@
-"""CPU tests of the benchmark harness (benchmarks/harness.py, run_all.py, bench_layernorm.py).
+"""CPU tests of the benchmark harness (vitkern/bench/harness.py, run_all.py, bench_layernorm.py).
 
 They run the real code path in smoke mode on tiny shapes, so a broken harness shows up in CI, not in a paid GPU
 session. Nothing here needs vitkern to import: the LayerNorm bench turns a vitkern failure into error rows.
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_layernorm, harness, run_all
-from benchmarks.harness import FWD, FWD_BWD, Benchmark, Case, Context, Peaks, Provider, Timing, Work
+from benchmarks import bench_layernorm, run_all
+from vitkern.bench import harness
+from vitkern.bench.harness import FWD, FWD_BWD, Benchmark, Case, Context, Peaks, Provider, Timing, Work
 
 CUDA = torch.cuda.is_available()
 
@@ -235,7 +236,7 @@ def test_run_all_discovers_and_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
     bench_dir.mkdir()
     (bench_dir / "bench_toy.py").write_text(
         "import torch\n"
-        "from benchmarks.harness import Benchmark, Case, Provider, Work, run_benchmark\n"
+        "from vitkern.bench.harness import Benchmark, Case, Provider, Work, run_benchmark\n"
         "NAME = 'toy'\n"
         "def run(ctx):\n"
         "    cases = [Case({'N': 64}, torch.float32)]\n"

@@ -255,10 +255,44 @@ def test_bench_cpu_smoke_training_step(tmp_path, capsys):
     assert all(r["status"] == "ok" for r in rows) and rows[1]["correct"] is True  # same loss as eager
 
 
+@pytest.mark.skipif(CUDA, reason="CPU smoke mode")
+def test_bench_runs_from_an_installed_package_without_a_checkout(tmp_path):
+    """`vitkern bench` from a copy of the package alone (as pip installs it: no benchmarks/ beside it) finds its
+    harness, runs, and would write GPU results under ./vitkern-results instead of a checkout's benchmarks/results."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import vitkern
+
+    site, work = tmp_path / "site", tmp_path / "work"
+    shutil.copytree(Path(vitkern.__file__).parent, site / "vitkern",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("VITKERN_COMMIT", None)
+    probe = ("import vitkern, vitkern.bench.harness as h; "
+             "print(vitkern.__file__); print(h.REPO_ROOT); print(h.RESULTS_DIR); print(h.git_commit())")
+    lines = subprocess.run([sys.executable, "-c", probe], cwd=work, env=env, capture_output=True, text=True,
+                           check=True, timeout=120).stdout.splitlines()
+    assert lines[0].startswith(str(site)), lines  # the copy, not the checkout
+    assert lines[1:] == ["None", str(work / "vitkern-results"), "unknown"]
+    out = tmp_path / "res"
+    run = subprocess.run([sys.executable, "-m", "vitkern", "bench", "--model", "vit_tiny_patch16_224", "--allow-cpu",
+                          "--dtype", "fp32", "--img-size", "32", "--model-arg", "depth=1", "--batch", "1",
+                          "--modes", "eager,vitkern", "--out", str(out)],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [(r["provider"], r["status"]) for r in rows] == [("eager", "ok"), ("vitkern", "ok")]
+
+
 def test_throughput_png_with_pillow_draws_every_series(tmp_path):
     from PIL import Image
 
-    from vitkern.cli_bench import COLORS, throughput_png
+    from vitkern.bench.cli import COLORS, throughput_png
 
     data = {"eager": [(64, 5000.0), (128, 5600.0)], "vitkern": [(64, 7000.0), (128, 8100.0)]}
     assert throughput_png(data, "vit_b bf16", tmp_path / "t.png")
@@ -269,7 +303,7 @@ def test_throughput_png_with_pillow_draws_every_series(tmp_path):
 
 
 def test_throughput_svg_ticks_and_single_points():
-    from vitkern.cli_bench import throughput_svg
+    from vitkern.bench.cli import throughput_svg
 
     svg = ET.fromstring(throughput_svg({"eager": [(256, 8200.0)], "vitkern": [(256, 11800.0)]}, "t <&>"))
     texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
@@ -293,10 +327,11 @@ def test_bench_on_gpu_tiny_model(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------------- bench_models
 def test_bench_models_smoke_and_registered():
-    from benchmarks import bench_models, run_all
-    from benchmarks.harness import Context
+    from benchmarks import run_all
+    from vitkern.bench import models as bench_models
+    from vitkern.bench.harness import Context
 
-    assert run_all.discover()["models"] is bench_models
+    assert run_all.discover()["models"].run is bench_models.run  # benchmarks/bench_models.py puts it in the suite
     lines: list[str] = []
     rows = bench_models.run(Context(device="cpu", log=lines.append), models=[bench_models.VIT_B])
     expected = [(t, p) for t in ("infer", "train") for p in bench_models.MODES]
@@ -315,7 +350,7 @@ def test_bench_models_smoke_and_registered():
 
 
 def _row(model, task, provider, ms, **extra):
-    from benchmarks.harness import GPU_TIMER, Row
+    from vitkern.bench.harness import GPU_TIMER, Row
 
     return Row(bench="models", case="c", params={"model": model, "B": 256, "task": task}, dtype="bfloat16",
                direction="fwd", provider=provider, baseline="eager", status="ok", median_ms=ms, timer=GPU_TIMER,
@@ -323,7 +358,7 @@ def _row(model, task, provider, ms, **extra):
 
 
 def test_bench_models_target_verdicts():
-    from benchmarks import bench_models as bm
+    from vitkern.bench import models as bm
 
     vit, swin = bm.VIT_B, bm.SWIN_T
     rows = [  # ViT-B: vitkern 20 ms (12.8k img/s), eager 28 ms (1.4x), compile max-autotune 21 ms (1.05x)
@@ -352,7 +387,7 @@ def test_bench_models_target_verdicts():
 
 
 def test_bench_models_finish_rows_and_compile_setting(monkeypatch):
-    from benchmarks import bench_models as bm
+    from vitkern.bench import models as bm
 
     rows = bm.finish_rows([_row(bm.VIT_B, "train", "eager", 40.0), _row(bm.VIT_B, "train", "compile", 32.0),
                            _row(bm.VIT_B, "train", "vitkern", 25.0)])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vitkern
-from benchmarks import harness
+from vitkern.bench import harness
 from benchmarks import make_speed_table as mst
 from vitkern import dispatch
 from vitkern.backends import speed_table as st

@@ -1,6 +1,6 @@
 """``vitkern`` command line: ``info`` (versions, GPU, backends and why not), ``check`` (per-op parity table),
 ``parity`` (per-block error of an optimized model vs the original) and ``bench`` (eager vs torch.compile vs vitkern
-on a GPU; in :mod:`vitkern.cli_bench`).
+on a GPU; in :mod:`vitkern.bench.cli`).
 
 Without a GPU the Triton kernels run in the Triton interpreter, which must be chosen before any kernel module is
 imported: ``main`` sets TRITON_INTERPRET=1 first, and everything that touches kernels is imported after that.
@@ -166,7 +166,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vitkern.cli_bench import cmd_bench as run
+    from vitkern.bench.cli import cmd_bench as run
 
     return run(args)
 
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--perturb", type=float, default=0.02, help="std of noise added to every parameter (0: none)")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     q.add_argument("--seed", type=int, default=0)
-    from vitkern.cli_bench import add_parser
+    from vitkern.bench.cli import add_parser
 
     add_parser(sub)
     return p

@@ -3,8 +3,10 @@
 Prints a table (ms, img/s, speedup vs eager and vs compile, peak memory), writes ``bench.json`` / ``bench.csv``
 (the benchmark harness's format and metadata), ``throughput.svg`` (always; written here, no dependency) and
 ``throughput.png`` (matplotlib, else Pillow) into a results folder. The measuring is the end-to-end model
-benchmark's (``benchmarks/bench_models.py``: providers, training step, peak memory) on the shared harness
-(``triton.testing.do_bench`` medians with CUDA events), so it needs the repository's ``benchmarks/`` package.
+benchmark's (:mod:`vitkern.bench.models`: providers, training step, peak memory) on the shared harness
+(:mod:`vitkern.bench.harness`: ``triton.testing.do_bench`` medians with CUDA events); both ship in the package, so
+an installed vitkern needs no source checkout. Results go to the harness's ``RESULTS_DIR`` (``benchmarks/results/cli``
+in a checkout, else ``./vitkern-results/cli``).
 
 Performance numbers come only from GPU measurements: without CUDA it refuses, unless ``--allow-cpu`` asks for a
 smoke run (wall clock, a few iterations, results marked "cpu smoke, not a measurement", written to a temp folder).
@@ -15,15 +17,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
-import importlib
 import math
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from vitkern.bench import harness
+from vitkern.bench import models as bm
 
 CPU_REFUSAL = ("vitkern bench: no CUDA GPU visible; performance numbers come only from GPU measurements, so nothing "
                "is timed on the CPU. (--allow-cpu runs a smoke test of the code path: not a measurement.)")
@@ -44,25 +47,13 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="constructor / config override, repeatable (e.g. depth=2)")
     b.add_argument("--out", type=Path, default=None,
-                   help="results folder (default: benchmarks/results/cli/<date>_<device>_<commit>)")
+                   help="results folder (default: benchmarks/results/cli/<date>_<device>_<commit> in a source checkout, "
+                        "else ./vitkern-results/cli/...)")
     b.add_argument("--warmup-ms", type=float, default=200.0, help="do_bench warm-up time per measurement")
     b.add_argument("--rep-ms", type=float, default=1000.0, help="do_bench timing window per measurement (the "
                    "median of the reps in it is reported)")
     b.add_argument("--allow-cpu", action="store_true",
                    help="without a GPU: smoke-run the code path (not a measurement)")
-
-
-def _bench_modules() -> tuple[Any, Any]:
-    """benchmarks.harness and benchmarks.bench_models, from the source checkout this vitkern lives in."""
-    try:
-        return importlib.import_module("benchmarks.harness"), importlib.import_module("benchmarks.bench_models")
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "benchmarks" / "harness.py").is_file():
-            raise RuntimeError("vitkern bench needs the benchmark harness of a vitkern source checkout "
-                               f"(benchmarks/harness.py next to the vitkern package; not found under {root})") from None
-        sys.path.insert(0, str(root))
-        return importlib.import_module("benchmarks.harness"), importlib.import_module("benchmarks.bench_models")
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -112,7 +103,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         kwargs = models.parse_kwargs(args.model_arg)
         models.check_name(args.model)
-        harness, bm = _bench_modules()
         unknown = [m for m in modes if m not in bm.MODES]
         if unknown or not modes:
             raise ValueError(f"--modes must be a comma-separated subset of {', '.join(bm.MODES)}, got {args.modes!r}")
@@ -130,7 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if smoke:
         meta["note"] = SMOKE_NOTE
         print(f"*** {SMOKE_NOTE}: CPU wall clock, a few iterations; compile modes are skipped ***")
-    out = Path(args.out) if args.out else _default_out(harness, meta, smoke)
+    out = Path(args.out) if args.out else _default_out(meta, smoke)
     if smoke and harness.is_inside(out, harness.RESULTS_DIR):
         print(f"vitkern bench: refusing to write CPU smoke results into {harness.RESULTS_DIR}", file=sys.stderr)
         return 2
@@ -162,12 +152,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(r.status in ("error", "wrong") for r in rows) else 0
 
 
-def _default_out(harness: Any, meta: dict, smoke: bool) -> Path:
+def _default_out(meta: dict, smoke: bool) -> Path:
     if smoke:
         return Path(tempfile.mkdtemp(prefix="vitkern-bench-smoke-"))
-    slug = "".join(c if c.isalnum() else "-" for c in str(meta["device"]).lower()).strip("-")
-    date = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return harness.RESULTS_DIR / "cli" / f"{date}_{slug}_{str(meta.get('git_commit') or 'unknown')[:8]}"
+    return harness.default_out_dir(meta, "cli")
 
 
 def _fmt(v: Any, spec: str, suffix: str = "") -> str:

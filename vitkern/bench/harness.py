@@ -1,4 +1,6 @@
-"""The shared benchmark harness every ``benchmarks/bench_*.py`` module uses.
+"""The shared benchmark harness every ``benchmarks/bench_*.py`` module and ``vitkern bench`` use.
+
+It lives in the package (not in ``benchmarks/``) so that ``vitkern bench`` works from an installed vitkern too.
 
 Why one harness: every kernel issue must report numbers the same way (same timer, same L2 policy, same peaks,
 same correctness gate, same files), so results from different sessions and kernels stay comparable.
@@ -11,7 +13,10 @@ and the result of a correctness check against the baseline. Nothing a provider d
 become rows with the error message.
 
 Without CUDA the same code path runs as a *smoke test*: wall-clock timer, no peaks, rows labelled
-``timer=CPU_TIMER``, and :func:`write_results` refuses to put them into ``benchmarks/results/``.
+``timer=CPU_TIMER``, and :func:`write_results` refuses to put them into :data:`RESULTS_DIR`.
+
+Where results go (:data:`RESULTS_DIR`): ``benchmarks/results/`` of the source checkout when vitkern runs from one
+(editable install or ``PYTHONPATH``), else ``./vitkern-results/`` under the current directory.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -35,8 +41,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+_ROOT = Path(__file__).resolve().parents[2]  # vitkern/bench/harness.py -> the directory holding vitkern/
+# the source checkout vitkern runs from, or None for an installed package (site-packages has no benchmarks/)
+REPO_ROOT: Path | None = _ROOT if (_ROOT / "benchmarks" / "run_all.py").is_file() else None
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" if REPO_ROOT else Path.cwd() / "vitkern-results"
 SCHEMA = "vitkern-bench/1"
 GPU_TIMER = "cuda-events (triton.testing.do_bench median, L2 flushed per rep)"
 CPU_TIMER = "cpu-wallclock (smoke, not a measurement)"
@@ -567,8 +575,11 @@ def cuda_vs_triton_targets(rows: Sequence[Row], cuda: str = "vitkern-cuda", defa
 
 
 def git_commit() -> str:
-    """HEAD of the repo, else $VITKERN_COMMIT (the GPU machine gets a tree copy without .git), else "unknown"."""
+    """HEAD of the checkout, else $VITKERN_COMMIT (the GPU machine gets a tree copy without .git), else "unknown"
+    (an installed vitkern: its version is in the metadata)."""
     try:
+        if REPO_ROOT is None:
+            raise OSError("installed package: no checkout")
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
@@ -580,6 +591,8 @@ def git_commit() -> str:
 
 
 def _git_dirty() -> bool | None:
+    if REPO_ROOT is None:
+        return None
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
@@ -677,6 +690,17 @@ def is_inside(path: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "unknown"
+
+
+def default_out_dir(meta: Mapping[str, Any], sub: str = "") -> Path:
+    """``RESULTS_DIR[/sub]/<UTC date>_<device>_<commit[:8]>``: a new folder per run."""
+    date = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    commit = str(meta.get("git_commit") or "unknown")[:8]
+    return RESULTS_DIR / sub / f"{date}_{_slug(str(meta.get('device')))}_{commit}"
 
 
 def write_results(out_dir: str | Path, name: str, rows: Sequence[Row], meta: Mapping[str, Any]) -> tuple[Path, Path]:
