@@ -124,6 +124,18 @@ def test_setup_py_pure_install_without_torch():
     assert "not building the CUDA extension" in r.stderr and "torch is not importable" in r.stderr
 
 
+def test_every_python_folder_of_vitkern_is_a_packaged_package():
+    """pyproject's package find (include vitkern*) skips a folder without __init__.py: an installed vitkern would
+    miss it while tests from the checkout still pass (they import it as a namespace package)."""
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    packaged = set(find_packages(ROOT, include=["vitkern*"]))
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in Path(ROOT, "vitkern").rglob("*.py")}
+    assert folders - packaged == set()
+
+
 def test_setup_py_mode_0_skips():
     r = _run_setup("0", hide_torch=False)
     assert r.returncode == 0, r.stderr
