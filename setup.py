@@ -17,6 +17,10 @@ Environment:
     MAX_JOBS             parallel ninja compile jobs (honoured by torch's BuildExtension; ~1.5 GB RAM per nvcc job).
     CUDA_HOME            toolkit to use (else nvcc on PATH, else /usr/local/cuda).
 
+The extension uses only libtorch (ops registered through the dispatcher, no pybind) and the stable Python ABI, so it
+is built with ``py_limited_api``: one ``vitkern/_C.abi3.so`` (and an abi3 wheel) serves every CPython >= 3.10 for the
+torch/CUDA it was built against, as FlashAttention 3's wheels do.
+
 The flags, sources and include/library dirs come from vitkern/_build_config.py, shared with the JIT path
 (``vitkern._extension.load_jit``). It is loaded here by file path so that neither torch nor the vitkern package is
 imported unless we actually build.
@@ -118,6 +122,7 @@ def _cuda_extension() -> tuple[list, dict]:
         include_dirs=cfg.include_dirs,
         library_dirs=cfg.library_dirs,
         extra_compile_args={"cxx": cfg.cxx_flags, "nvcc": cfg.nvcc_flags},
+        py_limited_api=True,  # torch adds -DPy_LIMITED_API and does not link libtorch_python
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -128,4 +133,6 @@ setup(
     version=_version(),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # the wheel's tag says what the extension is: cp310-abi3 (pure-Python wheels keep py3-none-any)
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )

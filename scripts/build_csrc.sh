@@ -76,6 +76,8 @@ if [ "$MODE" = temp ]; then
 else
   BUILD_ARGS=(build_ext --inplace)
   SEARCH_DIR="$ROOT/vitkern"
+  # a per-version build from before the abi3 switch would shadow the new _C.abi3.so (import prefers it)
+  rm -f "$ROOT"/vitkern/_C.cpython-*.so
 fi
 
 start=$(date +%s)
@@ -147,4 +149,15 @@ torch.ops.load_library(sys.argv[1])
 info = json.loads(torch.ops.vitkern_C.build_info())
 print("build_csrc.sh: loads OK; build_info:", json.dumps(info))
 PYEOF
+# One binary for every CPython >= 3.10 (setup.py's py_limited_api): the abi3 name, and no link to libtorch_python or
+# libpython, whose symbols are per Python version (the GPU machine's Python is not CI's: a prebuilt .so travels).
+if [[ "$SO" != *.abi3.so ]]; then
+  echo "build_csrc.sh: FAILED: $SO is not an abi3 build (setup.py's py_limited_api)" >&2
+  exit 1
+fi
+if readelf -d "$SO" | grep -E 'NEEDED.*(libtorch_python|libpython)'; then
+  echo "build_csrc.sh: FAILED: $SO links a Python-version-specific library (above)" >&2
+  exit 1
+fi
+echo "build_csrc.sh: abi3: one binary for CPython >= 3.10 with this torch/CUDA"
 echo "build_csrc.sh: OK"
