@@ -17,9 +17,13 @@ is HF's own ``forward`` (``super().forward``) running on the swapped children.
 
 - ``HFAttention`` (ViT/DeiT ``*Attention``), ``HFDinov2SelfAttention``, ``HFSwinAttention``: HF's forward with the
   attention call fixed to ``hf_attention_forward`` (whatever ``config._attn_implementation`` says); they record maps.
-- ``HFViTLayer`` (ViT/DeiT), ``HFDinov2Layer``: ``layernorm_after`` + MLP (+ layer scale) + residual in one
-  ``vitkern.functional.ln_mlp``; hidden dropout / drop path active in training: HF's forward (attention dropout
-  is applied by the attention op itself, on its eager path).
+- ``HFViTLayer`` (ViT/DeiT), ``HFDinov2Layer``: the attention's output Linear (+ layer scale) + residual in one
+  ``linear_residual`` and ``layernorm_after`` + MLP (+ layer scale) + residual in one ``vitkern.functional.ln_mlp``;
+  hidden dropout / drop path active in training: HF's forward (attention dropout is applied by the attention op
+  itself, on its eager path).
+- Hooks: a fused half computes some modules' outputs without calling them, so a hook on one of them (other than
+  HF's own output capturing, inert unless outputs are collected) makes that half call them (``vitkern.nn._hooks``);
+  collecting ViT/DeiT attention probabilities calls the attention module too (HF captures them there).
 - ``HFSwinLayer``: LayerNorm + the q/k/v GEMM (weights concatenated in-graph, see below) + ``window_attention`` with
   HF's pad-then-roll order (``pad_first=True``), the shift mask and relative position bias in-kernel, + o_proj and
   the residual in one ``linear_residual``, then ``ln_mlp``. HF's shrinking rule (``set_shift_and_window_size``) is applied as HF does; a window that then
@@ -51,6 +55,7 @@ from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.functional.patch_embed import patch_embed
 from vitkern.functional.window_attention import window_attention
+from vitkern.nn._hooks import hooked, mlp_half_hooked
 from vitkern.nn.attention_maps import RecordsAttentionMaps
 from vitkern.nn.layer_norm import LayerNorm
 from vitkern.nn.patch_embed import patch_projection_reason
@@ -236,13 +241,22 @@ def _drop_path_active(drop_path: nn.Module) -> bool:
     return drop_path.training and not isinstance(drop_path, nn.Identity) and getattr(drop_path, "drop_prob", 1.0) > 0
 
 
+_HF_CAPTURE_HOOKS = ("transformers.utils.output_capturing",)  # inert unless outputs are collected (_wants_weights)
+
+
+def _bypassable(*modules: nn.Module) -> bool:
+    """Whether a fused path may compute these modules' outputs without calling them (``vitkern.nn._hooks``)."""
+    return not hooked(*modules, ignoring=_HF_CAPTURE_HOOKS)
+
+
 # ------------------------------------------------------------------------------------------------------ attention
 class HFAttention(_SwappedHF, RecordsAttentionMaps):
     """ViT / DeiT ``*Attention`` (``q_proj``/``k_proj``/``v_proj``/``o_proj``) calling ``hf_attention_forward``."""
 
     vitkern_ops = ("attention",)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+    def attend(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        """Everything but ``o_proj``: ([B, N, H·D], probabilities or None)."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, N, D] views of [B, N, H·D]
@@ -250,7 +264,11 @@ class HFAttention(_SwappedHF, RecordsAttentionMaps):
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         out, weights = hf_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling,
                                             dropout=self.attention_dropout if self.training else 0.0, **kwargs)
-        return self.o_proj(out.reshape(*input_shape, -1)), weights
+        return out.reshape(*input_shape, -1), weights
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        out, weights = self.attend(hidden_states, attention_mask, **kwargs)
+        return self.o_proj(out), weights
 
 
 class HFDinov2SelfAttention(_SwappedHF, RecordsAttentionMaps):
@@ -309,9 +327,15 @@ def _check_mlp(name: str, norm: nn.Module, fc1: nn.Module, fc2: nn.Module, act: 
     return approx
 
 
+def _unhooked_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear and _bypassable(m)  # a subclass or wrapper (LoRA, quantized) computes more
+
+
 class HFViTLayer(_SwappedHF):
-    """ViT / DeiT encoder layer: LayerNorm -> attention -> + residual, then ``layernorm_after`` + MLP + residual in
-    one ``ln_mlp``. Hidden dropout active in training: HF's forward (on the swapped children)."""
+    """ViT / DeiT encoder layer: LayerNorm -> attention (o_proj + residual in one ``linear_residual``), then
+    ``layernorm_after`` + MLP + residual in one ``ln_mlp``. Hidden dropout active in training: HF's forward (on the
+    swapped children). The attention module itself is called (o_proj and the residual add unfused) when its
+    probabilities are collected or a hook other than HF's output capturing sits on it or its o_proj."""
 
     @classmethod
     def from_hf(cls, layer: nn.Module, *, layer_norm: bool = True, attention: bool = True):
@@ -326,21 +350,38 @@ class HFViTLayer(_SwappedHF):
         if attention and not isinstance(layer.attention, _SwappedHF):
             new.attention = HFAttention.from_hf(layer.attention)
             ops.append("attention")
+        if isinstance(new.attention, HFAttention) and type(new.attention.o_proj) is nn.Linear:
+            ops.append("linear_residual")
         new.vitkern_ops = tuple(ops)
         return new
 
+    def _attention_residual(self, hidden_states: Tensor, attention_mask: Optional[Tensor], kwargs: dict) -> Tensor:
+        """hidden_states + attention(layernorm_before(hidden_states))."""
+        attn, x = self.attention, self.layernorm_before(hidden_states)
+        if (isinstance(attn, HFAttention) and not _wants_weights(kwargs) and _bypassable(attn)
+                and _unhooked_linear(attn.o_proj) and _same_dtype(hidden_states, attn.o_proj.weight, attn.o_proj.bias)):
+            o, _ = attn.attend(x, attention_mask, **kwargs)
+            return linear_residual(o, attn.o_proj.weight, attn.o_proj.bias, hidden_states)
+        h, _ = attn(x, attention_mask, **kwargs)
+        return h + hidden_states
+
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
-        norm, fc1, fc2 = self.layernorm_after, self.mlp.fc1, self.mlp.fc2
-        if (self.training and self.dropout.p > 0) or not _same_dtype(
-                hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias):
+        if self.training and self.dropout.p > 0:
             return super().forward(hidden_states, attention_mask, **kwargs)
-        h, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
-        return _mlp_tail(h + hidden_states, norm, fc1, fc2, None, self._vitkern_gelu)
+        h = self._attention_residual(hidden_states, attention_mask, kwargs)
+        norm, mlp = self.layernorm_after, self.mlp
+        if _same_dtype(h, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias) and \
+                not mlp_half_hooked(norm, mlp, ignoring=_HF_CAPTURE_HOOKS):
+            return _mlp_tail(h, norm, mlp.fc1, mlp.fc2, None, self._vitkern_gelu)
+        return mlp(norm(h)) + h
 
 
 class HFDinov2Layer(_SwappedHF):
-    """Dinov2 layer: norm1 -> attention -> layer_scale1 -> + residual, then norm2 + MLP + layer_scale2 + residual
-    in one ``ln_mlp``. Drop path active in training: HF's forward."""
+    """Dinov2 layer: norm1 -> attention, its output dense + layer_scale1 + residual in one ``linear_residual``, then
+    norm2 + MLP + layer_scale2 + residual in one ``ln_mlp``. Drop path active in training: HF's forward. The
+    self-attention is always called (HF captures probabilities there); its wrapper, the output dense and the layer
+    scale are computed without being called unless a hook other than HF's output capturing sits on one of them, or
+    the output dropout is active."""
 
     @classmethod
     def from_hf(cls, layer: nn.Module, *, layer_norm: bool = True, attention: bool = True):
@@ -356,16 +397,37 @@ class HFDinov2Layer(_SwappedHF):
         if attention and not isinstance(inner, _SwappedHF):
             new.attention = _shallow_with_child(layer.attention, "attention", HFDinov2SelfAttention.from_hf(inner))
             ops.append("attention")
+        if isinstance(new.attention.attention, HFDinov2SelfAttention) and type(
+                new.attention.output.dense) is nn.Linear and _is_dinov2_layer_scale(new.layer_scale1):
+            ops.append("linear_residual")
         new.vitkern_ops = tuple(ops)
         return new
 
+    def _attention_residual(self, hidden_states: Tensor) -> Tensor:
+        """hidden_states + layer_scale1(attention(norm1(hidden_states)))."""
+        outer, ls1, x = self.attention, self.layer_scale1, self.norm1(hidden_states)
+        inner, out = outer.attention, outer.output
+        dense = out.dense
+        if (isinstance(inner, HFDinov2SelfAttention) and _is_dinov2_layer_scale(ls1)
+                and not (out.training and out.dropout.p > 0) and _bypassable(outer, out, ls1)
+                and _unhooked_linear(dense) and _same_dtype(hidden_states, dense.weight, dense.bias, ls1.lambda1)):
+            o, _ = inner(x)  # called: HF captures the probabilities from this module
+            return linear_residual(o, dense.weight, dense.bias, hidden_states, ls1.lambda1)
+        return ls1(outer(x)) + hidden_states
+
     def forward(self, hidden_states: Tensor):
-        norm, fc1, fc2, ls2 = self.norm2, self.mlp.fc1, self.mlp.fc2, self.layer_scale2.lambda1
-        if _drop_path_active(self.drop_path) or not _same_dtype(
-                hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, ls2):
+        if _drop_path_active(self.drop_path):
             return super().forward(hidden_states)
-        h = self.layer_scale1(self.attention(self.norm1(hidden_states))) + hidden_states
-        return _mlp_tail(h, norm, fc1, fc2, ls2, self._vitkern_gelu)
+        h = self._attention_residual(hidden_states)
+        norm, mlp, ls2 = self.norm2, self.mlp, self.layer_scale2
+        if _same_dtype(h, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                       ls2.lambda1) and not mlp_half_hooked(norm, mlp, ls2, ignoring=_HF_CAPTURE_HOOKS):
+            return _mlp_tail(h, norm, mlp.fc1, mlp.fc2, ls2.lambda1, self._vitkern_gelu)
+        return ls2(mlp(norm(h))) + h
+
+
+def _is_dinov2_layer_scale(m: nn.Module) -> bool:
+    return type(m).__name__ == "Dinov2LayerScale" and isinstance(getattr(m, "lambda1", None), Tensor)
 
 
 def _shallow_with_child(module: nn.Module, name: str, child: nn.Module) -> nn.Module:
@@ -426,6 +488,8 @@ class HFSwinLayer(_SwappedHF):
         return (not training and isinstance(window, int) and isinstance(shift, int)
                 and tuple(attn.relative_position_bias.window_size) == (window, window)  # else HF's own error
                 and 0 <= shift < window and attn._vitkern_attn_maps is None and not _wants_weights(kwargs)
+                and all(type(p) is nn.Linear for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # not an adapter
+                and _bypassable(self.layernorm_before, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
                 and _same_dtype(x, table, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                                 attn.o_proj.weight, attn.o_proj.bias, self.layernorm_before.weight,
                                 self.layernorm_before.bias))
@@ -458,7 +522,8 @@ class HFSwinLayer(_SwappedHF):
         else:  # a wrapped Linear (e.g. a PEFT adapter) computes something else: call it
             h = hidden_states + o_proj(out).view(B, L, C)
         if self._vitkern_gelu is not None and _same_dtype(h, self.mlp.fc1.weight, self.mlp.fc2.weight,
-                                                          self.layernorm_after.weight):
+                                                          self.layernorm_after.weight) and not mlp_half_hooked(
+                self.layernorm_after, self.mlp, ignoring=_HF_CAPTURE_HOOKS):
             return _mlp_tail(h, self.layernorm_after, self.mlp.fc1, self.mlp.fc2, None, self._vitkern_gelu), None
         return self.dropout(self.mlp(self.layernorm_after(h))) + h, None
 

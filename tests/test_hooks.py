@@ -1,0 +1,145 @@
+"""Hooks on submodules that a fused block would compute without calling (vitkern/nn/_hooks.py).
+
+For each integration's block: a forward hook on the attention's output projection or on the MLP's fc1 of one block
+of an optimized model fires exactly as on the original model (same output, once per forward), that half of that
+block runs unfused (the fused op is called once less), and every other block stays fused. Tiny random-init fp32
+models on CPU (the reference backend): both paths compute in fp32 and differ by summation order only.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vitkern
+from vitkern import models
+from vitkern.nn import hf_blocks, swin_block, torchvision_blocks, vit_block
+from vitkern.testing import seed_for
+
+pytest.importorskip("transformers")
+
+TINY_VIT = dict(img_size=32, depth=2, embed_dim=32, num_heads=2)
+TINY_HF_VIT = dict(img_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=64)
+# name -> (constructor overrides, the fused block class, its attention-side and MLP-side submodules). torchvision's
+# attention modules never call their output Linear (torch MHA and shifted_window_attention use its weight), so a
+# hook there cannot fire in the original: the hooked norm before them stands for the attention half.
+CASES = {
+    "timm_vit": ("vit_tiny_patch16_224", dict(TINY_VIT, init_values=0.5), vit_block.ViTBlock, "attn.proj", "mlp.fc1"),
+    "timm_swin": ("swin_tiny_patch4_window7_224",
+                  dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4),
+                  swin_block.SwinBlock, "attn.proj", "mlp.fc1"),
+    "torchvision_vit": ("torchvision:vit_b_16", dict(img_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                     hidden_dim=32, mlp_dim=64),
+                        torchvision_blocks.TorchvisionEncoderBlock, "ln_1", "mlp.0"),
+    "torchvision_swin": ("torchvision:swin_t", dict(img_size=40, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                                    window_size=[4, 4]),
+                         torchvision_blocks.TorchvisionSwinBlock, "norm1", "mlp.0"),
+    "hf_vit": ("hf:google/vit-base-patch16-224", TINY_HF_VIT, hf_blocks.HFViTLayer, "attention.o_proj", "mlp.fc1"),
+    "hf_dinov2": ("hf:dinov2-small", dict(img_size=28, hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
+                  hf_blocks.HFDinov2Layer, "attention.output.dense", "mlp.fc1"),
+    "hf_swin": ("hf:swin-tiny-patch4-window7-224", dict(img_size=32, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                                       window_size=4),
+                hf_blocks.HFSwinLayer, "attention.o_proj", "mlp.fc1"),
+}
+FUSED = ("linear_residual", "ln_mlp")  # the ops of the attention half's end and of the MLP half
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the block modules' calls of the fused ops."""
+    calls = dict.fromkeys(FUSED, 0)
+    for module in (vit_block, swin_block, torchvision_blocks, hf_blocks):
+        for name in FUSED:
+            if hasattr(module, name):
+                def spy(*args, _fn=getattr(module, name), _name=name, **kwargs):
+                    calls[_name] += 1
+                    return _fn(*args, **kwargs)
+
+                monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def _first_block_path(model: torch.nn.Module, cls: type) -> str:
+    return next(path for path, m in model.named_modules() if isinstance(m, cls))
+
+
+def _logits(out) -> torch.Tensor:
+    return models.logits(out)
+
+
+@pytest.mark.parametrize("side", ["attention", "mlp"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_hook_on_a_fused_submodule_fires_and_unfuses_only_that_half(case, side, fused_calls):
+    name, kwargs, block_cls, attn_child, mlp_child = CASES[case]
+    torch.manual_seed(seed_for("hooks", case))
+    built = models.create_model(name, **kwargs)
+    with torch.no_grad():  # perturb everything (some libraries zero-initialise biases and tables)
+        for p in built.module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    original = built.module
+    optimized = copy.deepcopy(original)
+    vitkern.optimize(optimized)
+    x = built.example_input(2)
+    block = _first_block_path(optimized, block_cls)
+    child = f"{block}.{attn_child if side == 'attention' else mlp_child}"
+
+    with torch.no_grad():
+        _logits(optimized(x))
+        unhooked = dict(fused_calls)
+        assert all(n > 1 for n in unhooked.values()), unhooked  # every block fused, at least two blocks
+        seen: dict[str, list[torch.Tensor]] = {"original": [], "optimized": []}
+        for tag, model in (("original", original), ("optimized", optimized)):
+            model.get_submodule(child).register_forward_hook(lambda m, a, out, _t=tag: seen[_t].append(out))
+        for k in fused_calls:
+            fused_calls[k] = 0
+        got = _logits(optimized(x))
+        want = _logits(original(x))
+
+    assert len(seen["optimized"]) == len(seen["original"]) == 1, {k: len(v) for k, v in seen.items()}
+    # fp32 on both sides, the same math in another summation order (fused epilogues, reference backend)
+    got_hook, want_hook = seen["optimized"][0], seen["original"][0]
+    if case == "timm_swin" and side == "mlp":  # timm runs the MLP on [B, H·W, C], vitkern on the map [B, H, W, C]
+        got_hook = got_hook.reshape(want_hook.shape)
+    if case == "timm_swin" and side == "attention":
+        # timm projects the partitioned windows [B·nW, N, C]; vitkern's window attention projects the map
+        # [B, H, W, C] after the window reverse (the same rows, in map order; no padding in this stage)
+        got_hook, want_hook = got_hook.flatten().sort().values, want_hook.flatten().sort().values
+    torch.testing.assert_close(got_hook, want_hook, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    unfused = "linear_residual" if side == "attention" else "ln_mlp"
+    expected = dict(unhooked, **{unfused: unhooked[unfused] - 1})  # that half of that block only
+    if case == "hf_swin" and side == "attention":  # HF's whole layer forward: only it pads, rolls and partitions
+        expected["ln_mlp"] -= 1
+    assert fused_calls == expected
+
+
+def test_global_module_hook_unfuses_every_block(fused_calls):
+    name, kwargs, *_ = CASES["timm_vit"]
+    built = models.create_model(name, **kwargs)
+    vitkern.optimize(built.module)
+    x = built.example_input(1)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: calls.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            built.forward(x)
+    finally:
+        handle.remove()
+    assert fused_calls == dict.fromkeys(FUSED, 0)
+    assert "Linear" in calls and "GELU" in calls  # the block's layers ran as modules
+
+
+def test_torchvision_unfused_parts_name_the_hook():
+    name, kwargs, block_cls, attn_child, mlp_child = CASES["torchvision_vit"]
+    built = models.create_model(name, **kwargs)
+    vitkern.optimize(built.module)
+    block = built.module.get_submodule(_first_block_path(built.module, block_cls))
+    assert block.unfused_parts() == {}
+    handle = block.get_submodule(mlp_child).register_forward_pre_hook(lambda m, a: None)
+    assert block.unfused_parts() == {"ln_2+mlp": "a hook on ln_2 or the MLP"}
+    handle.remove()
+    block.get_submodule(attn_child).register_full_backward_hook(lambda m, gi, go: None)
+    assert set(block.unfused_parts()) == {"ln_1+in_proj", "out_proj+residual"}
