@@ -1,8 +1,9 @@
-"""Hooks on submodules that a fused block would compute without calling (vitkern/nn/_hooks.py).
+"""Submodules that a fused block would compute without calling them (vitkern/nn/_hooks.py): hooks and adapters.
 
-For each integration's block: a forward hook on the attention's output projection or on the MLP's fc1 of one block
-of an optimized model fires exactly as on the original model (same output, once per forward), that half of that
-block runs unfused (the fused op is called once less), and every other block stays fused. Tiny random-init fp32
+For each integration's block: a forward hook on the attention side or on the MLP's fc1 of one block of an
+optimized model fires exactly as on the original model (same output, once per forward); a LoRA-style wrapper put
+on a Linear after optimize (as PEFT does: its ``weight`` is the frozen base weight) is applied. That half of that
+block runs unfused (the fused op is called once less) and every other block stays fused. Tiny random-init fp32
 models on CPU (the reference backend): both paths compute in fp32 and differ by summation order only.
 """
 
@@ -62,6 +63,16 @@ def fused_calls(monkeypatch):
     return calls
 
 
+def _build(case: str, tag: str) -> models.BuiltModel:
+    name, kwargs, *_ = CASES[case]
+    torch.manual_seed(seed_for(tag, case))
+    built = models.create_model(name, **kwargs)
+    with torch.no_grad():  # perturb everything (some libraries zero-initialise biases, heads and tables)
+        for p in built.module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return built
+
+
 def _first_block_path(model: torch.nn.Module, cls: type) -> str:
     return next(path for path, m in model.named_modules() if isinstance(m, cls))
 
@@ -74,11 +85,7 @@ def _logits(out) -> torch.Tensor:
 @pytest.mark.parametrize("case", list(CASES))
 def test_hook_on_a_fused_submodule_fires_and_unfuses_only_that_half(case, side, fused_calls):
     name, kwargs, block_cls, attn_child, mlp_child = CASES[case]
-    torch.manual_seed(seed_for("hooks", case))
-    built = models.create_model(name, **kwargs)
-    with torch.no_grad():  # perturb everything (some libraries zero-initialise biases and tables)
-        for p in built.module.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    built = _build(case, "hooks")
     original = built.module
     optimized = copy.deepcopy(original)
     vitkern.optimize(optimized)
@@ -139,7 +146,63 @@ def test_torchvision_unfused_parts_name_the_hook():
     block = built.module.get_submodule(_first_block_path(built.module, block_cls))
     assert block.unfused_parts() == {}
     handle = block.get_submodule(mlp_child).register_forward_pre_hook(lambda m, a: None)
-    assert block.unfused_parts() == {"ln_2+mlp": "a hook on ln_2 or the MLP"}
+    assert block.unfused_parts() == {"ln_2+mlp": "a hook on ln_2 or the MLP, or its Linears are not plain nn.Linear"}
     handle.remove()
     block.get_submodule(attn_child).register_full_backward_hook(lambda m, gi, go: None)
     assert set(block.unfused_parts()) == {"ln_1+in_proj", "out_proj+residual"}
+
+
+class _LoraLinear(torch.nn.Module):
+    """A PEFT-like adapter: ``weight`` / ``bias`` are the base layer's, the output adds a low-rank term."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.1)
+        self.lora_b = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.1)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + x @ self.lora_a.t() @ self.lora_b.t()
+
+
+# the Linears whose weights the fused halves read (case -> attention side, MLP side)
+ADAPTED = {"timm_vit": ("attn.qkv", "mlp.fc1"), "timm_swin": ("attn.qkv", "mlp.fc2"),
+           "torchvision_swin": (None, "mlp.3"), "torchvision_vit": (None, "mlp.0"),
+           "hf_vit": ("attention.o_proj", "mlp.fc1"), "hf_dinov2": ("attention.output.dense", "mlp.fc2"),
+           "hf_swin": ("attention.q_proj", "mlp.fc1")}
+
+
+@pytest.mark.parametrize("side", [0, 1], ids=["attention", "mlp"])
+@pytest.mark.parametrize("case", list(ADAPTED))
+def test_adapter_put_in_after_optimize_is_applied(case, side, fused_calls):
+    path = ADAPTED[case][side]
+    if path is None:
+        pytest.skip("torchvision's attention reads its qkv weights functionally (torch MHA's in_proj is a "
+                    "parameter; shifted_window_attention takes qkv.weight): a wrapper there changes nothing")
+    block_cls = CASES[case][2]
+    built = _build(case, f"adapter{side}")
+    original = built.module
+    optimized = copy.deepcopy(original)
+    vitkern.optimize(optimized)
+    child = f"{_first_block_path(optimized, block_cls)}.{path}"
+    parent, _, leaf = child.rpartition(".")
+    adapter = _LoraLinear(optimized.get_submodule(child))
+    setattr(optimized.get_submodule(parent), leaf, adapter)  # shares the base layer's parameters
+    adapted_original = copy.deepcopy(original)
+    setattr(adapted_original.get_submodule(parent), leaf, copy.deepcopy(adapter))
+    adapted_original.get_submodule(child).base_layer = original.get_submodule(child)
+    x = built.example_input(2)
+    with torch.no_grad():
+        got, want, plain = _logits(optimized(x)), _logits(adapted_original(x)), _logits(original(x))
+    assert torch.linalg.norm(want - plain) > 1e-3 * torch.linalg.norm(plain)  # the adapter changes the output
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    unfused = "linear_residual" if side == 0 else "ln_mlp"
+    assert fused_calls[unfused] >= 1  # the other blocks stay fused

@@ -1,12 +1,21 @@
-"""Hooks and fused paths: a fused block computes some submodules' outputs without calling them (norm + qkv in one
-GEMM, proj + residual in another), which would silently skip a hook registered on one of them (feature extraction,
-activation statistics, profilers, HF's output capturing). So each fused half first asks :func:`hooked`; with a hook
-in the way it calls the submodules as the original block does (slower, same numbers, the hook fires).
+"""When a fused path must call submodules instead of computing their outputs from their parameters.
+
+A fused block computes some submodules' outputs without calling them (norm + qkv in one GEMM, proj + residual in
+another, norm + MLP), reading their weights. That is only the same model while
+
+- no hook sits on them: a forward / backward (pre-)hook (feature extraction, activation statistics, profilers,
+  HF's output capturing) would silently not run; and
+- each Linear whose weight is read is still exactly ``nn.Linear``: a LoRA adapter or a quantized layer put in
+  after ``optimize`` (e.g. by PEFT, which replaces ``attn.qkv`` by a wrapper whose ``weight`` is the frozen base
+  weight) computes more than its weight says.
+
+So each fused half first asks :func:`must_call`; if so it calls the submodules as the original block does (slower,
+the same numbers, the hook fires, the adapter applies).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 from torch import nn
 from torch.nn.modules import module as _torch_module
@@ -14,10 +23,7 @@ from torch.nn.modules import module as _torch_module
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
-def hooked(*modules: Optional[nn.Module], ignoring: tuple[str, ...] = ()) -> bool:
-    """Whether calling ``modules`` (None entries skipped) would run a hook: a forward / backward (pre-)hook on one
-    of them, or a global module hook. Hooks defined in a module named in ``ignoring`` (e.g. a library's hooks that
-    are inert in the caller's situation) do not count."""
+def _hooked(modules: Iterable[Optional[nn.Module]], ignoring: tuple[str, ...]) -> bool:
     if (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
             or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks):
         return True
@@ -31,7 +37,17 @@ def hooked(*modules: Optional[nn.Module], ignoring: tuple[str, ...] = ()) -> boo
     return False
 
 
-def mlp_half_hooked(norm: nn.Module, mlp: nn.Module, *more: Optional[nn.Module], ignoring: tuple[str, ...] = ()) -> bool:
-    """:func:`hooked` for the MLP half of a pre-norm block (``x + more(mlp(norm(x)))``): the norm, the MLP and its
-    layers (fc1, act, dropouts, fc2), and e.g. a layer scale."""
-    return hooked(norm, mlp, *mlp.children(), *more, ignoring=ignoring)
+def must_call(*modules: Optional[nn.Module], linears: tuple[nn.Module, ...] = (),
+              ignoring: tuple[str, ...] = ()) -> bool:
+    """Whether a fused path must call ``modules`` and ``linears`` (None entries skipped): one of them has a hook,
+    a global module hook is set, or one of ``linears`` (whose weights the fused op reads) is not exactly
+    ``nn.Linear``. Hooks defined in a module named in ``ignoring`` (a library's hooks that are inert in the
+    caller's situation) do not count."""
+    return any(type(m) is not nn.Linear for m in linears) or _hooked((*modules, *linears), ignoring)
+
+
+def mlp_must_call(norm: nn.Module, mlp: nn.Module, fc1: nn.Module, fc2: nn.Module, *more: Optional[nn.Module],
+                  ignoring: tuple[str, ...] = ()) -> bool:
+    """:func:`must_call` for the MLP half of a pre-norm block (``x + more(mlp(norm(x)))``): the norm, the MLP and
+    all its layers (act, dropouts), its two Linears, and e.g. a layer scale."""
+    return must_call(norm, mlp, *mlp.children(), *more, linears=(fc1, fc2), ignoring=ignoring)

@@ -55,7 +55,7 @@ from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.functional.patch_embed import patch_embed
 from vitkern.functional.window_attention import window_attention
-from vitkern.nn._hooks import hooked, mlp_half_hooked
+from vitkern.nn._hooks import mlp_must_call, must_call
 from vitkern.nn.attention_maps import RecordsAttentionMaps
 from vitkern.nn.layer_norm import LayerNorm
 from vitkern.nn.patch_embed import patch_projection_reason
@@ -244,9 +244,9 @@ def _drop_path_active(drop_path: nn.Module) -> bool:
 _HF_CAPTURE_HOOKS = ("transformers.utils.output_capturing",)  # inert unless outputs are collected (_wants_weights)
 
 
-def _bypassable(*modules: nn.Module) -> bool:
+def _bypassable(*modules: nn.Module, linears: tuple[nn.Module, ...] = ()) -> bool:
     """Whether a fused path may compute these modules' outputs without calling them (``vitkern.nn._hooks``)."""
-    return not hooked(*modules, ignoring=_HF_CAPTURE_HOOKS)
+    return not must_call(*modules, linears=linears, ignoring=_HF_CAPTURE_HOOKS)
 
 
 # ------------------------------------------------------------------------------------------------------ attention
@@ -327,10 +327,6 @@ def _check_mlp(name: str, norm: nn.Module, fc1: nn.Module, fc2: nn.Module, act: 
     return approx
 
 
-def _unhooked_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear and _bypassable(m)  # a subclass or wrapper (LoRA, quantized) computes more
-
-
 class HFViTLayer(_SwappedHF):
     """ViT / DeiT encoder layer: LayerNorm -> attention (o_proj + residual in one ``linear_residual``), then
     ``layernorm_after`` + MLP + residual in one ``ln_mlp``. Hidden dropout active in training: HF's forward (on the
@@ -358,8 +354,8 @@ class HFViTLayer(_SwappedHF):
     def _attention_residual(self, hidden_states: Tensor, attention_mask: Optional[Tensor], kwargs: dict) -> Tensor:
         """hidden_states + attention(layernorm_before(hidden_states))."""
         attn, x = self.attention, self.layernorm_before(hidden_states)
-        if (isinstance(attn, HFAttention) and not _wants_weights(kwargs) and _bypassable(attn)
-                and _unhooked_linear(attn.o_proj) and _same_dtype(hidden_states, attn.o_proj.weight, attn.o_proj.bias)):
+        if (isinstance(attn, HFAttention) and not _wants_weights(kwargs) and _bypassable(attn, linears=(attn.o_proj,))
+                and _same_dtype(hidden_states, attn.o_proj.weight, attn.o_proj.bias)):
             o, _ = attn.attend(x, attention_mask, **kwargs)
             return linear_residual(o, attn.o_proj.weight, attn.o_proj.bias, hidden_states)
         h, _ = attn(x, attention_mask, **kwargs)
@@ -371,7 +367,7 @@ class HFViTLayer(_SwappedHF):
         h = self._attention_residual(hidden_states, attention_mask, kwargs)
         norm, mlp = self.layernorm_after, self.mlp
         if _same_dtype(h, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias) and \
-                not mlp_half_hooked(norm, mlp, ignoring=_HF_CAPTURE_HOOKS):
+                not mlp_must_call(norm, mlp, mlp.fc1, mlp.fc2, ignoring=_HF_CAPTURE_HOOKS):
             return _mlp_tail(h, norm, mlp.fc1, mlp.fc2, None, self._vitkern_gelu)
         return mlp(norm(h)) + h
 
@@ -409,8 +405,8 @@ class HFDinov2Layer(_SwappedHF):
         inner, out = outer.attention, outer.output
         dense = out.dense
         if (isinstance(inner, HFDinov2SelfAttention) and _is_dinov2_layer_scale(ls1)
-                and not (out.training and out.dropout.p > 0) and _bypassable(outer, out, ls1)
-                and _unhooked_linear(dense) and _same_dtype(hidden_states, dense.weight, dense.bias, ls1.lambda1)):
+                and not (out.training and out.dropout.p > 0) and _bypassable(outer, out, ls1, linears=(dense,))
+                and _same_dtype(hidden_states, dense.weight, dense.bias, ls1.lambda1)):
             o, _ = inner(x)  # called: HF captures the probabilities from this module
             return linear_residual(o, dense.weight, dense.bias, hidden_states, ls1.lambda1)
         return ls1(outer(x)) + hidden_states
@@ -421,7 +417,8 @@ class HFDinov2Layer(_SwappedHF):
         h = self._attention_residual(hidden_states)
         norm, mlp, ls2 = self.norm2, self.mlp, self.layer_scale2
         if _same_dtype(h, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
-                       ls2.lambda1) and not mlp_half_hooked(norm, mlp, ls2, ignoring=_HF_CAPTURE_HOOKS):
+                       ls2.lambda1) and not mlp_must_call(norm, mlp, mlp.fc1, mlp.fc2, ls2,
+                                                             ignoring=_HF_CAPTURE_HOOKS):
             return _mlp_tail(h, norm, mlp.fc1, mlp.fc2, ls2.lambda1, self._vitkern_gelu)
         return ls2(mlp(norm(h))) + h
 
@@ -488,8 +485,8 @@ class HFSwinLayer(_SwappedHF):
         return (not training and isinstance(window, int) and isinstance(shift, int)
                 and tuple(attn.relative_position_bias.window_size) == (window, window)  # else HF's own error
                 and 0 <= shift < window and attn._vitkern_attn_maps is None and not _wants_weights(kwargs)
-                and all(type(p) is nn.Linear for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # not an adapter
-                and _bypassable(self.layernorm_before, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+                and _bypassable(self.layernorm_before, attn, attn.o_proj,
+                                linears=(attn.q_proj, attn.k_proj, attn.v_proj))
                 and _same_dtype(x, table, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                                 attn.o_proj.weight, attn.o_proj.bias, self.layernorm_before.weight,
                                 self.layernorm_before.bias))
@@ -522,8 +519,8 @@ class HFSwinLayer(_SwappedHF):
         else:  # a wrapped Linear (e.g. a PEFT adapter) computes something else: call it
             h = hidden_states + o_proj(out).view(B, L, C)
         if self._vitkern_gelu is not None and _same_dtype(h, self.mlp.fc1.weight, self.mlp.fc2.weight,
-                                                          self.layernorm_after.weight) and not mlp_half_hooked(
-                self.layernorm_after, self.mlp, ignoring=_HF_CAPTURE_HOOKS):
+                                                          self.layernorm_after.weight) and not mlp_must_call(
+                self.layernorm_after, self.mlp, self.mlp.fc1, self.mlp.fc2, ignoring=_HF_CAPTURE_HOOKS):
             return _mlp_tail(h, self.layernorm_after, self.mlp.fc1, self.mlp.fc2, None, self._vitkern_gelu), None
         return self.dropout(self.mlp(self.layernorm_after(h))) + h, None
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
-from vitkern.nn._hooks import hooked, mlp_half_hooked
+from vitkern.nn._hooks import mlp_must_call, must_call
 from vitkern.nn.layer_norm import LayerNorm
 from vitkern.nn.vit_block import _drop_p, _is_plain_layer_norm, mlp_fusion_blocker, proj_fusion_blocker, \
     project_residual, training_noise
@@ -87,14 +87,16 @@ class SwinBlock(nn.Module):
         # x: [B, H, W, C] -> [B, H, W, C]
         recording = getattr(self.attn, "_vitkern_attn_maps", None) is not None
         noise, attn = training_noise(self), self.attn
-        if recording or noise or not self.fuse_ln_qkv or hooked(self.norm1, attn, attn.qkv, attn.proj):
+        if recording or noise or not self.fuse_ln_qkv or must_call(
+                self.norm1, attn, attn.proj, linears=(attn.qkv, attn.proj) if self.fuse_proj else (attn.qkv,)):
             x = x + self.drop_path1(self._attn(self.norm1(x)))
         else:
             n1 = self.norm1
             qkv = ln_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)
             x = project_residual(attn, attn.attend(qkv), x, None, self.fuse_proj)
-        if recording or noise or not self.fuse_mlp or mlp_half_hooked(self.norm2, self.mlp):
-            return x + self.drop_path2(self.mlp(self.norm2(x)))
-        n2, mlp = self.norm2, self.mlp
+        mlp = self.mlp
+        if recording or noise or not self.fuse_mlp or mlp_must_call(self.norm2, mlp, mlp.fc1, mlp.fc2):
+            return x + self.drop_path2(mlp(self.norm2(x)))
+        n2 = self.norm2
         return ln_mlp(x, n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, None,
                       n2.eps, mlp.act.approximate)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
-from vitkern.nn._hooks import hooked, mlp_half_hooked
+from vitkern.nn._hooks import mlp_must_call, must_call
 from vitkern.nn.layer_norm import LayerNorm
 from vitkern.nn.multihead_attention import MultiheadAttention
 from vitkern.nn.window_attention import ShiftedWindowAttention
@@ -137,7 +137,7 @@ class TorchvisionEncoderBlock(nn.Module):
             out["attention"] = f"attention dropout in training (p={attn.dropout})"
         if "attention" in out or not self.fuse_qkv:
             out["ln_1+in_proj"] = out["out_proj+residual"] = out.get("attention", "ln_linear fusion off")
-        elif self._attention_hooked():
+        elif self._attention_must_call():
             out["ln_1+in_proj"] = out["out_proj+residual"] = "a hook on ln_1, self_attention or out_proj"
         elif self.dropout.training and self.dropout.p > 0:
             out["out_proj+residual"] = f"dropout in training (p={self.dropout.p})"
@@ -145,18 +145,19 @@ class TorchvisionEncoderBlock(nn.Module):
             out["ln_2+mlp"] = "ln_mlp fusion off"
         elif _mlp_dropout_active(self.mlp):
             out["ln_2+mlp"] = f"MLP dropout in training (p={self.mlp[2].p})"
-        elif mlp_half_hooked(self.ln_2, self.mlp):
-            out["ln_2+mlp"] = "a hook on ln_2 or the MLP"
+        elif mlp_must_call(self.ln_2, self.mlp, self.mlp[0], self.mlp[3]):
+            out["ln_2+mlp"] = "a hook on ln_2 or the MLP, or its Linears are not plain nn.Linear"
         return out
 
-    def _attention_hooked(self) -> bool:
-        return hooked(self.ln_1, self.self_attention, getattr(self.self_attention, "out_proj", None))
+    def _attention_must_call(self) -> bool:
+        # out_proj is torch's NonDynamicallyQuantizableLinear (an nn.Linear subclass computing the same)
+        return must_call(self.ln_1, self.self_attention, getattr(self.self_attention, "out_proj", None))
 
     def forward(self, input: Tensor) -> Tensor:
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         attn = self.self_attention
         if (self.fuse_qkv and isinstance(attn, MultiheadAttention) and not (attn.training and attn.dropout > 0)
-                and not self._attention_hooked()):
+                and not self._attention_must_call()):
             ln = self.ln_1
             qkv = ln_linear(input, ln.weight, ln.bias, attn.in_proj_weight, attn.in_proj_bias, ln.eps)
             o = attn.attend(qkv)
@@ -168,7 +169,7 @@ class TorchvisionEncoderBlock(nn.Module):
             h = self.ln_1(input)
             x, _ = attn(h, h, h, need_weights=False)
             x = self.dropout(x) + input
-        if self.fuse_mlp and not _mlp_dropout_active(self.mlp) and not mlp_half_hooked(self.ln_2, self.mlp):
+        if self.fuse_mlp and not _mlp_dropout_active(self.mlp) and not mlp_must_call(self.ln_2, self.mlp, self.mlp[0], self.mlp[3]):
             return _fused_mlp(x, self.ln_2, self.mlp)
         return x + self.mlp(self.ln_2(x))
 
@@ -260,8 +261,8 @@ class TorchvisionSwinBlock(nn.Module):
             out["attention"] = f"dropout in training (attention {attn.attn_drop.p}, output {attn.proj_drop.p})"
         if "attention" in out or not self.fuse_qkv:
             out["norm1+qkv"] = out["proj+residual"] = out.get("attention", "ln_linear fusion off")
-        elif self._attention_hooked():
-            out["norm1+qkv"] = out["proj+residual"] = "a hook on norm1, attn or its qkv / proj"
+        elif self._attention_must_call():
+            out["norm1+qkv"] = out["proj+residual"] = "a hook on norm1, attn or its qkv / proj, or those are not plain nn.Linear"
         elif self._stochastic_depth_active():
             out["proj+residual"] = f"stochastic depth in training (p={self.stochastic_depth.p})"
         if not self.fuse_mlp:
@@ -269,18 +270,18 @@ class TorchvisionSwinBlock(nn.Module):
         elif self._stochastic_depth_active() or _mlp_dropout_active(self.mlp):
             out["norm2+mlp"] = (f"stochastic depth (p={self.stochastic_depth.p}) or MLP dropout "
                                 f"(p={self.mlp[2].p}) in training")
-        elif mlp_half_hooked(self.norm2, self.mlp):
-            out["norm2+mlp"] = "a hook on norm2 or the MLP"
+        elif mlp_must_call(self.norm2, self.mlp, self.mlp[0], self.mlp[3]):
+            out["norm2+mlp"] = "a hook on norm2 or the MLP, or its Linears are not plain nn.Linear"
         return out
 
-    def _attention_hooked(self) -> bool:
+    def _attention_must_call(self) -> bool:
         attn = self.attn
-        return hooked(self.norm1, attn, getattr(attn, "qkv", None), getattr(attn, "proj", None))
+        return must_call(self.norm1, attn, linears=(attn.qkv, attn.proj))
 
     def forward(self, x: Tensor) -> Tensor:
         attn = self.attn
         if (self.fuse_qkv and isinstance(attn, TorchvisionShiftedWindowAttention) and not attn._dropout_active()
-                and not self._attention_hooked()):
+                and not self._attention_must_call()):
             norm = self.norm1
             o = attn.attend(ln_linear(x, norm.weight, norm.bias, attn.qkv.weight, attn.qkv.bias, norm.eps))
         else:
@@ -291,8 +292,8 @@ class TorchvisionSwinBlock(nn.Module):
         else:
             a = attn.project(o) if o is not None else attn(self.norm1(x))
             x = x + (self.stochastic_depth(a) if sd_active else a)
-        if self.fuse_mlp and not sd_active and not _mlp_dropout_active(self.mlp) and not mlp_half_hooked(self.norm2,
-                                                                                                    self.mlp):
+        if self.fuse_mlp and not sd_active and not _mlp_dropout_active(self.mlp) and not mlp_must_call(
+                self.norm2, self.mlp, self.mlp[0], self.mlp[3]):
             return _fused_mlp(x, self.norm2, self.mlp)
         y = self.mlp(self.norm2(x))
         return x + (self.stochastic_depth(y) if sd_active else y)

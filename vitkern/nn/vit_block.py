@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
-from vitkern.nn._hooks import hooked, mlp_half_hooked
+from vitkern.nn._hooks import mlp_must_call, must_call
 from vitkern.nn.attention import Attention
 from vitkern.nn.layer_norm import LayerNorm
 
@@ -154,13 +154,15 @@ class ViTBlock(nn.Module):
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **masks)))
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         attn = self.attn
-        if self.fuse_ln_qkv and not hooked(self.norm1, attn, attn.qkv, attn.proj, self.ls1):
+        # proj's weight is read only when fuse_proj (else project_residual calls it)
+        if self.fuse_ln_qkv and not must_call(self.norm1, attn, attn.proj, self.ls1,
+                                              linears=(attn.qkv, attn.proj) if self.fuse_proj else (attn.qkv,)):
             n1 = self.norm1
             qkv = ln_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)
             x = project_residual(attn, attn.attend(qkv), x, self.ls1, self.fuse_proj)
         else:
             x = x + self.ls1(attn(self.norm1(x)))
-        if not self.fuse_mlp or mlp_half_hooked(self.norm2, self.mlp, self.ls2):
+        if not self.fuse_mlp or mlp_must_call(self.norm2, self.mlp, self.mlp.fc1, self.mlp.fc2, self.ls2):
             return x + self.ls2(self.mlp(self.norm2(x)))
         n2, mlp = self.norm2, self.mlp
         gamma = getattr(self.ls2, "gamma", None)
