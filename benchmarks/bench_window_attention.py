@@ -29,7 +29,7 @@ from torch import Tensor
 
 from vitkern.bench.harness import (
     CPU_TIMER, FWD, FWD_BWD, Benchmark, Case, Context, Provider, Row, Work, compile_fresh,
-    cuda_vs_triton_targets, run_benchmark, vitkern_backend_unavailable,
+    cuda_vs_triton_targets, peak_mib, run_benchmark, vitkern_backend_unavailable,
 )
 
 NAME = "window_attention"
@@ -217,16 +217,10 @@ def _peak_mib(setup: Callable[[Case, Any], Callable[[], Any]], case: Case, inp: 
             torch.autograd.backward(out, torch.ones_like(out))
         del out
 
-    once()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    once()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = peak_mib(once)
     for t in inp.values():
         t.grad = None
-    return {"peak_mib": round(peak / 2**20, 1)}
+    return {"peak_mib": peak}
 
 
 def _describe(setup, vitkern_backend: bool = False):

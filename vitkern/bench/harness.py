@@ -284,6 +284,18 @@ def measure_peaks(device: torch.device | str = "cuda", *, matmul_n: int = 8192, 
     return peaks
 
 
+def peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak CUDA memory of one call of ``fn`` beyond what is allocated before it, in MiB. ``fn`` runs twice and the
+    second call is measured, so compile / autotune allocations are excluded."""
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
 def gbps(nbytes: float, ms: float) -> float:
     return nbytes * 1e-9 / (ms * 1e-3)
 

@@ -252,19 +252,6 @@ def prepare(mode: str, case: Case, inp: dict[str, Any], compile_mode: str) -> _P
     return _Prepared(step, extra)
 
 
-def _peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Peak memory of one call beyond what is allocated before it (second call: compile / autotune excluded)."""
-    if device.type != "cuda":
-        return None
-    fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-
-
 def providers(ctx: Context, modes: Sequence[str], compile_mode: str, compile_cases: Callable[[Case], bool],
               on_start: Callable[[Case, str], None] | None = None) -> list[Provider]:
     """One harness Provider per mode. The harness calls setup, then describe, then the callable for its check:
@@ -282,7 +269,7 @@ def providers(ctx: Context, modes: Sequence[str], compile_mode: str, compile_cas
 
         def describe(case: Case, inp: dict[str, Any]) -> dict[str, Any]:
             p = prepared[mode]
-            extra = dict(p.extra, peak_mib=_peak_mib(p.fn, ctx.device))
+            extra = dict(p.extra, peak_mib=harness.peak_mib(p.fn) if ctx.device.type == "cuda" else None)
             if mode.endswith("compile"):  # counters were cleared when this provider compiled (see _compile)
                 from torch._dynamo.utils import counters
 
