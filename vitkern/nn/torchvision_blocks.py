@@ -67,6 +67,11 @@ def _mlp_dropout_active(mlp: nn.Sequential) -> bool:
     return mlp.training and (mlp[2].p > 0 or mlp[4].p > 0)
 
 
+def _mlp_must_call(norm: nn.LayerNorm, mlp: nn.Sequential) -> bool:
+    """mlp_must_call for torchvision's MLPBlock (Linear, GELU, Dropout, Linear, Dropout)."""
+    return mlp_must_call(norm, mlp, mlp[0], mlp[3])
+
+
 def _fused_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Sequential) -> Tensor:
     """x + mlp(norm(x)) in one op."""
     fc1, fc2 = mlp[0], mlp[3]
@@ -145,7 +150,7 @@ class TorchvisionEncoderBlock(nn.Module):
             out["ln_2+mlp"] = "ln_mlp fusion off"
         elif _mlp_dropout_active(self.mlp):
             out["ln_2+mlp"] = f"MLP dropout in training (p={self.mlp[2].p})"
-        elif mlp_must_call(self.ln_2, self.mlp, self.mlp[0], self.mlp[3]):
+        elif _mlp_must_call(self.ln_2, self.mlp):
             out["ln_2+mlp"] = "a hook on ln_2 or the MLP, or its Linears are not plain nn.Linear"
         return out
 
@@ -169,7 +174,7 @@ class TorchvisionEncoderBlock(nn.Module):
             h = self.ln_1(input)
             x, _ = attn(h, h, h, need_weights=False)
             x = self.dropout(x) + input
-        if self.fuse_mlp and not _mlp_dropout_active(self.mlp) and not mlp_must_call(self.ln_2, self.mlp, self.mlp[0], self.mlp[3]):
+        if self.fuse_mlp and not _mlp_dropout_active(self.mlp) and not _mlp_must_call(self.ln_2, self.mlp):
             return _fused_mlp(x, self.ln_2, self.mlp)
         return x + self.mlp(self.ln_2(x))
 
@@ -262,7 +267,8 @@ class TorchvisionSwinBlock(nn.Module):
         if "attention" in out or not self.fuse_qkv:
             out["norm1+qkv"] = out["proj+residual"] = out.get("attention", "ln_linear fusion off")
         elif self._attention_must_call():
-            out["norm1+qkv"] = out["proj+residual"] = "a hook on norm1, attn or its qkv / proj, or those are not plain nn.Linear"
+            out["norm1+qkv"] = out["proj+residual"] = ("a hook on norm1, attn or its qkv / proj, or those are not "
+                                                       "plain nn.Linear")
         elif self._stochastic_depth_active():
             out["proj+residual"] = f"stochastic depth in training (p={self.stochastic_depth.p})"
         if not self.fuse_mlp:
@@ -270,7 +276,7 @@ class TorchvisionSwinBlock(nn.Module):
         elif self._stochastic_depth_active() or _mlp_dropout_active(self.mlp):
             out["norm2+mlp"] = (f"stochastic depth (p={self.stochastic_depth.p}) or MLP dropout "
                                 f"(p={self.mlp[2].p}) in training")
-        elif mlp_must_call(self.norm2, self.mlp, self.mlp[0], self.mlp[3]):
+        elif _mlp_must_call(self.norm2, self.mlp):
             out["norm2+mlp"] = "a hook on norm2 or the MLP, or its Linears are not plain nn.Linear"
         return out
 
@@ -292,8 +298,8 @@ class TorchvisionSwinBlock(nn.Module):
         else:
             a = attn.project(o) if o is not None else attn(self.norm1(x))
             x = x + (self.stochastic_depth(a) if sd_active else a)
-        if self.fuse_mlp and not sd_active and not _mlp_dropout_active(self.mlp) and not mlp_must_call(
-                self.norm2, self.mlp, self.mlp[0], self.mlp[3]):
+        if (self.fuse_mlp and not sd_active and not _mlp_dropout_active(self.mlp)
+                and not _mlp_must_call(self.norm2, self.mlp)):
             return _fused_mlp(x, self.norm2, self.mlp)
         y = self.mlp(self.norm2(x))
         return x + (self.stochastic_depth(y) if sd_active else y)
