@@ -25,9 +25,6 @@ from typing import Any, Sequence
 
 import torch
 
-from vitkern.bench import harness
-from vitkern.bench import models as bm
-
 CPU_REFUSAL = ("vitkern bench: no CUDA GPU visible; performance numbers come only from GPU measurements, so nothing "
                "is timed on the CPU. (--allow-cpu runs a smoke test of the code path: not a measurement.)")
 SMOKE_NOTE = "cpu smoke, not a measurement"
@@ -92,7 +89,10 @@ class _Lines:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # here, not at the top: `vitkern --help` / info / check import this module for its parser only
     from vitkern import models
+    from vitkern.bench import harness
+    from vitkern.bench import models as bm
 
     smoke = not torch.cuda.is_available()
     if smoke and not args.allow_cpu:
@@ -153,6 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _default_out(meta: dict, smoke: bool) -> Path:
+    from vitkern.bench import harness
+
     if smoke:
         return Path(tempfile.mkdtemp(prefix="vitkern-bench-smoke-"))
     return harness.default_out_dir(meta, "cli")
