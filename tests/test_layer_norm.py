@@ -250,6 +250,45 @@ def test_module_is_drop_in_for_torch_layernorm(affine, bias):
     torch.testing.assert_close(y, ref(2 * x))
 
 
+def _autocast_dtypes_match_torch(device):
+    """Under autocast the module returns torch's dtype for a bf16 x (on CUDA fp32: LayerNorm is on autocast's fp32
+    list). Where that is fp32, a bf16 x may also meet an fp32 residual stream, as ``x + stream`` may in torch.
+    Values: the same LayerNorm in torch, to the output dtype's rounding."""
+    ref = torch.nn.LayerNorm(64, device=device)
+    torch.nn.init.normal_(ref.weight), torch.nn.init.normal_(ref.bias)
+    mine = vitkern.nn.LayerNorm.from_torch(ref)
+    x = torch.randn(5, 64, device=device, dtype=torch.bfloat16)
+    stream = torch.randn(5, 64, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        expected, out = ref(x), mine(x)
+        assert out.dtype == expected.dtype
+        torch.testing.assert_close(out, expected)
+        if out.dtype == torch.float32:
+            y, s = mine(x, residual=stream)
+            torch.testing.assert_close(s, x.float() + stream, rtol=0, atol=0)
+            torch.testing.assert_close(y, ref(x + stream))
+    return out.dtype
+
+
+def test_autocast_follows_torchs_per_device_layer_norm_policy(monkeypatch):
+    """CPU autocast leaves LayerNorm in the input dtype; CUDA autocast (emulated here by putting "cpu" on vitkern's
+    list of devices whose autocast runs layer_norm in fp32) computes and returns fp32."""
+    assert _autocast_dtypes_match_torch("cpu") == torch.bfloat16
+    from vitkern.functional import _autocast
+
+    monkeypatch.setattr(_autocast, "LAYER_NORM_FP32_DEVICES", ("cpu",))
+    x, w = torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = vitkern_ln(x, w, None, residual=torch.randn(5, 64))
+    assert y.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(y, F.layer_norm(s, (64,), w))
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_returns_fp32_as_torch_does():
+    assert _autocast_dtypes_match_torch("cuda") == torch.float32
+
+
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck: schema, fake (meta) kernels, autograd registration and dispatch consistency."""
     x, r = torch.randn(5, 64), torch.randn(5, 64)

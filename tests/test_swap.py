@@ -33,6 +33,24 @@ def test_optimize_rejects_non_modules_and_reports_custom_subclasses():
     assert "0 (torch.nn.LayerNorm): " in str(report)
 
 
+def test_only_layer_norms_of_the_same_math_are_swapped():
+    """timm subclasses nn.LayerNorm for other math: LayerNorm2d normalises the channels of NCHW maps (with W == C a
+    last-dim LayerNorm would run and be wrong), LayerNormAct adds an activation, LayerNormFp32 keeps the input dtype
+    under autocast. Only timm's LayerNorm (F.layer_norm, or its fast_layer_norm) is taken."""
+    timm_norm = pytest.importorskip("timm.layers.norm")
+    timm_norm_act = pytest.importorskip("timm.layers.norm_act")
+    model = torch.nn.Sequential(timm_norm.LayerNorm2d(8), timm_norm_act.LayerNormAct2d(8), timm_norm.LayerNormFp32(8),
+                                timm_norm.LayerNorm(8), torch.nn.LayerNorm(8))
+    x = torch.randn(2, 8, 5, 8)  # NCHW with W == C: LayerNorm2d run as a last-dim LayerNorm would not raise
+    model[2:].requires_grad_(False)
+    expected = model[:2](x)
+    report = vitkern.optimize(model)
+    assert [s.path for s in report.swapped] == ["3", "4"]
+    assert [(path, why.rsplit(" ", 2)[0]) for path, _, why in report.left] == [
+        ("0", "LayerNorm2d"), ("1", "LayerNormAct2d"), ("2", "LayerNormFp32")]
+    torch.testing.assert_close(model[:2](x), expected, rtol=0, atol=0)
+
+
 def test_report_names_replacement_rule_and_backend():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     report = vitkern.optimize(model)

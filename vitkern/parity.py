@@ -19,6 +19,7 @@ from torch import nn
 
 from vitkern import dispatch
 from vitkern.integrations import optimize
+from vitkern.nn.layer_norm import computes_layer_norm
 from vitkern.testing.numerics import Tolerance, assert_close, max_abs_err
 
 
@@ -117,7 +118,7 @@ def _patch_embed_problem(vit: nn.Module, args: tuple) -> dispatch.Problem:
 
 OP_PARITY: list[OpParity] = [
     OpParity("patch_embed", _is_reference_vit, _patch_embed_compute, _patch_embed_problem),
-    OpParity("layer_norm", lambda m: isinstance(m, nn.LayerNorm), _layer_norm_compute, _layer_norm_problem),
+    OpParity("layer_norm", computes_layer_norm, _layer_norm_compute, _layer_norm_problem),
     OpParity("attention", _is_plain_attention, _attention_compute, _attention_problem),
 ]
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from vitkern import dispatch
+from vitkern.functional import _autocast
 from vitkern.ops import layer_norm as ln_op
 from vitkern.validation import FLOAT_DTYPES, as_rows, check_positive, check_tensor
 
@@ -23,6 +24,10 @@ def _normalized_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     if not shape or any((not isinstance(d, int)) or d <= 0 for d in shape):
         raise ValueError(f"{_NAME}: normalized_shape must be a non-empty sequence of positive ints, got {normalized_shape!r}")
     return shape
+
+
+def _autocast_fp32(x, weight, bias, residual):
+    return _autocast.cast_inputs_fp32(x, weight, bias, residual, devices=_autocast.LAYER_NORM_FP32_DEVICES)
 
 
 def _validate(x, normalized_shape, weight, bias, eps, residual) -> tuple[int, ...]:
@@ -53,7 +58,9 @@ def layer_norm(
 
     With ``residual`` it computes ``s = x + residual`` and returns ``(layer_norm(s), s)`` in one pass (the
     pre-norm block pattern). The output has x's dtype; weight/bias may be x's dtype or fp32 (mixed precision).
+    Under CUDA autocast it computes and returns fp32, as torch's LayerNorm does there.
     """
+    x, weight, bias, residual = _autocast_fp32(x, weight, bias, residual)
     shape = _validate(x, normalized_shape, weight, bias, eps, residual)
     n = math.prod(shape)
     x2 = as_rows(x, n)
@@ -70,6 +77,7 @@ layer_norm.__vitkern_op__ = ln_op.OP  # type: ignore[attr-defined]
 
 
 def _describe(x, normalized_shape, weight=None, bias=None, eps=1e-5, residual=None) -> dispatch.Problem:
+    x, weight, bias, residual = _autocast_fp32(x, weight, bias, residual)
     shape = _validate(x, normalized_shape, weight, bias, eps, residual)
     n = math.prod(shape)
     rows = x.reshape(-1, n)

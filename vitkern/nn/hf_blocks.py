@@ -57,7 +57,7 @@ from vitkern.functional.patch_embed import patch_embed
 from vitkern.functional.window_attention import window_attention
 from vitkern.nn._hooks import mlp_must_call, must_call
 from vitkern.nn.attention_maps import RecordsAttentionMaps
-from vitkern.nn.layer_norm import LayerNorm
+from vitkern.nn.layer_norm import LayerNorm, layer_norm_reason
 from vitkern.nn.patch_embed import patch_projection_reason
 from vitkern.validation import FLOAT_DTYPES
 
@@ -317,8 +317,9 @@ def _mlp_tail(h: Tensor, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear, scale:
 
 
 def _check_mlp(name: str, norm: nn.Module, fc1: nn.Module, fc2: nn.Module, act: nn.Module) -> str:
-    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
-        raise TypeError(f"{name}: expected a 1-D nn.LayerNorm before the MLP, got {norm!r}")
+    norm_reason = layer_norm_reason(norm, "the norm before the MLP")
+    if norm_reason:
+        raise TypeError(f"{name}: {norm_reason}")
     if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
         raise TypeError(f"{name}: expected the MLP's fc1 / fc2 to be nn.Linear")
     approx = gelu_approximation(act)
@@ -459,7 +460,7 @@ class HFSwinLayer(_SwappedHF):
                             layer.mlp.activation_fn) if fuse_mlp else None
         new = super().from_hf(layer)
         new._vitkern_gelu = approx  # None: the MLP half stays HF's modules
-        new._vitkern_ln_linear = fuse_mlp and isinstance(layer.layernorm_before, nn.LayerNorm)
+        new._vitkern_ln_linear = fuse_mlp and layer_norm_reason(layer.layernorm_before, "layernorm_before") is None
         ops = ["window_attention"] + (["linear_residual"] if type(attn.o_proj) is nn.Linear else []) + (
             ["ln_mlp", "ln_linear"] if fuse_mlp else [])
         if layer_norm:  # used where the LayerNorms are not fused (ln_mlp off) and on HF's path

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from vitkern.functional.layer_norm import layer_norm
 
-__all__ = ["LayerNorm"]
+__all__ = ["LayerNorm", "computes_layer_norm", "layer_norm_reason"]
+
+# torch.nn.LayerNorm subclasses whose forward is F.layer_norm with the module's own arguments (timm's LayerNorm may
+# call its fast_layer_norm instead: the same math). Any other subclass that overrides forward is not ours to compute:
+# timm's LayerNorm2d normalises the channels of NCHW maps, LayerNormAct adds an activation, LayerNormFp32 returns
+# the input dtype under autocast where torch's returns fp32.
+_SAME_MATH_SUBCLASSES = {("timm.layers.norm", "LayerNorm")}
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -26,9 +34,9 @@ class LayerNorm(torch.nn.LayerNorm):
         may differ, False for anything else (including a vitkern LayerNorm)."""
         if not isinstance(module, torch.nn.LayerNorm) or isinstance(module, LayerNorm):
             return False
-        # subclasses must not change the math; timm's LayerNorm only changes *how* F.layer_norm is called
-        if type(module).forward is not torch.nn.LayerNorm.forward and type(module).__module__.split(".")[0] != "timm":
-            return f"{type(module).__qualname__} overrides forward()"
+        cls = type(module)
+        if cls.forward is not torch.nn.LayerNorm.forward and (cls.__module__, cls.__qualname__) not in _SAME_MATH_SUBCLASSES:
+            return f"{cls.__qualname__} overrides forward()"
         return True
 
     @classmethod
@@ -43,3 +51,21 @@ class LayerNorm(torch.nn.LayerNorm):
         new.weight, new.bias = module.weight, module.bias
         new.train(module.training)
         return new
+
+
+def computes_layer_norm(module: torch.nn.Module) -> bool:
+    """True when ``module``'s forward is F.layer_norm(x, normalized_shape, weight, bias, eps), so a fused op may
+    compute it from those attributes: a torch LayerNorm, a subclass of the same math, or a vitkern LayerNorm."""
+    return isinstance(module, LayerNorm) or LayerNorm.accepts_torch(module) is True
+
+
+def layer_norm_reason(norm: torch.nn.Module, name: str) -> Optional[str]:
+    """Why ``norm`` (called ``name`` in messages) is not a LayerNorm over the last dim that a fused op can compute
+    from its weight and bias (None: it is)."""
+    if not isinstance(norm, torch.nn.LayerNorm):
+        return f"{name} is {type(norm).__name__}, not a LayerNorm"
+    if not computes_layer_norm(norm):
+        return f"{name} ({type(norm).__qualname__}) overrides forward()"
+    if len(norm.normalized_shape) != 1:
+        return f"{name} normalizes over {len(norm.normalized_shape)} dims, not the last dim only"
+    return None

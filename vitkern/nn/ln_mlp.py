@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
-from vitkern.nn.layer_norm import LayerNorm
+from vitkern.nn.layer_norm import LayerNorm, layer_norm_reason
 
 __all__ = ["LayerNormMlp", "LayerNormLinear"]
 
@@ -65,8 +65,8 @@ def _check(cond: bool, what: str) -> None:
 
 
 def _shared_norm(norm: nn.Module, name: str) -> LayerNorm:
-    _check(isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1,
-           f"block.{name} must be a LayerNorm over the last dim, got {type(norm).__name__}")
+    reason = layer_norm_reason(norm, f"block.{name}")
+    _check(reason is None, f"{reason}: the fused op computes a LayerNorm over the last dim")
     return LayerNorm.from_torch(norm)
 
 

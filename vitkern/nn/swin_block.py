@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.nn._hooks import mlp_must_call, must_call
-from vitkern.nn.layer_norm import LayerNorm
-from vitkern.nn.vit_block import _drop_p, _is_plain_layer_norm, mlp_fusion_blocker, proj_fusion_blocker, \
+from vitkern.nn.layer_norm import LayerNorm, layer_norm_reason
+from vitkern.nn.vit_block import _drop_p, mlp_fusion_blocker, proj_fusion_blocker, \
     project_residual, training_noise
 from vitkern.nn.window_attention import ShiftedWindowAttention
 
@@ -34,8 +34,9 @@ def swin_block_blocker(block: nn.Module) -> str | None:
         return "attn is not a Swin V1 WindowAttention (V2's cosine attention is not supported)"
     if _drop_p(getattr(attn, "attn_drop", None)) > 0:
         return f"attention dropout p={attn.attn_drop.p} (the fused kernel has none)"
-    if not _is_plain_layer_norm(block.norm1):
-        return f"norm1 is {type(block.norm1).__name__}, not a LayerNorm"
+    norm_reason = layer_norm_reason(block.norm1, "norm1")
+    if norm_reason:
+        return norm_reason
     return None
 
 
@@ -59,7 +60,7 @@ class SwinBlock(nn.Module):
         if layer_norm:
             new.norm1, new.norm2 = LayerNorm.swap_in(new.norm1), LayerNorm.swap_in(new.norm2)
         fused_attn = isinstance(new.attn, ShiftedWindowAttention)
-        new.fuse_ln_qkv = ln_mlp and fused_attn and _is_plain_layer_norm(new.norm1)
+        new.fuse_ln_qkv = ln_mlp and fused_attn and layer_norm_reason(new.norm1, "norm1") is None
         new.fuse_proj = new.fuse_ln_qkv and proj_fusion_blocker(new.attn) is None
         new.fuse_mlp = ln_mlp and mlp_fusion_blocker(new) is None
         # unfused attention: the block's own method (vitkern.reference names timm's _attn window_attention)

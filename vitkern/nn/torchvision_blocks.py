@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.nn._hooks import mlp_must_call, must_call
-from vitkern.nn.layer_norm import LayerNorm
+from vitkern.nn.layer_norm import LayerNorm, layer_norm_reason
 from vitkern.nn.multihead_attention import MultiheadAttention
 from vitkern.nn.window_attention import ShiftedWindowAttention
 from vitkern.reference import swin as ref_swin
@@ -45,14 +45,6 @@ __all__ = ["TorchvisionEncoderBlock", "TorchvisionSwinBlock", "TorchvisionShifte
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def _layer_norm_reason(norm: nn.Module, name: str) -> Optional[str]:
-    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
-        return f"{name} is {type(norm).__name__}, not a LayerNorm over the last dim"
-    if type(norm).forward is not nn.LayerNorm.forward and not isinstance(norm, LayerNorm):
-        return f"{name} ({type(norm).__qualname__}) overrides forward()"
-    return None
-
-
 def _mlp_reason(mlp: nn.Module) -> Optional[str]:
     """torchvision's MLP/MLPBlock with one hidden layer: [Linear, GELU, Dropout, Linear, Dropout]."""
     kinds = (nn.Linear, nn.GELU, nn.Dropout, nn.Linear, nn.Dropout)
@@ -96,8 +88,8 @@ class TorchvisionEncoderBlock(nn.Module):
             return f"self_attention is {type(attn).__name__}, not nn.MultiheadAttention"
         if not attn.batch_first:
             return "self_attention has batch_first=False (torchvision's EncoderBlock uses True)"
-        return (_layer_norm_reason(getattr(block, "ln_1", None), "ln_1")
-                or _layer_norm_reason(getattr(block, "ln_2", None), "ln_2")
+        return (layer_norm_reason(getattr(block, "ln_1", None), "ln_1")
+                or layer_norm_reason(getattr(block, "ln_2", None), "ln_2")
                 or MultiheadAttention.static_reason(attn) or _mlp_reason(getattr(block, "mlp", None)))
 
     @classmethod
@@ -220,8 +212,8 @@ class TorchvisionSwinBlock(nn.Module):
         if not _is_swin_v1_attention(attn):
             return (f"attn is {type(attn).__name__}: Swin V2 cosine attention (logit_scale, cpb_mlp) is not fused"
                     if hasattr(attn, "logit_scale") else f"attn is {type(attn).__name__}, not a Swin V1 attention")
-        return (_layer_norm_reason(getattr(block, "norm1", None), "norm1")
-                or _layer_norm_reason(getattr(block, "norm2", None), "norm2")
+        return (layer_norm_reason(getattr(block, "norm1", None), "norm1")
+                or layer_norm_reason(getattr(block, "norm2", None), "norm2")
                 or _mlp_reason(getattr(block, "mlp", None)))
 
     @classmethod

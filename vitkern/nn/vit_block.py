@@ -25,7 +25,7 @@ from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.nn._hooks import mlp_must_call, must_call
 from vitkern.nn.attention import Attention
-from vitkern.nn.layer_norm import LayerNorm
+from vitkern.nn.layer_norm import LayerNorm, layer_norm_reason
 
 __all__ = ["ViTBlock"]
 
@@ -33,10 +33,6 @@ __all__ = ["ViTBlock"]
 def _drop_p(module: Optional[nn.Module]) -> float:
     """Drop probability of a dropout / DropPath module (0 for Identity or None)."""
     return float(getattr(module, "p", getattr(module, "drop_prob", 0.0)) or 0.0)
-
-
-def _is_plain_layer_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
 
 
 def swappable_attention(attn: nn.Module) -> bool:
@@ -89,8 +85,9 @@ def mlp_fusion_blocker(block: nn.Module) -> Optional[str]:
         return f"mlp.act is {type(getattr(mlp, 'act', None)).__name__}, the fused MLP does GELU"
     if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         return "mlp has a norm between fc1 and fc2 (scale_mlp_norm)"
-    if not _is_plain_layer_norm(block.norm2):
-        return f"norm2 is {type(block.norm2).__name__}, not a LayerNorm over the last dim"
+    norm_reason = layer_norm_reason(block.norm2, "norm2")
+    if norm_reason:
+        return norm_reason
     ls = getattr(block, "ls2", None)
     if not _layer_scale_ok(ls):
         return f"ls2 is {type(ls).__name__}, not a LayerScale"
@@ -133,7 +130,7 @@ class ViTBlock(nn.Module):
         if layer_norm:
             self.norm1, self.norm2 = LayerNorm.swap_in(self.norm1), LayerNorm.swap_in(self.norm2)
         self.fuse_ln_qkv = (ln_mlp and isinstance(self.attn, Attention) and self.attn.gate is None
-                            and _is_plain_layer_norm(self.norm1))
+                            and layer_norm_reason(self.norm1, "norm1") is None)
         self.fuse_proj = self.fuse_ln_qkv and proj_fusion_blocker(self.attn, self.ls1) is None
         self.fuse_mlp = ln_mlp and mlp_fusion_blocker(self) is None
         self.train(block.training)
