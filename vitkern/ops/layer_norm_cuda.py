@@ -20,12 +20,12 @@ CUDA_MAX_N = 8192  # widest row the kernels are instantiated for (csrc/ops/layer
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _same_param_dtype(weight, bias):
-    """The kernels take one parameter dtype. If weight and bias differ (one in x's dtype, one fp32), upcast the
-    narrower one to fp32: exact, so the result is what the mixed pair means."""
+def _kernel_params(weight, bias):
+    """weight/bias as the kernels take them: unit stride, one dtype. If weight and bias differ (one in x's dtype, one
+    fp32), upcast the narrower one to fp32: exact, so the result is what the mixed pair means."""
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        return weight.float(), bias.float()
-    return weight, bias
+        weight, bias = weight.float(), bias.float()
+    return (t.contiguous() if t is not None else None for t in (weight, bias))
 
 
 class LayerNormCuda(CudaBackend):
@@ -44,7 +44,7 @@ class LayerNormCuda(CudaBackend):
         return reasons + input_reasons(problem)
 
     def forward(self, x, weight, bias, residual, eps):
-        weight, bias = _same_param_dtype(weight, bias)
+        weight, bias = _kernel_params(weight, bias)
         m, n = x.shape
         y = memory.empty((m, n), x.dtype, x.device)
         s = memory.empty((m, n), x.dtype, x.device) if residual is not None else None
@@ -56,6 +56,7 @@ class LayerNormCuda(CudaBackend):
     def backward(self, dy, dsum, xs, weight, mean, rstd, need_dw, need_db):
         dx = memory.empty(xs.shape, xs.dtype, xs.device)
         # stats from another backend's forward: fp32 [M] per the contract; contiguous() is a no-op for ours
+        weight = weight.contiguous() if weight is not None else None
         dw, db = torch.ops.vitkern_C.layer_norm_bwd.out(
             dy, dsum, xs, weight, mean.float().contiguous(), rstd.float().contiguous(), need_dw, need_db, dx=dx
         )

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.kernels.triton import tuning
+from vitkern.kernels.triton import dense_vector, tuning
 
 
 @triton.jit
@@ -174,6 +174,7 @@ def layer_norm_fwd(
 ) -> None:
     M, N = x.shape
     block_n = _block_n(N)
+    weight, bias = dense_vector(weight), dense_vector(bias)
     args = (
         x, residual if residual is not None else x, weight if weight is not None else x, bias if bias is not None else x,
         y, sum_out if sum_out is not None else y, mean, rstd,
@@ -204,6 +205,7 @@ def layer_norm_bwd(
 
     M, N = xs.shape
     block_n = _block_n(N)
+    weight = dense_vector(weight)
     if _interpreted(xs):
         block_m = _interp_block_m(block_n)
         programs = max(1, min(3, triton.cdiv(M, block_m)))  # several programs: exercises the partial reduction

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.kernels.triton import tuning
+from vitkern.kernels.triton import dense_vector, tuning
 
 ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH = 0, 1, 2
 GELU_CODES = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # keyed by F.gelu's ``approximate``
@@ -192,6 +192,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _ln_rows(x, mean, rstd, eps, w=None, b=None, y=None) -> None:
     M, N = x.shape
+    w, b = dense_vector(w), dense_vector(b)
     block_n = triton.next_power_of_2(N)
     block_m = max(1, min(4 if _interpreted(x) else 16, 8192 // block_n))
     ln_rows_kernel[(triton.cdiv(M, block_m),)](
@@ -227,6 +228,7 @@ def fused_linear(
     M, K = a.shape
     N = b.shape[1]
     mean, rstd, ln_w, ln_b = ln if ln is not None else (None, None, None, None)
+    ln_w, ln_b, bias, layer_scale = (dense_vector(t) for t in (ln_w, ln_b, bias, layer_scale))
     dummy = out
     args = (
         a, b, out,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.kernels.triton import tuning
+from vitkern.kernels.triton import dense_vector, tuning
 
 
 @triton.jit
@@ -243,7 +243,7 @@ def patch_embed_fwd(
         rows = triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(B * num_prefix, meta["BLOCK_M"])
         return rows, triton.cdiv(D, meta["BLOCK_N"])
 
-    w = _weight_matrix(weight)
+    w, bias = _weight_matrix(weight), dense_vector(bias)
     args = (
         x, norm if norm is not None else weight, w, bias if bias is not None else weight,
         pos if pos is not None else weight, prefix if prefix is not None else weight, out, *geo, *w.stride(), pos_row0,
