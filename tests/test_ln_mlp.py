@@ -375,6 +375,12 @@ def test_from_timm_block_rejects_what_it_cannot_fuse():
     block = timm_vit.Block(64, 2, act_layer=nn.SiLU)
     with pytest.raises(ValueError, match="nn.GELU"):
         vitkern.nn.LayerNormMlp.from_timm_block(block)
+    # same submodule names, other math: post-norm; gamma_2 scaling the branch and q_bias / v_bias (EVA, BEiT)
+    eva, beit = pytest.importorskip("timm.models.eva"), pytest.importorskip("timm.models.beit")
+    for block in (timm_vit.ResPostBlock(64, 2), eva.EvaBlock(64, 2, init_values=0.1), beit.Block(64, 2, init_values=0.1)):
+        for module in (vitkern.nn.LayerNormMlp, vitkern.nn.LayerNormLinear):
+            with pytest.raises(ValueError, match=f"got {type(block).__qualname__} from"):
+                module.from_timm_block(block)
 
 
 def test_custom_ops_pass_opcheck():

@@ -59,6 +59,22 @@ class _TimmKeys:
         return self.load_state_dict(mine, strict=strict)  # type: ignore[attr-defined]
 
 
+# Pre-norm blocks whose halves are exactly x + ls2(mlp(norm2(x))) and attn.qkv(norm1(x)). Blocks of the same
+# submodule names can do other math (timm's ResPostBlock normalises after the MLP; EVA and BEiT scale the branch by
+# gamma_2 and add q_bias / v_bias to a bias-free qkv), so only these classes are taken, exactly.
+_PRE_NORM_BLOCKS = {
+    ("timm.models.vision_transformer", "Block"), ("timm.models.swin_transformer", "SwinTransformerBlock"),
+    ("vitkern.reference.vit", "Block"), ("vitkern.reference.swin", "SwinTransformerBlock"),
+}
+
+
+def _check_block_class(block: nn.Module) -> None:
+    cls = type(block)
+    _check((cls.__module__, cls.__qualname__) in _PRE_NORM_BLOCKS,
+           f"block must be a timm (or vitkern.reference) ViT Block or SwinTransformerBlock, got {cls.__qualname__} "
+           f"from {cls.__module__} (a block of another class may compute other math with the same submodules)")
+
+
 def _check(cond: bool, what: str) -> None:
     if not cond:
         raise ValueError(f"from_timm_block: {what}")
@@ -95,6 +111,7 @@ class LayerNormMlp(_TimmKeys, nn.Module):
     @classmethod
     def from_timm_block(cls, block: nn.Module) -> "LayerNormMlp":
         """The MLP half of a timm ViT ``Block`` (norm2, mlp, ls2), sharing its parameters."""
+        _check_block_class(block)
         mlp = block.mlp
         _check(all(hasattr(mlp, n) for n in ("fc1", "act", "fc2")), "block.mlp must be a timm Mlp (fc1, act, fc2)")
         _check(isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear), "mlp.fc1/fc2 must be nn.Linear")
@@ -133,6 +150,7 @@ class LayerNormLinear(_TimmKeys, nn.Module):
     @classmethod
     def from_timm_block(cls, block: nn.Module) -> "LayerNormLinear":
         """``norm1`` + ``attn.qkv`` of a timm ViT ``Block``, sharing its parameters."""
+        _check_block_class(block)
         qkv = getattr(getattr(block, "attn", None), "qkv", None)
         _check(isinstance(qkv, nn.Linear), "block.attn.qkv must be nn.Linear")
         new = cls.__new__(cls)
