@@ -457,14 +457,18 @@ def test_gpu_config_pruning_fits_tiles_to_the_sequence():
     """The autotune space (GPU only) never tiles wider than the sequence, and always keeps a config."""
     from vitkern.kernels.triton import attention as k
 
-    def kept(nq, nk, d):
+    def kept(nq, nk, d, dtype=torch.bfloat16):
         configs = k._configs(k._FWD_CONFIGS)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in k._prune(configs, {"N_Q": nq, "N_K": nk},
-                                                                              BLOCK_D=k.block_d(d))}
+        q = torch.empty(0, dtype=dtype)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                for c in k._prune(configs, {"N_Q": nq, "N_K": nk, "Q": q}, BLOCK_D=k.block_d(d))}
 
     assert kept(7, 7, 64) == {(16, 16)}
     assert (64, 64) in kept(197, 197, 64) and (128, 64) in kept(197, 197, 64)
-    assert all(max(m, n) <= 64 for m, n in kept(1025, 1025, 256))
+    assert (128, 64) in kept(197, 197, 128, torch.float32)  # fits: tests/test_sm90_compile.py
+    assert (64, 64) in kept(1025, 1025, 256) and all(max(m, n) <= 64 for m, n in kept(1025, 1025, 256))
+    # fp32 at BLOCK_D 256: 64-wide tiles need 272-336 KB of shared memory (> 227 KB), 32-wide ones fit
+    assert kept(1025, 1025, 160, torch.float32) == {(32, 32), (16, 16)}
     assert kept(1, 1, 512)  # never empty (falls back to the smallest tiles)
 
 

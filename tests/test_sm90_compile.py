@@ -66,7 +66,7 @@ def layer_norm_launches(width: int, dtype, residual: bool):
 
 
 def attention_launches(head_dim: int, dtype, n: int = 197, batch: int = 8):
-    heads = {32: 6, 64: 12, 80: 16, 96: 8, 128: 16}[head_dim]  # DeiT-S, ViT-B, ViT-g/14-ish, ..., ViT-H-ish
+    heads = {32: 6, 64: 12, 80: 16, 96: 8, 128: 16, 160: 4, 256: 4}[head_dim]  # DeiT-S, ViT-B, ViT-H/14, ...
     qkv = _t(batch, n, 3, heads, head_dim, dtype=dtype)  # the packed qkv linear output, read per head as views
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     o = _t(batch, n, heads, head_dim, dtype=dtype).transpose(1, 2)  # written straight into the proj input layout
@@ -78,9 +78,10 @@ def attention_launches(head_dim: int, dtype, n: int = 197, batch: int = 8):
     return out
 
 
-def window_attention_launches(ws: int, dtype):
+def window_attention_launches(ws: int, dtype, head_dim: int = 32):
     # (map side, heads): Swin-T stage 1 (ws 7), Swin-B @384 stage 1 (ws 12), SwinV2 @256 stage 1 (ws 16); D = 32
-    side, heads, head_dim, batch = {7: (56, 3), 12: (96, 4), 16: (64, 3)}[ws] + (32, 2)
+    # (every Swin's), and D = 128, the widest the backend takes (in fp32 only up to 64 KB K/V tiles: not at ws 12/16)
+    side, heads, batch = {7: (56, 3), 12: (96, 4), 16: (64, 3)}[ws] + (2,)
     qkv = _t(batch, side, side, 3 * heads * head_dim, dtype=dtype)
     bias = _t(3 * heads * head_dim, dtype=dtype)
     table = _t((2 * ws - 1) ** 2, heads, dtype=dtype)
@@ -143,9 +144,11 @@ SHAPES = (
     [("layer_norm", f"N{w}", lambda dt, w=w: layer_norm_launches(w, dt, residual=w == 768), DTYPES, w == 768)
      for w in (384, 768, 1024, 1280)]
     + [("attention", f"D{d}-N197", lambda dt, d=d: attention_launches(d, dt), DTYPES, d == 64)
-       for d in (32, 64, 80, 96, 128)]
+       for d in (32, 64, 80, 96, 128, 160, 256)]
     + [("window_attention", f"ws{ws}-D32", lambda dt, ws=ws: window_attention_launches(ws, dt), DTYPES, ws == 7)
        for ws in (7, 12, 16)]
+    + [("window_attention", f"ws{ws}-D128", lambda dt, ws=ws: window_attention_launches(ws, dt, head_dim=128),
+        ("bf16", "fp16"), ws == 16) for ws in (12, 16)]
     + [("ln_linear", f"C{c}-H{4 * c}", lambda dt, c=c: ln_linear_launches(c, dt), DTYPES, c == 768) for c in (768, 1024)]
     + [("patch_embed", f"p{p}-D768", lambda dt, p=p: patch_embed_launches(p, dt), DTYPES, p == 16) for p in (14, 16)]
     + [("patch_embed", "p16-D768-uint8norm", lambda dt: patch_embed_launches(16, dt, uint8_norm=True),

@@ -393,6 +393,15 @@ def test_bad_input_errors_name_the_argument(over, error, match):
         window_attention(**_good(**over))
 
 
+def test_module_rejects_rows_that_are_not_one_window():
+    """timm's WindowAttention raises on x whose N is not the window's token count; a plain view would run on 15 of
+    16 tokens and be silently wrong."""
+    module = vitkern.nn.WindowAttention(32, 2, window_size=4)
+    for x in (torch.randn(2, 15, 32), torch.randn(2, 4, 4, 32)):
+        with pytest.raises(ValueError, match=r"expected \[B·num_windows, 16, C\]"):
+            module(x)
+
+
 def test_window_too_large_for_kernel_is_explained_and_falls_back():
     qkv, table = torch.randn(1, 17, 17, 48), torch.randn(33 * 33, 1)  # 17 x 17 = 289 tokens > 256
     choice = vitkern.explain(window_attention, qkv, table, 1, 17)
@@ -403,6 +412,18 @@ def test_window_too_large_for_kernel_is_explained_and_falls_back():
         window_attention(qkv.double(), table.double(), 1, 17)
     with vitkern.use_backend("triton", op=OP, strict=False):
         assert window_attention(qkv, table, 1, 17).shape == (1, 17, 17, 16)
+
+
+@pytest.mark.interpreter
+def test_fp32_windows_past_the_shared_memory_budget_fall_back_with_the_reason():
+    """fp32 K/V tiles of a 12x12 window at head dim 128 need 288 KB of shared memory (compiled for sm_90): the
+    Triton backend rejects them with the reason; the same window in fp16, or at head dim 64 in fp32, is taken."""
+    table = torch.randn(23 * 23, 1)
+    with vitkern.use_backend("triton", op=OP, strict=False):
+        choice = vitkern.explain(window_attention, torch.randn(1, 12, 12, 3 * 128), table, 1, 12)
+        assert choice.backend_name == "reference" and "K/V tiles of 128 KB > 64 KB" in str(choice)
+        for qkv in (torch.randn(1, 12, 12, 3 * 128, dtype=torch.float16), torch.randn(1, 12, 12, 3 * 64)):
+            assert vitkern.explain(window_attention, qkv, table.to(qkv.dtype), 1, 12).backend_name == "triton"
 
 
 def test_cpu_default_is_reference_and_explain_lists_triton():

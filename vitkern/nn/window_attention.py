@@ -79,6 +79,10 @@ class WindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
         super().__init__(dim, num_heads, head_dim, window_size, qkv_bias, attn_drop, proj_drop, device, dtype)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 3 or x.shape[1] != self.window_size[0] * self.window_size[1]:
+            raise ValueError(f"{type(self).__name__}: x has shape {tuple(x.shape)}; expected [B·num_windows, "
+                             f"{self.window_size[0] * self.window_size[1]}, C] (the tokens of one "
+                             f"{self.window_size[0]}x{self.window_size[1]} window per row)")
         bw, n, _ = x.shape
         if mask is not None or (self.training and self.attn_drop.p > 0) or self._vitkern_attn_maps is not None:
             return self.proj_drop(self.proj(self._eager(x, mask)))

@@ -36,6 +36,14 @@ from vitkern.reference import swin as ref_swin
 OP = "window_attention"
 MAX_TOKENS = 256  # window area the on-chip kernel holds (N = 256: ws 16)
 MAX_HEAD_DIM = 128
+# The Triton kernel keeps the window's whole K and V on chip, as [BLOCK_N, BLOCK_D] tiles (both padded to powers of
+# two). Compiled for sm_90, tiles of 64 KB fit Hopper's 227 KB of shared memory (16-bit at 256 x 128: 144 KB forward,
+# 176 KB backward) and 128 KB tiles do not (fp32 at 256 x 128, a 12x12 or 16x16 window at head dim 128: 288 KB).
+MAX_KV_TILE_BYTES = 256 * 128 * 2
+
+
+def _pow2_tile(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())  # the launcher's BLOCK_N / BLOCK_D
 
 
 def num_windows(H: int, W: int, window: Sequence[int]) -> int:
@@ -196,6 +204,11 @@ class WindowAttentionTriton(TritonBackend):
         d = problem.attr("head_dim")
         if d > MAX_HEAD_DIM:
             reasons.append(f"head_dim {d} > {MAX_HEAD_DIM}")
+        wh, ww = problem.attr("window")
+        tile = _pow2_tile(wh * ww) * _pow2_tile(d) * problem.dtype.itemsize
+        if d <= MAX_HEAD_DIM and tile > MAX_KV_TILE_BYTES:
+            reasons.append(f"a {wh}x{ww} window at head_dim {d} in {problem.dtype} needs K/V tiles of {tile // 1024} KB "
+                           f"> {MAX_KV_TILE_BYTES // 1024} KB (shared memory; 16-bit inputs fit)")
         return reasons
 
     def forward(self, qkv, qkv_bias, table, heads, window, shift, scale, mask_value, pad_first):

@@ -59,13 +59,21 @@ def _configs(table) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
+def _max_tile(bd: int, elt: int) -> int:
+    """Widest BLOCK_M / BLOCK_N at this padded head dim: the register budget of a 128 x 128 tile, and at BLOCK_D 256
+    in fp32 at most 32 (compiled for sm_90: its 64 x 64 tiles need 272-336 KB of shared memory, 32 x 32 100-132 KB;
+    16-bit 64 x 64 tiles at BLOCK_D 256 need 192-224 KB, inside the 227 KB)."""
+    return 32 if bd > 128 and elt > 2 else 128 * 128 // bd
+
+
 def _prune(configs, named_args, **kwargs):
     nq, nk = named_args["N_Q"], named_args["N_K"]
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    widest = _max_tile(bd, named_args["Q"].element_size())
     cap_m, cap_n = max(MIN_BLOCK, triton.next_power_of_2(nq)), max(MIN_BLOCK, triton.next_power_of_2(nk))
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n  # no tile wider than the sequence
-            and max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * bd <= 128 * 128]  # register budget at D=128
+            and max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= widest]
     return kept or configs[-2:]
 
 
