@@ -194,6 +194,14 @@ void patch_embed_fwd_out_cuda(const at::Tensor& x, const OptTensor& norm, const 
     at::Tensor padded = at::empty({s.D, ldk}, weight.options());
     padded.narrow(1, 0, s.K).copy_(w);
     w = padded;
+    // the pad columns [K, ldk) are outside the GEMM's k range, but a vectorized operand load may still touch them:
+    // defined zeros (a strided memset, ldk - K < 8 elements per row) keep compute-sanitizer's initcheck quiet
+    const size_t elt = c10::elementSize(dtype), pitch = ldk * elt, pad = (ldk - s.K) * elt;
+    C10_CUDA_CHECK(cudaMemset2DAsync(static_cast<char*>(w.data_ptr()) + s.K * elt, pitch, 0, pad, s.D, stream));
+    if (patch_rows > 0) {
+      C10_CUDA_CHECK(cudaMemset2DAsync(static_cast<char*>(patches.data_ptr()) + s.K * elt, pitch, 0, pad,
+                                       patch_rows, stream));
+    }
   }
 
   patch_embed::Params p{};
