@@ -188,6 +188,36 @@ def test_fused_patch_embed_follows_the_vits_parameters():
         torch.testing.assert_close(logits_of(model(x48)), expect, atol=2e-5, rtol=1e-5)
 
 
+def test_set_input_size_on_an_optimized_swin_and_an_injected_patch_embed():
+    """timm's set_input_size on an optimized Swin (the swapped PatchEmbed and SwinBlocks run the replaced timm
+    modules' own methods and re-derive themselves, so restore finds those resized too) and on a ViT built with
+    embed_layer=vitkern.nn.PatchEmbed (vitkern's own: new grid; a new patch size resamples proj as timm does)."""
+    swin = randomize_(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **SWIN_TINY), 5).eval()
+    eager = copy.deepcopy(swin)
+    vitkern.optimize(swin)
+    for m in (swin, eager):
+        m.set_input_size(img_size=(48, 64), window_size=6)  # new grid and window: bias tables resampled by timm
+    assert {b.window_size for b in swin.modules() if isinstance(b, vitkern.nn.SwinBlock)} == {(6, 6)}
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(seed_for("swin-resize")))
+    with torch.no_grad():
+        expect = logits_of(eager(x))
+        torch.testing.assert_close(logits_of(swin(x)), expect, atol=2e-5, rtol=1e-5)
+        vitkern.restore(swin)
+        assert swin.patch_embed.img_size == (48, 64)
+        torch.testing.assert_close(logits_of(swin(x)), expect, atol=0, rtol=0)
+
+    kw = dict(VIT_TINY, pretrained=False)
+    fused = timm.create_model("vit_tiny_patch16_224", embed_layer=vitkern.nn.PatchEmbed, **kw).eval()
+    plain = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+    fused.load_state_dict(randomize_(plain, 6).state_dict())
+    for m in (fused, plain):
+        m.set_input_size(img_size=48, patch_size=12)
+    assert fused.patch_embed.proj.kernel_size == (12, 12) and fused.patch_embed.grid_size == (4, 4)
+    x48 = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(seed_for("embed-resize")))
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(fused(x48)), logits_of(plain(x48)), atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("norm_layer", [None, "vitkern"])
 def test_timm_builds_fused_blocks_through_block_fn(norm_layer):
     """timm's layer injection: block_fn=vitkern.nn.ViTBlock (and norm_layer=vitkern.nn.LayerNorm) build a model

@@ -113,6 +113,27 @@ class PatchEmbed(nn.Module):
     def feat_ratio(self, as_scalar: bool = True):
         return max(self.patch_size) if as_scalar else self.patch_size
 
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's ``PatchEmbed.set_input_size``: a new image size (new grid), and a new patch size resampling ``proj``
+        (timm's ``resample_patch_embed``). Built by :meth:`from_timm`, it runs the replaced module's own method and
+        mirrors the result, so that module stays in step for ``vitkern.restore``."""
+        original = getattr(self, "_original", None)
+        if original is not None:
+            setter = getattr(original, "set_input_size", None)
+            if setter is None:
+                raise AttributeError(f"{type(original).__qualname__} has no set_input_size")
+            setter(img_size=img_size, patch_size=patch_size)
+            self.proj, self.patch_size = original.proj, _pair(original.patch_size)
+            self._set_img_size(original.img_size)
+            return
+        new_patch = _pair(patch_size) if patch_size is not None else None
+        if new_patch is not None and new_patch != self.patch_size:
+            self.proj = _resampled_projection(self.proj, new_patch)
+            self.patch_size = new_patch
+        img_size = img_size or self.img_size
+        if img_size != self.img_size or new_patch is not None:
+            self._set_img_size(img_size)
+
     @classmethod
     def from_timm(cls, module: nn.Module) -> "PatchEmbed":
         """A vitkern PatchEmbed sharing ``module.proj`` and ``module.norm`` (no copy)."""
@@ -129,8 +150,29 @@ class PatchEmbed(nn.Module):
                   dynamic_img_pad=getattr(module, "dynamic_img_pad", False))
         new._set_img_size(getattr(module, "img_size", None))
         new.proj, new.norm = proj, getattr(module, "norm", nn.Identity())
+        object.__setattr__(new, "_original", module)  # a plain attribute: not a submodule, not in the state_dict
         new.train(module.training)
         return new
+
+
+def _resampled_projection(proj: nn.Conv2d, patch_size: Tuple[int, int]) -> nn.Conv2d:
+    """``proj`` for a new patch size: the kernel resampled with timm's ``resample_patch_embed`` (FlexiViT's
+    pseudo-inverse resize), the bias and the training flags kept."""
+    try:
+        from timm.layers import resample_patch_embed
+    except ImportError as e:
+        raise ImportError("vitkern.nn.PatchEmbed.set_input_size: a new patch_size resamples the projection with "
+                          "timm's resample_patch_embed; install timm") from e
+    with torch.no_grad():
+        new = nn.Conv2d(proj.in_channels, proj.out_channels, kernel_size=patch_size, stride=patch_size,
+                        bias=proj.bias is not None, device=proj.weight.device, dtype=proj.weight.dtype)
+        new.weight.copy_(resample_patch_embed(proj.weight, list(patch_size)))
+        new.weight.requires_grad_(proj.weight.requires_grad)
+        if proj.bias is not None:
+            new.bias.copy_(proj.bias)
+            new.bias.requires_grad_(proj.bias.requires_grad)
+    new.train(proj.training)
+    return new
 
 
 class ViTEmbed(nn.Module):
@@ -299,11 +341,9 @@ class FusedViTPatchEmbed(PatchEmbed):
 
     @classmethod
     def from_vit(cls, vit: nn.Module, pos_embed_method: str) -> "FusedViTPatchEmbed":
-        original = vit.patch_embed
-        new = _token_patch_embed(vit, "vitkern.nn.FusedViTPatchEmbed.from_vit")
+        new = _token_patch_embed(vit, "vitkern.nn.FusedViTPatchEmbed.from_vit")  # _original: vit.patch_embed
         new.__class__ = cls
         object.__setattr__(new, "_tokens", _ViTTokens(vit))  # plain attributes: not submodules, not in state_dict
-        object.__setattr__(new, "_original", original)
         object.__setattr__(new, "_pos_embed_method", pos_embed_method)
         setattr(vit, pos_embed_method, _tokens_already_embedded)  # instance attribute shadows the class method
         return new
@@ -313,14 +353,8 @@ class FusedViTPatchEmbed(PatchEmbed):
         return self._tokens(x)
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
-        """timm's ``PatchEmbed.set_input_size`` (new grid; a new patch size resamples ``proj``), applied to the
-        replaced module and mirrored here, so both stay in step."""
-        setter = getattr(self._original, "set_input_size", None)
-        if setter is None:
-            raise AttributeError(f"{type(self._original).__qualname__} has no set_input_size")
-        setter(img_size=img_size, patch_size=patch_size)
-        self.proj, self.patch_size = self._original.proj, self._original.patch_size
-        self._set_img_size(self._original.img_size)
+        """PatchEmbed's (the replaced module's own, mirrored), and the cached resampled position embeddings cleared."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
         self._tokens._pos_cache.clear()
 
     def _vitkern_undo(self, vit: nn.Module, original: nn.Module) -> None:

@@ -9,8 +9,9 @@
 
 ``attn`` becomes a :class:`vitkern.nn.ShiftedWindowAttention` sharing timm's ``qkv``/``proj``/bias table (same
 state_dict keys; timm's ``attn_mask`` buffer is non-persistent and not needed: the kernel derives the mask). The
-block's window and shift are the ones timm clamped for its feature map at construction; call ``optimize`` again
-after ``set_input_size``. Stochastic depth / dropout in training and attention-map recording run unfused.
+block's window and shift are the ones timm clamped for its feature map; timm's ``set_input_size`` runs on the
+replaced block and this one is re-derived from it. Stochastic depth / dropout in training and attention-map recording
+run unfused.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class SwinBlock(nn.Module):
     def from_timm(cls, block: nn.Module, window_attention: bool = True, ln_mlp: bool = True,
                   layer_norm: bool = True) -> "SwinBlock":
         new = cls()
+        object.__setattr__(new, "_original", block)  # plain attributes: not a submodule, not in the state_dict
+        object.__setattr__(new, "_options", (window_attention, ln_mlp, layer_norm))
         new.window_size, new.shift_size = tuple(block.window_size), tuple(block.shift_size)
         new.input_resolution = getattr(block, "input_resolution", None)
         for name in ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"):
@@ -67,6 +70,22 @@ class SwinBlock(nn.Module):
         new._timm_attn = None if fused_attn else getattr(block, "_attn", None) or block.window_attention
         new.train(block.training)
         return new
+
+    def set_input_size(self, feat_size, window_size, always_partition=None) -> None:
+        """timm's ``SwinTransformerBlock.set_input_size`` (called by the model's): run on the replaced block (new
+        clamped window and shift; timm resamples the bias table for a new window), then this block's submodules and
+        fusion flags re-derived from it."""
+        setter = getattr(self._original, "set_input_size", None)
+        if setter is None:
+            raise AttributeError(f"{type(self._original).__qualname__} has no set_input_size")
+        setter(feat_size=feat_size, window_size=window_size, always_partition=always_partition)
+        rebuilt = type(self).from_timm(self._original, *self._options)
+        for name in ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"):
+            setattr(self, name, getattr(rebuilt, name))
+        for name in ("window_size", "shift_size", "input_resolution", "fuse_ln_qkv", "fuse_proj", "fuse_mlp",
+                     "_timm_attn"):
+            setattr(self, name, getattr(rebuilt, name))
+        self.train(self.training)
 
     @property
     def vitkern_ops(self) -> tuple[str, ...]:
