@@ -50,6 +50,12 @@ def check_positive(op: str, name: str, value: Any) -> float:
     return float(value)
 
 
+def dense_vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An [n] parameter (bias, LayerNorm weight, layer scale) as the kernels index it, ``ptr + offsets``: contiguous.
+    No copy when it already is; strided or expanded (stride-0) views are copied. None passes through."""
+    return t.contiguous() if t is not None else None
+
+
 def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """View ``t`` as [M, n] rows with unit column stride, copying only when no such view exists."""
     rows = t.reshape(-1, n)

@@ -13,6 +13,7 @@ import torch
 from vitkern import dispatch, memory
 from vitkern.backends.cuda_common import CudaBackend
 from vitkern.ops.layer_norm import OP, input_reasons
+from vitkern.validation import dense_vector
 
 __all__ = ["LayerNormCuda"]
 
@@ -25,7 +26,7 @@ def _kernel_params(weight, bias):
     fp32), upcast the narrower one to fp32: exact, so the result is what the mixed pair means."""
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         weight, bias = weight.float(), bias.float()
-    return (t.contiguous() if t is not None else None for t in (weight, bias))
+    return dense_vector(weight), dense_vector(bias)
 
 
 class LayerNormCuda(CudaBackend):
@@ -56,7 +57,7 @@ class LayerNormCuda(CudaBackend):
     def backward(self, dy, dsum, xs, weight, mean, rstd, need_dw, need_db):
         dx = memory.empty(xs.shape, xs.dtype, xs.device)
         # stats from another backend's forward: fp32 [M] per the contract; contiguous() is a no-op for ours
-        weight = weight.contiguous() if weight is not None else None
+        weight = dense_vector(weight)
         dw, db = torch.ops.vitkern_C.layer_norm_bwd.out(
             dy, dsum, xs, weight, mean.float().contiguous(), rstd.float().contiguous(), need_dw, need_db, dx=dx
         )

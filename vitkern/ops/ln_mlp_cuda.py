@@ -20,8 +20,6 @@ Ranked after Triton until GPU measurements are committed (see ``cuda_rank``). Ne
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -30,6 +28,7 @@ from vitkern.backends.cuda_common import CudaBackend
 from vitkern.ops import linear_residual as linear_residual_op
 from vitkern.ops import ln_linear as ln_linear_op
 from vitkern.ops import ln_mlp as ln_mlp_op
+from vitkern.validation import dense_vector
 
 __all__ = ["LinearResidualCuda", "LnLinearCuda", "LnMlpCuda"]
 
@@ -42,10 +41,6 @@ LAYER_SCALE_IMPLS = {"auto": 0, "fold": 1, "kernel": 2}  # csrc/ops/ln_mlp.cuh S
 def _rows(t: Tensor) -> Tensor:
     """[R, C] with unit column stride and non-overlapping rows (what the C++ op checks), copying only if needed."""
     return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]) else t.contiguous()
-
-
-def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t.contiguous() if t is not None else None
 
 
 class _GemmCudaBackend(CudaBackend):
@@ -80,7 +75,7 @@ class LnLinearCuda(_LnCudaBackend):
         y = memory.empty((m, n), x.dtype, x.device)
         mean = memory.empty((m,), torch.float32, x.device)
         rstd = memory.empty((m,), torch.float32, x.device)
-        torch.ops.vitkern_C.ln_linear_fwd.out(x, _dense(ln_weight), _dense(ln_bias), weight, _dense(bias), float(eps),
+        torch.ops.vitkern_C.ln_linear_fwd.out(x, dense_vector(ln_weight), dense_vector(ln_bias), weight, dense_vector(bias), float(eps),
                                               y=y, mean=mean, rstd=rstd)
         return y, mean, rstd
 
@@ -107,8 +102,8 @@ class LnMlpCuda(_LnCudaBackend):
         mean = memory.empty((m,), torch.float32, x.device)
         rstd = memory.empty((m,), torch.float32, x.device)
         torch.ops.vitkern_C.ln_mlp_fwd.out(
-            x, _dense(ln_weight), _dense(ln_bias), fc1_weight, _dense(fc1_bias), fc2_weight, _dense(fc2_bias),
-            _dense(layer_scale), float(eps), approximate, GELU_IMPLS[gelu_impl or self.gelu_impl],
+            x, dense_vector(ln_weight), dense_vector(ln_bias), fc1_weight, dense_vector(fc1_bias), fc2_weight, dense_vector(fc2_bias),
+            dense_vector(layer_scale), float(eps), approximate, GELU_IMPLS[gelu_impl or self.gelu_impl],
             LAYER_SCALE_IMPLS[layer_scale_impl or self.layer_scale_impl], y=y, pre=pre, h=h, mean=mean, rstd=rstd,
         )
         empty = x.new_empty(0)
@@ -130,7 +125,7 @@ class LinearResidualCuda(_GemmCudaBackend):
         x, weight, residual = _rows(x), _rows(weight), _rows(residual)
         y = memory.empty((x.shape[0], weight.shape[0]), x.dtype, x.device)
         torch.ops.vitkern_C.linear_residual_fwd.out(
-            x, weight, _dense(bias), residual, _dense(layer_scale),
+            x, weight, dense_vector(bias), residual, dense_vector(layer_scale),
             LAYER_SCALE_IMPLS[layer_scale_impl or self.layer_scale_impl], y=y,
         )
         return y

@@ -14,6 +14,7 @@ import torch
 from vitkern import dispatch, memory
 from vitkern.backends.cuda_common import CudaBackend
 from vitkern.ops.patch_embed import OP, input_reasons
+from vitkern.validation import dense_vector
 
 __all__ = ["PatchEmbedCuda"]
 
@@ -40,7 +41,7 @@ class PatchEmbedCuda(CudaBackend):
         D, _, ph, pw = weight.shape
         num_prefix = prefix.shape[0] if prefix is not None else 0
         out = memory.empty((B, num_prefix + (H // ph) * (W // pw), D), weight.dtype, x.device)
-        bias = bias.contiguous() if bias is not None else None
+        bias = dense_vector(bias)
         torch.ops.vitkern_C.patch_embed_fwd.out(x, norm, weight, bias, pos, prefix, bool(pos_covers_prefix),
                                                 POS_IMPLS[pos_impl or self.pos_impl], out=out)
         return out

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.kernels.triton import dense_vector, tuning
+from vitkern.kernels.triton import tuning
+from vitkern.validation import dense_vector
 
 ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH = 0, 1, 2
 GELU_CODES = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # keyed by F.gelu's ``approximate``

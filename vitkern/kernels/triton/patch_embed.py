@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.kernels.triton import dense_vector, tuning
+from vitkern.kernels.triton import tuning
+from vitkern.validation import dense_vector
 
 
 @triton.jit
