@@ -29,22 +29,28 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 LAYER_NORM_FP32_DEVICES = ("cuda",)
 
 
+def _device_type(tensors) -> Optional[str]:
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    return first.device.type if first is not None else None
+
+
+def _cast_floating(tensors: tuple[T, ...], dtype: Optional[torch.dtype]) -> tuple[T, ...]:
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # type: ignore
+                 for t in tensors)
+
+
 def cast_inputs_fp32(*tensors: T, devices: tuple[str, ...]) -> tuple[T, ...]:
     """``tensors`` cast to fp32 when autocast is on for their device and that device is one of ``devices`` (an op
     on autocast's fp32 list there); otherwise, and for non-floating-point tensors, unchanged."""
-    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if first is None or first.device.type not in devices or autocast_dtype(first.device.type) is None:
-        return tensors
-    return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # type: ignore
-                 for t in tensors)
+    device = _device_type(tensors)
+    on = device in devices and autocast_dtype(device) is not None
+    return _cast_floating(tensors, torch.float32 if on else None)
 
 
 def cast_inputs(*tensors: T) -> tuple[T, ...]:
     """``tensors`` cast to the autocast dtype of their device when autocast is on there; anything that is not a
     floating-point tensor passes through unchanged (validation after this names wrong arguments)."""
-    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    dtype = autocast_dtype(first.device.type) if first is not None else None
-    if dtype is None:
-        return tensors
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # type: ignore
-                 for t in tensors)
+    device = _device_type(tensors)
+    return _cast_floating(tensors, autocast_dtype(device) if device is not None else None)
