@@ -44,6 +44,9 @@ def swin_block_blocker(block: nn.Module) -> str | None:
 class SwinBlock(nn.Module):
     """A timm ``SwinTransformerBlock`` (or ``vitkern.reference``'s) running fused ops; build with :meth:`from_timm`."""
 
+    _SUBMODULES = ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2")  # timm's names, shared or swapped
+    _DERIVED = ("window_size", "shift_size", "input_resolution", "fuse_ln_qkv", "fuse_proj", "fuse_mlp", "_timm_attn")
+
     def __init__(self) -> None:  # use from_timm()
         super().__init__()
         self.fuse_ln_qkv = self.fuse_proj = self.fuse_mlp = False
@@ -56,7 +59,7 @@ class SwinBlock(nn.Module):
         object.__setattr__(new, "_options", (window_attention, ln_mlp, layer_norm))
         new.window_size, new.shift_size = tuple(block.window_size), tuple(block.shift_size)
         new.input_resolution = getattr(block, "input_resolution", None)
-        for name in ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"):
+        for name in cls._SUBMODULES:
             setattr(new, name, getattr(block, name, None) or nn.Identity())
         if window_attention and swin_block_blocker(block) is None:
             new.attn = ShiftedWindowAttention.from_timm_block(block)
@@ -80,10 +83,7 @@ class SwinBlock(nn.Module):
             raise AttributeError(f"{type(self._original).__qualname__} has no set_input_size")
         setter(feat_size=feat_size, window_size=window_size, always_partition=always_partition)
         rebuilt = type(self).from_timm(self._original, *self._options)
-        for name in ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"):
-            setattr(self, name, getattr(rebuilt, name))
-        for name in ("window_size", "shift_size", "input_resolution", "fuse_ln_qkv", "fuse_proj", "fuse_mlp",
-                     "_timm_attn"):
+        for name in self._SUBMODULES + self._DERIVED:
             setattr(self, name, getattr(rebuilt, name))
         self.train(self.training)
 
