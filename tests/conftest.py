@@ -33,6 +33,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(autouse=True)
+def _seed_global_rng(request):
+    """Every test starts from the global RNG seeded by its own id: the modules it builds (timm, torchvision and HF
+    initialise from the global RNG; vitkern.testing.randomize_ perturbs that init) are fresh per case and the same
+    on every run, so a failure reproduces."""
+    from vitkern.testing import seed_for
+
+    torch.manual_seed(seed_for(request.node.nodeid))
+
+
 # ------------------------------------------------------------------ the CUDA C++ extension (tests skip with the reason)
 @pytest.fixture(scope="module")
 def ext():
