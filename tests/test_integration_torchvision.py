@@ -693,3 +693,19 @@ def test_real_size_torchvision_models_on_gpu(name, dtype):
     report = check_optimized_model(model, [x], vitkern.optimize, vitkern.restore, tol=Tolerance(k=3.0),
                                    grad_tol=Tolerance(k=4.0))
     assert report.count("torchvision.") >= 12
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_autocast_matches_torchvisions_own_autocast(name):
+    """An optimized fp32 torchvision model under bf16 autocast computes what torchvision computes under autocast:
+    bf16 GEMMs and attention, each block's output (the residual stream) in torchvision's dtype (fp32 for the ViT:
+    its class token and pos embedding are fp32), error within 2x of torchvision's own autocast error vs float64."""
+    from vitkern.testing.models import check_autocast_matches_original
+
+    build, size = MODELS[name]
+
+    def is_block(block_name, module):  # encoder.layers.encoder_layer_N (ViT), features.S.N (Swin)
+        return isinstance(module, (torchvision.models.vision_transformer.EncoderBlock, tv_swin.SwinTransformerBlock))
+
+    check_autocast_matches_original(build(), image(name, size), vitkern.optimize, is_block,
+                                    stream_dtype=torch.float32 if name == "vit" else None)

@@ -36,8 +36,9 @@ class TimmProjResidual(nn.Module):
         return x + self.ls1(self.proj(o))
 
 
-def run_parity(rows, k, n, dtype, device, bias=True, layer_scale=True, grads=True, backend="triton"):
-    seed = seed_for(OP, rows, k, n, dtype, bias, layer_scale, grads, backend)
+def run_parity(rows, k, n, dtype, device, bias=True, layer_scale=True, grads=True, backend="triton", autocast=None):
+    """``autocast``: run both under ``torch.autocast(device, autocast)`` (the fp64 reference run is left alone)."""
+    seed = seed_for(OP, rows, k, n, dtype, bias, layer_scale, grads, backend, autocast)
     theirs = TimmProjResidual(k, n, bias, layer_scale).to(device)
     inputs = {"o": randn((rows, k), dtype=dtype, device=device, seed=seed),
               "x": randn((rows, n), dtype=dtype, device=device, seed=seed + 1),
@@ -47,11 +48,16 @@ def run_parity(rows, k, n, dtype, device, bias=True, layer_scale=True, grads=Tru
     if layer_scale:
         inputs["ls1.gamma"] = randn((n,), dtype=dtype, device=device, seed=seed + 4, scale=0.5)
 
+    def amp():
+        return torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None)
+
     def kernel(o, x, **p):
-        return linear_residual(o, p["proj.weight"], p.get("proj.bias"), x, p.get("ls1.gamma"))
+        with amp():
+            return linear_residual(o, p["proj.weight"], p.get("proj.bias"), x, p.get("ls1.gamma"))
 
     def reference(o, x, **p):
-        return torch.func.functional_call(theirs, p, (o, x))
+        with amp():
+            return torch.func.functional_call(theirs, p, (o, x))
 
     with vitkern.use_backend(backend, op=OP):
         return check_forward_backward(kernel, reference, inputs, list(inputs) if grads else [], seed=seed)
@@ -75,6 +81,20 @@ CASES = [  # rows, in_features, out_features, dtype, bias, layer scale, gradient
                               f"-{'grad' if g else 'fwd'}" for r, k, n, t, b, s, g in CASES])
 def test_interpreter_vs_timm(rows, k, n, dtype, bias, layer_scale, grads):
     run_parity(rows, k, n, dtype, "cpu", bias, layer_scale, grads)
+
+
+@pytest.mark.parametrize("backend, rows, bias, layer_scale", [
+    pytest.param("triton", 5, True, True, marks=pytest.mark.interpreter),
+    pytest.param("triton", 50, False, True, marks=pytest.mark.interpreter),
+    ("reference", 197, True, True)])
+def test_autocast_keeps_the_fp32_residual_stream_as_timm_does(backend, rows, bias, layer_scale):
+    """fp32 residual under fp16 autocast (bf16 tl.dot is wrong in the interpreter; the GPU suite runs bf16): the
+    GEMM in fp16, the sum returned in fp32 as timm's x + ls1(proj(o)) promotes it; forward and every gradient."""
+    run_parity(rows, 96, 160, FP32, "cpu", bias, layer_scale, backend=backend, autocast=FP16)
+    o, x, w = torch.randn(3, 96), torch.randn(3, 160), torch.randn(160, 96)
+    with torch.autocast("cpu", dtype=FP16), vitkern.use_backend(backend, op=OP):
+        assert linear_residual(o, w, None, x).dtype == FP32
+        assert linear_residual(o, w, None, x.to(FP16)).dtype == FP16  # a 16-bit stream stays 16-bit
 
 
 @pytest.mark.interpreter
@@ -143,6 +163,14 @@ def test_triton_gpu_vs_timm(dtype, dim, rows):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [394, 64 * 197])
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_gpu_autocast_vs_timm(amp, rows):
+    """fp32 residual under CUDA autocast: 16-bit GEMM, fp32 sum; against timm's modules under the same autocast."""
+    run_parity(rows, 768, 768, FP32, "cuda", backend="triton", autocast=amp)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])  # tiling differs per config, not per dtype
 def test_triton_gpu_every_config(dtype):
     """Every GEMM tile config of the residual-epilogue GEMM and of the backward's dx GEMM, at M = 2·197."""
@@ -205,7 +233,11 @@ def test_cpu_default_is_reference_and_fp64_falls_back_with_reason():
         ({"x": torch.arange(48).view(3, 16)}, TypeError, "x has dtype torch.int64"),
         ({"x": torch.randn(3, 0)}, ValueError, "last dim"),
         ({"weight": torch.randn(12, 15)}, ValueError, r"weight has shape \(12, 15\); expected \[out_features, 16\]"),
-        ({"weight": torch.randn(12, 16, dtype=torch.float16)}, TypeError, "weight has dtype"),
+        # fp32 x over fp16/bf16 weights is mixed precision (allowed); over fp64 weights it is not
+        ({"weight": torch.randn(12, 16, dtype=torch.float64)}, TypeError,
+         "x has dtype torch.float32; expected the weights' dtype torch.float64"),
+        ({"bias": torch.randn(12, dtype=torch.float64)}, TypeError,
+         "bias has dtype torch.float64; expected x's dtype torch.float32, the weights' torch.float32 or"),
         ({"bias": torch.randn(11)}, ValueError, "bias has shape"),
         ({"residual": torch.randn(3, 11)}, ValueError, "residual has shape"),
         ({"residual": torch.randn(4, 12)}, ValueError, "residual has shape"),

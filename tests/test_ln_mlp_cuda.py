@@ -96,6 +96,20 @@ def test_rejects_what_the_kernels_cannot_run(op):
         assert part in reasons, reasons
 
 
+def test_mixed_precision_goes_to_triton_with_the_reason():
+    """An fp32 residual stream over bf16 weights (autocast): the cuBLASLt ops take one dtype and reject it by name;
+    the Triton backend (and the reference) take it."""
+    x, w1, w2 = torch.randn(4, 16), torch.randn(32, 16, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
+    problems = {"ln_mlp": ln_mlp_op._problem("forward", x, None, None, w1, None, w2, None, torch.randn(16)),
+                "ln_linear": ln_linear_op._problem("forward", x, torch.randn(16), None, w1, None),
+                "linear_residual": linear_residual_op._problem("forward", x.to(torch.bfloat16), w1.t(), None,
+                                                               torch.randn(4, 32), None)}
+    for op, p in problems.items():
+        reasons = " | ".join(dispatch.backends(op)["cuda"].op_reasons(p))
+        assert "mixed precision runs on Triton" in reasons, (op, reasons)
+        assert ln_linear_op.mixed_dtype_reasons(p) == [], op
+
+
 def test_linear_residual_has_no_width_limit():
     """No LayerNorm in linear_residual: the LayerNorm kernel's width limit is not a reason; the rest still are."""
     b = _lr_backend()

@@ -72,17 +72,24 @@ UINT8_NORM = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 FLOAT_NORM = ((0.5, -0.25, 0.1), (0.25, 2.0, 0.75))
 
 
-def run_parity(backend, B, C, H, W, p, D, prefix, no_embed_class, dtype, device="cpu", norm=None, **kw):
-    seed = seed_for("pe", backend, B, C, H, W, p, D, prefix, no_embed_class, dtype, norm, tuple(sorted(kw.items())))
+def run_parity(backend, B, C, H, W, p, D, prefix, no_embed_class, dtype, device="cpu", norm=None, autocast=None, **kw):
+    """``autocast``: both run under ``torch.autocast(device, autocast)`` (the fp64 oracle run is left alone)."""
+    seed = seed_for("pe", backend, B, C, H, W, p, D, prefix, no_embed_class, dtype, norm, autocast,
+                    tuple(sorted(kw.items())))
     inputs = make_inputs(B, C, H, W, p, D, prefix, no_embed_class, dtype, device, seed, **kw)
     names = [k for k, v in inputs.items() if v is not None and v.is_floating_point()]  # no grad for uint8 images
     norm = tuple(tuple(v[:C]) for v in norm) if norm is not None else None
 
+    def amp():
+        return torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None)
+
     def kernel(**a):
-        return vitkern_embed(**a, no_embed_class=no_embed_class, norm=norm)
+        with amp():
+            return vitkern_embed(**a, no_embed_class=no_embed_class, norm=norm)
 
     def ref(**a):
-        return reference(**a, no_embed_class=no_embed_class, norm=norm)
+        with amp():
+            return reference(**a, no_embed_class=no_embed_class, norm=norm)
 
     with vitkern.use_backend(backend, op=OP):
         return check_forward_backward(kernel, ref, inputs, names, seed=seed)
@@ -152,6 +159,21 @@ def test_triton_weight_grad_is_deterministic():
             out = vitkern_embed(**{**inputs, "weight": w, "x": x})
             grads.append(torch.autograd.grad(out, (w, x), torch.ones_like(out)))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("backend, prefix, no_embed_class", [
+    pytest.param("triton", "cls+reg4", False, marks=pytest.mark.interpreter),
+    pytest.param("triton", "cls", True, marks=pytest.mark.interpreter),
+    ("reference", "cls+dist", False)])
+def test_autocast_keeps_fp32_tokens_as_timm_does(backend, prefix, no_embed_class):
+    """An fp32 model under fp16 autocast (bf16 tl.dot is wrong in the interpreter; the GPU suite runs bf16): the
+    patch GEMM in fp16, the tokens in fp32 as timm's cat(cls, conv(x)) + pos promotes them (then every block keeps
+    an fp32 residual stream); forward and every gradient against timm's spelled-out ops under the same autocast."""
+    run_parity(backend, 2, 3, 16, 24, 4, 32, prefix, no_embed_class, torch.float32, autocast=torch.float16)
+    a = make_inputs(1, 3, 16, 16, 4, 32, prefix, no_embed_class, torch.float32, "cpu", seed=5)
+    with torch.autocast("cpu", dtype=torch.float16), vitkern.use_backend(backend, op=OP):
+        assert vitkern_embed(**a, no_embed_class=no_embed_class).dtype == torch.float32
+        assert patch_embed(a["x"], a["weight"], a["bias"]).dtype == torch.float16  # no tokens: the conv's dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
@@ -416,6 +438,10 @@ def _x(*shape, **kw):
          "prefix has shape"),
         (lambda: patch_embed(_x(1, 3, 32, 32), _x(8, 3, 8, 8), None, _x(16, 8, dtype=torch.float64)), TypeError,
          "pos_embed has dtype"),
+        (lambda: patch_embed(_x(1, 3, 32, 32), _x(8, 3, 8, 8, dtype=torch.float16), _x(8)), TypeError,
+         "bias has dtype torch.float32; expected the weight's torch.float16"),
+        (lambda: patch_embed(_x(1, 3, 32, 32), _x(8, 3, 8, 8, dtype=torch.float16), None, _x(17, 8),
+                             _x(1, 8, dtype=torch.float16)), TypeError, "pos_embed and prefix must share one dtype"),
         (lambda: patch_embed(_x(1, 3, 32, 32), _x(8, 3, 8, 8, device="meta")), ValueError, "weight is on meta"),
         (lambda: vitkern.nn.PatchEmbed(32, 8, embed_dim=8)(_x(1, 3, 16, 16)), ValueError, "strict_img_size"),
         (lambda: vitkern.nn.PatchEmbed(32, 8, embed_dim=8, output_fmt="NDHWC"), ValueError, "output_fmt"),
@@ -437,10 +463,12 @@ def test_cpu_default_is_reference_and_fp64_rejected_by_triton():
         patch_embed(x.double(), w.double())
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16], ids=["fp32", "mixed-fp16-weight-fp32-tokens"])
+def test_custom_ops_pass_opcheck(weight_dtype):
     """torch.library.opcheck: schema, fake kernels, autograd registration and dispatch consistency."""
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    w, b = torch.randn(8, 3, 4, 4, requires_grad=True), torch.randn(8, requires_grad=True)
+    w = torch.randn(8, 3, 4, 4, dtype=weight_dtype, requires_grad=True)
+    b = torch.randn(8, dtype=weight_dtype, requires_grad=True)
     pos, prefix = torch.randn(17, 8, requires_grad=True), torch.randn(1, 8, requires_grad=True)
     norm = torch.tensor([[0.5, 0.4, 0.3], [2.0, 4.0, 1.0]])
     torch.library.opcheck(torch.ops.vitkern.patch_embed_fwd.default, (x, None, w, b, pos, prefix, True))
@@ -470,6 +498,14 @@ def test_torch_compile_fullgraph_no_graph_breaks(backend):
 
 
 # ----------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_gpu_autocast_keeps_fp32_tokens(amp):
+    """fp32 ViT-B/16 embedding under CUDA autocast: 16-bit patch GEMM, fp32 tokens (as timm's), every gradient."""
+    run_parity("triton", 4, 3, 224, 224, 16, 768, "cls+reg4", False, torch.float32, device="cuda", autocast=amp)
+    run_parity("triton", 4, 3, 224, 224, 16, 768, "cls", True, torch.float32, device="cuda", autocast=amp)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefix, no_embed_class", [("cls", False), ("cls+dist", False), ("cls+reg4", True),
                                                     ("none", False)])

@@ -63,15 +63,24 @@ def test_backward_problems_go_to_the_next_backend_with_the_reason():
     assert _backend().reject_reasons(pe_problem(dispatch.BACKWARD, x, w)) == [BACKWARD_REASON]
 
 
+def _triton_device_reasons(problem):
+    return dispatch.backends("patch_embed")["triton"].device_reasons(problem)
+
+
 def test_rejects_what_the_kernels_cannot_run():
     x = torch.zeros(2, 3, 30, 32, dtype=torch.int32)
     w = torch.zeros(48, 3, 8, 8, dtype=torch.float64)
     norm = torch.zeros(2, 3, dtype=torch.float64)
-    p = pe_problem(dispatch.FORWARD, x, w, (torch.zeros(48),), (w.transpose(2, 3),), norm)
+    p = pe_problem(dispatch.FORWARD, x, w, torch.zeros(48), (None, None), (w.transpose(2, 3),), norm)
     reasons = " | ".join(_backend().reject_reasons(p))
     for part in ("device 'cpu'", "compute dtype torch.float64", "image dtype torch.int32",
-                 "image 30x32 is not a multiple", "not contiguous", "bias/pos/prefix dtype differs", "norm is not a contiguous float32"):
+                 "image 30x32 is not a multiple", "not contiguous", "bias dtype differs", "norm is not a contiguous float32"):
         assert part in reasons, reasons
+    # fp32 tokens over a bf16 weight (autocast): Triton and the reference take it, the cuBLASLt GEMM does not
+    w16 = torch.zeros(48, 3, 8, 8, dtype=torch.bfloat16)
+    mixed = pe_problem(dispatch.FORWARD, torch.zeros(2, 3, 32, 32), w16, None, (torch.zeros(17, 48), None))
+    assert "mixed precision runs on Triton" in " | ".join(_backend().op_reasons(mixed))
+    assert dispatch.backends("patch_embed")["triton"].reject_reasons(mixed) == _triton_device_reasons(mixed)
     empty = pe_problem(dispatch.FORWARD, torch.zeros(0, 3, 32, 32), torch.zeros(48, 3, 8, 8))
     assert "empty input" in " | ".join(_backend().reject_reasons(empty))
 

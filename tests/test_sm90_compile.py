@@ -95,40 +95,44 @@ def window_attention_launches(ws: int, dtype, head_dim: int = 32):
     return res
 
 
-def ln_linear_launches(width: int, dtype):
+def ln_linear_launches(width: int, dtype, stream_dtype=None):
+    """``stream_dtype``: the residual stream's dtype (x, the residual, fc2's output and its gradient) when it is not
+    the weights' (fp32 under bf16 autocast: fp32 A tiles, rounded in the prologue or on load)."""
     M, hidden = 197 * 8, 4 * width
-    x = _t(M, width, dtype=dtype)
+    x = _t(M, width, dtype=stream_dtype or dtype)
     mean, rstd, g = _t(M), _t(M), _t(width, dtype=dtype)
     w_qkv, w1, w2 = _t(3 * width, width, dtype=dtype), _t(hidden, width, dtype=dtype), _t(width, hidden, dtype=dtype)
     h, pre = _t(M, hidden, dtype=dtype), _t(M, hidden, dtype=dtype)
     out = launches(lnl_k, lnl_k.ln_stats, x, 1e-6, mean, rstd)
-    out += launches(lnl_k, lnl_k.ln_apply, x, mean, rstd, g, g, _t(M, width, dtype=dtype))
+    out += launches(lnl_k, lnl_k.ln_apply, x, mean, rstd, g, g, _t(M, width, dtype=dtype))  # LN(x) for dW
     out += launches(lnl_k, lnl_k.fused_linear, x, w_qkv.t(), _t(M, 3 * width, dtype=dtype), ln=(mean, rstd, g, g),
                     bias=_t(3 * width, dtype=dtype))  # LN + qkv
     out += launches(lnl_k, lnl_k.fused_linear, x, w1.t(), h, ln=(mean, rstd, g, g), bias=_t(hidden, dtype=dtype),
                     act=lnl_k.ACT_GELU_ERF, pre=pre)  # LN + fc1 + GELU
-    out += launches(lnl_k, lnl_k.fused_linear, h, w2.t(), _t(M, width, dtype=dtype), bias=g, residual=x,
+    out += launches(lnl_k, lnl_k.fused_linear, h, w2.t(), _t(M, width, dtype=x.dtype), bias=g, residual=x,
                     layer_scale=g)  # fc2 + layer scale + residual
     out += launches(lnl_k, lnl_k.fused_linear, x, w2, _t(M, hidden, dtype=dtype), act=lnl_k.ACT_GELU_ERF, pre=pre,
                     act_bwd=True)  # backward through fc2 and GELU
     out += launches(lnl_k, lnl_k.fused_linear, h, w1, _t(M, width, dtype=dtype))  # backward through fc1
-    out += launches(lnl_k, lnl_k.fused_linear, x, w_qkv[:width].t(), _t(M, width, dtype=dtype), bias=g,
-                    residual=x)  # linear_residual: proj + residual (Swin: no layer scale)
+    out += launches(lnl_k, lnl_k.fused_linear, x, w_qkv[:width].t(), _t(M, width, dtype=x.dtype), bias=g,
+                    residual=x)  # linear_residual: proj + residual (Swin: no layer scale); mixed: fp32 dy @ W
     return _tag(out, ["stats", "apply", "qkv", "fc1", "fc2", "fc2-bwd", "fc1-bwd", "proj"])
 
 
-def patch_embed_launches(patch: int, dtype, uint8_norm: bool = False):
+def patch_embed_launches(patch: int, dtype, uint8_norm: bool = False, token_dtype=None):
+    """``token_dtype``: pos, prefix and the output's dtype when not the weight's (fp32 tokens under autocast)."""
     B, D, side = 8, 768, 224
     x = _t(B, 3, side, side, dtype=torch.uint8 if uint8_norm else dtype)
     norm = _t(2, 3) if uint8_norm else None
     weight = _t(D, 3, patch, patch, dtype=dtype)
     np_ = (side // patch) ** 2
-    pos, prefix = _t(1 + np_, D, dtype=dtype), _t(1, D, dtype=dtype)
-    out = _t(B, 1 + np_, D, dtype=dtype)
+    pos, prefix = _t(1 + np_, D, dtype=token_dtype or dtype), _t(1, D, dtype=token_dtype or dtype)
+    out = _t(B, 1 + np_, D, dtype=token_dtype or dtype)
     res = launches(pe_k, pe_k.patch_embed_fwd, x, norm, weight, _t(D, dtype=dtype), pos, prefix, True, out)
     if not uint8_norm:
-        res += launches(pe_k, pe_k.patch_embed_dx, out, weight, norm, _t(B, 3, side, side, dtype=dtype), 1)
-        res += launches(pe_k, pe_k.patch_embed_dw, out, x, norm, weight, 1)
+        dout = _t(B, 1 + np_, D, dtype=dtype)  # the op hands the GEMM kernels dout in the weight's dtype
+        res += launches(pe_k, pe_k.patch_embed_dx, dout, weight, norm, _t(B, 3, side, side, dtype=dtype), 1)
+        res += launches(pe_k, pe_k.patch_embed_dw, dout, x, norm, weight, 1)
     return res
 
 
@@ -153,6 +157,10 @@ SHAPES = (
     + [("patch_embed", f"p{p}-D768", lambda dt, p=p: patch_embed_launches(p, dt), DTYPES, p == 16) for p in (14, 16)]
     + [("patch_embed", "p16-D768-uint8norm", lambda dt: patch_embed_launches(16, dt, uint8_norm=True),
         ("bf16", "fp32"), False)]
+    # mixed precision (autocast of an fp32 model): fp32 residual stream / tokens over 16-bit weights
+    + [("ln_linear", "C768-H3072-fp32stream", lambda dt: ln_linear_launches(768, dt, torch.float32), ("bf16",), True),
+       ("patch_embed", "p16-D768-fp32tokens", lambda dt: patch_embed_launches(16, dt, token_dtype=torch.float32),
+        ("bf16",), True)]
 )
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from vitkern import dispatch
-from vitkern.functional._autocast import cast_inputs
+from vitkern.functional._autocast import cast_gemm_inputs
 from vitkern.ops import ln_linear as ln_linear_op
 from vitkern.ops import ln_mlp as ln_mlp_op
 from vitkern.validation import as_rows, check_positive, check_tensor
@@ -31,7 +31,15 @@ def _check_param(name: str, arg: str, p: Tensor | None, shape: tuple[int, ...], 
         if required:
             raise TypeError(f"{name}: {arg} must be a torch.Tensor of shape {shape}, got None")
         return
-    check_tensor(name, arg, p, shape=shape, like=x, same_dtype=True)
+    check_tensor(name, arg, p, shape=shape, like=x)
+
+
+def check_gemm_dtypes(name: str, x: Tensor, weights: dict[str, Tensor], others: dict[str, Tensor | None]) -> None:
+    """The GEMM family's dtype rule (vitkern.ops.ln_linear): TypeError naming the first argument that breaks it."""
+    errors = ln_linear_op.gemm_dtype_errors(x.dtype, [(n, t.dtype) for n, t in weights.items()],
+                                            [(n, t.dtype) for n, t in others.items() if t is not None])
+    if errors:
+        raise TypeError(f"{name}: {errors[0]}")
 
 
 def _check_ln(name: str, x: Tensor, ln_weight, ln_bias, eps) -> int:
@@ -52,10 +60,11 @@ _LIN = "vitkern.ln_linear"
 
 def _validate_linear(x, ln_weight, ln_bias, weight, bias, eps) -> int:
     d = _check_ln(_LIN, x, ln_weight, ln_bias, eps)
-    check_tensor(_LIN, "weight", weight, ndim=2, like=x, same_dtype=True)
+    check_tensor(_LIN, "weight", weight, ndim=2, like=x)
     if weight.shape[1] != d:
         raise ValueError(f"{_LIN}: weight has shape {tuple(weight.shape)}; expected [out_features, {d}] (x's last dim)")
     _check_param(_LIN, "bias", bias, (weight.shape[0],), x)
+    check_gemm_dtypes(_LIN, x, {"weight": weight}, {"ln_weight": ln_weight, "ln_bias": ln_bias, "bias": bias})
     return d
 
 
@@ -65,10 +74,12 @@ def ln_linear(
 ) -> Tensor:
     """``F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), weight, bias)`` in one GEMM.
 
-    Every parameter has x's dtype. LayerNorm statistics are fp32; the normalised tile is rounded to x's dtype
-    before the matmul (what the unfused LayerNorm output holds); the GEMM accumulates in fp32.
+    LayerNorm statistics are fp32; the normalised tile is rounded to the weight's dtype before the matmul (what the
+    unfused LayerNorm output holds, or autocast's cast of it); the GEMM accumulates in fp32 and returns the weight's
+    dtype. Dtypes: the weight's is the GEMM's; x in it, or fp32 with an fp16/bf16 weight (mixed precision, what
+    autocast gives); ln_weight, ln_bias, bias in x's dtype, the weight's or fp32.
     """
-    x, ln_weight, ln_bias, weight, bias = cast_inputs(x, ln_weight, ln_bias, weight, bias)
+    x, (weight,), (ln_weight, ln_bias, bias) = cast_gemm_inputs(x, (weight,), (ln_weight, ln_bias, bias))
     d = _validate_linear(x, ln_weight, ln_bias, weight, bias, eps)
     rows = as_rows(x, d)
     y, _, _ = torch.ops.vitkern.ln_linear_fwd(rows, ln_weight, ln_bias, weight, bias, float(eps))
@@ -80,7 +91,7 @@ ln_linear.__vitkern_op__ = ln_linear_op.OP  # type: ignore[attr-defined]
 
 def _describe_linear(x, ln_weight, ln_bias, weight, bias=None, eps=1e-5) -> dispatch.Problem:
     d = _validate_linear(x, ln_weight, ln_bias, weight, bias, eps)
-    return ln_linear_op.problem(ln_linear_op.OP, dispatch.FORWARD, x.reshape(-1, d), ln_weight, ln_bias, weight, bias)
+    return ln_linear_op._problem(dispatch.FORWARD, x.reshape(-1, d), ln_weight, ln_bias, weight, bias)
 
 
 dispatch.register_describer(ln_linear_op.OP, _describe_linear)
@@ -92,7 +103,7 @@ _MLP = "vitkern.ln_mlp"
 
 def _validate_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, eps, approximate):
     d = _check_ln(_MLP, x, ln_weight, ln_bias, eps)
-    check_tensor(_MLP, "fc1_weight", fc1_weight, ndim=2, like=x, same_dtype=True)
+    check_tensor(_MLP, "fc1_weight", fc1_weight, ndim=2, like=x)
     if fc1_weight.shape[1] != d:
         raise ValueError(f"{_MLP}: fc1_weight has shape {tuple(fc1_weight.shape)}; expected [hidden, {d}] (x's last dim)")
     hidden = fc1_weight.shape[0]
@@ -102,6 +113,9 @@ def _validate_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
     _check_param(_MLP, "layer_scale", layer_scale, (d,), x)
     if approximate not in ln_mlp_op.APPROXIMATIONS:
         raise ValueError(f"{_MLP}: approximate must be one of {ln_mlp_op.APPROXIMATIONS} (F.gelu's), got {approximate!r}")
+    check_gemm_dtypes(_MLP, x, {"fc1_weight": fc1_weight, "fc2_weight": fc2_weight},
+                      {"ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_bias": fc1_bias, "fc2_bias": fc2_bias,
+                       "layer_scale": layer_scale})
     return d
 
 
@@ -112,11 +126,12 @@ def ln_mlp(
 ) -> Tensor:
     """The pre-norm MLP residual branch with the residual: ``x + layer_scale · fc2(GELU(fc1(LN(x))))``.
 
-    ``approximate`` is F.gelu's ("none": exact erf, timm's default; "tanh"). Every parameter has x's dtype.
+    ``approximate`` is F.gelu's ("none": exact erf, timm's default; "tanh"). Dtypes as in :func:`ln_linear`, with
+    both weights in one dtype; the result is in x's dtype (the residual stream: fp32 stays fp32 over bf16 weights).
     The pre-activation and the GELU output are kept for the backward only when autograd needs them.
     """
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale = cast_inputs(
-        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
+    x, (fc1_weight, fc2_weight), (ln_weight, ln_bias, fc1_bias, fc2_bias, layer_scale) = cast_gemm_inputs(
+        x, (fc1_weight, fc2_weight), (ln_weight, ln_bias, fc1_bias, fc2_bias, layer_scale))
     d = _validate_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, eps, approximate)
     rows = as_rows(x, d)
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
@@ -132,7 +147,7 @@ def _describe_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
                   approximate="none") -> dispatch.Problem:
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
     d = _validate_mlp(x, *params, eps, approximate)
-    return ln_linear_op.problem(ln_mlp_op.OP, dispatch.FORWARD, x.reshape(-1, d), *params)
+    return ln_mlp_op._problem(dispatch.FORWARD, x.reshape(-1, d), *params)
 
 
 dispatch.register_describer(ln_mlp_op.OP, _describe_mlp)

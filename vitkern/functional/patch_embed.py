@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitkern import dispatch
-from vitkern.functional._autocast import cast_inputs
+from vitkern.functional._autocast import cast_gemm_inputs
 from vitkern.ops import patch_embed as pe_op
 from vitkern.validation import FLOAT_DTYPES, check_tensor
 
@@ -32,7 +32,7 @@ _NAME = "vitkern.patch_embed"
 
 def _as_rows(op: str, name: str, t: Tensor, d: int, like: Tensor) -> Tensor:
     """[n, D] or [1, n, D] -> contiguous [n, D] (a view when already dense)."""
-    check_tensor(op, name, t, dtypes=(like.dtype,), like=like)
+    check_tensor(op, name, t, like=like)
     if t.dim() == 3 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 2 or t.shape[1] != d:
@@ -76,7 +76,11 @@ def _validate(x, weight, bias, pos_embed, prefix):
         raise ValueError(f"{_NAME}: image size {H}x{W} is not divisible by the patch size {ph}x{pw} "
                          "(pad it, e.g. PatchEmbed(dynamic_img_pad=True), or resize)")
     if bias is not None:
-        check_tensor(_NAME, "bias", bias, dtypes=(weight.dtype,), shape=(D,), like=x)
+        check_tensor(_NAME, "bias", bias, shape=(D,), like=x)
+    tokens = {n: t.dtype for n, t in (("pos_embed", pos_embed), ("prefix", prefix)) if isinstance(t, Tensor)}
+    error = pe_op.token_dtype_error(weight.dtype, bias.dtype if bias is not None else None, tokens)
+    if error:
+        raise TypeError(f"{_NAME}: {error}")
     prefix2 = _as_rows(_NAME, "prefix", prefix, D, weight) if prefix is not None else None
     num_prefix = prefix2.shape[0] if prefix2 is not None else 0
     np_ = (H // ph) * (W // pw)
@@ -107,16 +111,21 @@ def patch_embed(
 ) -> Tensor:
     """Embed images ``x`` [B, C, H, W] (NCHW or channels_last; fp32/fp16/bf16/uint8) into tokens [B, P + Np, D].
 
-    ``weight`` is a Conv2d weight [D, C, ph, pw] (its dtype is the compute and output dtype), ``bias`` [D],
+    ``weight`` is a Conv2d weight [D, C, ph, pw] (its dtype is the compute dtype), ``bias`` [D],
     ``prefix`` the P prefix tokens [P, D] or [1, P, D] (class, distillation, register tokens, in order), and
     ``pos_embed`` [L, D] or [1, L, D] with L = P + Np (added to every token) or L = Np (patches only, timm's
     ``no_embed_class``). H and W must be multiples of ph and pw.
+
+    Dtypes: bias in the weight's; pos_embed and prefix in one token dtype, the weight's or fp32 over an fp16/bf16
+    weight; the result is in the token dtype (the weight's without them). Under autocast the weight and bias run in
+    the autocast dtype and fp32 pos/prefix keep the tokens fp32, as the unfused ``cat(cls, conv(x)) + pos`` does.
 
     ``mean``/``std`` (one value or one per channel, in the image's units: e.g. 255·(0.485, 0.456, 0.406) for uint8
     ImageNet images) normalise the pixels, ``(x - mean) / std`` in fp32, inside the kernel's tile load: no
     normalised copy of the image is made. They get no gradient.
     """
-    weight, bias, pos_embed, prefix = cast_inputs(weight, bias, pos_embed, prefix)  # x is cast in the tile load
+    # x is cast in the tile load; pos/prefix carry the token stream (the GEMM family's policy, see _autocast)
+    pos_embed, (weight, bias), (prefix,) = cast_gemm_inputs(pos_embed, (weight, bias), (prefix,))
     weight, prefix2, pos2, covers = _validate(x, weight, bias, pos_embed, prefix)
     norm = _norm(mean, std, x.shape[1], x.device, weight.dtype)
     return torch.ops.vitkern.patch_embed_fwd(x, norm, weight, bias, pos2, prefix2, covers)
@@ -128,7 +137,7 @@ patch_embed.__vitkern_op__ = pe_op.OP  # type: ignore[attr-defined]
 def _describe(x, weight, bias=None, pos_embed=None, prefix=None, *, mean=None, std=None) -> dispatch.Problem:
     weight, prefix2, pos2, _ = _validate(x, weight, bias, pos_embed, prefix)
     norm = _norm(mean, std, x.shape[1], x.device, weight.dtype)
-    return pe_op.problem(dispatch.FORWARD, x, weight, (bias, pos2, prefix2), (pos2, prefix2), norm)
+    return pe_op.problem(dispatch.FORWARD, x, weight, bias, (pos2, prefix2), (pos2, prefix2), norm)
 
 
 dispatch.register_describer(pe_op.OP, _describe)

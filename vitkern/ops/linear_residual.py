@@ -5,7 +5,7 @@ scale pass and a residual-add pass, each reading and writing an [M, D] activatio
 the residual ride in the GEMM's epilogue (the same kernel family and epilogue as LayerNorm+MLP's fc2:
 ``vitkern.ops.ln_linear``'s ``linear`` primitive), so the branch output never reaches memory.
 
-Contract (backend-independent):
+Contract (backend-independent; dtypes as in vitkern.ops.ln_linear: y in the residual's dtype):
   forward(x [M, K], weight [N, K], bias [N]?, residual [M, N], layer_scale [N]?) -> y [M, N]
   backward(dy, x, weight, bias?, layer_scale?) -> dx [M, K], dweight [N, K], dbias, dlayer_scale (empty where the
       parameter is absent); the residual's gradient is dy itself (no op, no copy).
@@ -30,8 +30,9 @@ OP = "linear_residual"
 register(OP, layer_norm=False)
 
 
-def _problem(direction: str, x: Tensor, *params: Optional[Tensor]) -> dispatch.Problem:
-    return problem(OP, direction, x, *params)
+def _problem(direction: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+             layer_scale: Optional[Tensor]) -> dispatch.Problem:
+    return problem(OP, direction, x, {"weight": weight}, {"bias": bias, "residual": residual, "layer_scale": layer_scale})
 
 
 @torch.library.custom_op("vitkern::linear_residual_fwd", mutates_args=())
@@ -48,7 +49,7 @@ def linear_residual_fwd(
 
 @linear_residual_fwd.register_fake
 def _(x, weight, bias, residual, layer_scale):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return residual.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.custom_op("vitkern::linear_residual_bwd", mutates_args=())
@@ -56,9 +57,9 @@ def linear_residual_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dy = _unit_col_stride(dy)  # autograd may hand us expanded (stride-0) gradients
-    backend = dispatch.select(_problem(dispatch.BACKWARD, x, weight, bias, layer_scale)).backend
-    ws = weight * layer_scale[:, None] if layer_scale is not None else weight  # [N, K]: (dy·γ) @ W
-    dx, _ = backend.linear(dy, ws)
+    backend = dispatch.select(_problem(dispatch.BACKWARD, x, weight, bias, None, layer_scale)).backend
+    ws = (weight * layer_scale[:, None]).to(weight.dtype) if layer_scale is not None else weight  # [N, K]: (dy·γ) @ W
+    dx, _ = backend.linear(dy, ws)  # in the GEMM's dtype: x's
     dw, db, dls = scaled_linear_grads(dy, x, weight, bias, layer_scale)
     return dx, dw, db, dls
 

@@ -8,12 +8,22 @@ once and the two backends differ only in who computes them):
   linear(a [M, K], b [K, N], ln=(mean, rstd, γ?, β?)?, bias [N]?, gelu=None|"none"|"tanh", want_pre, pre [M, N]?,
          act_bwd, residual [M, N]?, layer_scale [N]?) -> (out [M, N], pre [M, N] or None)
       out = residual + layer_scale · act(LN(a) @ b + bias); act_bwd: out = (a @ b) · GELU'(pre)
-  normalize(x, mean, rstd, γ?, β?) -> LN(x) in x's dtype from the saved statistics (what the GEMM prologue used)
+      b's dtype is the GEMM's: a (or LN(a), computed in fp32) is rounded to it; out is in the residual's dtype when
+      there is one, else in b's; pre in b's.
+  normalize(x, mean, rstd, γ?, β?, dtype) -> LN(x) from the saved statistics, rounded to ``dtype`` (x's by default):
+      exactly the operand the GEMM prologue used
   ln: the LayerNorm op's backend (its backward gives dx, dγ, dβ)
+
+Dtypes (every op of the family; what autocast hands them, see vitkern/functional/_autocast.py): the GEMM weights share
+one dtype, the compute dtype. x is in it, or in fp32 with fp16/bf16 weights ("mixed": LayerNorm in fp32, its output
+rounded to the compute dtype in the GEMM prologue, as autocast's fp32 LayerNorm followed by a bf16 Linear). Vectors
+(LayerNorm γ/β, biases, layer scale) and the residual are each in x's dtype, the compute dtype or fp32: kernels read
+them in fp32. Outputs: a GEMM output is in the compute dtype, a residual sum in the residual's dtype (so an fp32
+residual stream stays fp32). Every gradient is in its input's dtype.
 
 Contract of ``vitkern::ln_linear_fwd/bwd`` (backend-independent):
   forward(x [M, K], ln_weight [K]?, ln_bias [K]?, weight [N, K], bias [N]?, eps) -> y [M, N], mean [M], rstd [M]
-  backward(dy, x, ln_weight?, ln_bias?, weight, has_bias, mean, rstd, eps)
+  backward(dy, x, ln_weight?, ln_bias?, weight, bias?, mean, rstd, eps)
       -> dx [M, K], dln_weight, dln_bias, dweight [N, K], dbias (empty where the parameter is absent)
 
 Backward: x̂ is recomputed from the saved mean/rstd. dx = LN-backward(dy @ W) runs on the Triton GEMM and the
@@ -24,7 +34,7 @@ deterministic; LN(x) is recomputed for it from the saved statistics). No float a
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,32 +72,57 @@ class LnLinearReference(ReferenceBackend):
         xc = xf - mean[:, None]
         return mean, torch.rsqrt((xc * xc).mean(-1) + eps)
 
-    def normalize(self, x, mean, rstd, w, b):
+    def normalize(self, x, mean, rstd, w, b, dtype=None):
         xn = (x.to(mean.dtype) - mean[:, None]) * rstd[:, None]
         xn = xn * w.to(mean.dtype) if w is not None else xn
-        return (xn + b.to(mean.dtype) if b is not None else xn).to(x.dtype)
+        return (xn + b.to(mean.dtype) if b is not None else xn).to(dtype or x.dtype)
 
     def linear(self, a, b, *, ln=None, bias=None, gelu=None, want_pre=False, pre=None, act_bwd=False, residual=None,
                layer_scale=None):
-        if ln is not None:
-            a = self.normalize(a, *ln)
-        z = a @ b
-        if bias is not None:
-            z = z + bias
+        a = self.normalize(a, *ln, dtype=b.dtype) if ln is not None else a.to(b.dtype)
+        # F.linear's addmm: the bias in the GEMM's dtype (autocast casts it so), added before the one rounding
+        z = torch.addmm(bias.to(b.dtype), a, b) if bias is not None else a @ b
         if act_bwd:
             return torch.ops.aten.gelu_backward(z, pre, approximate=gelu), None
         pre_out = z if want_pre else None
         if gelu is not None:
             z = F.gelu(z, approximate=gelu)
-        if residual is not None:
-            z = residual + (z * layer_scale if layer_scale is not None else z)
+        if residual is not None:  # the branch joins the residual stream in the residual's dtype (fp32 under autocast)
+            z = z.to(residual.dtype)
+            z = residual + (z * layer_scale.to(z.dtype) if layer_scale is not None else z)
         return z, pre_out
 
 
+MIXED_COMPUTE_DTYPES = (torch.float16, torch.bfloat16)  # weight dtypes an fp32 x may meet (autocast's)
+
+
 def param_dtype_reasons(problem: dispatch.Problem) -> list[str]:
-    """The GEMM family's rule for every kernel backend: each parameter in the input's dtype (one operand type)."""
+    """The single-dtype rule (the cuBLASLt backends: one operand and epilogue type): every parameter, the residual
+    included, in the input's dtype."""
     bad = sorted({str(d) for d in problem.attr("param_dtypes", ()) if d != problem.dtype})
-    return [f"parameter dtypes {bad} differ from the input's {problem.dtype}"] if bad else []
+    return [f"parameter dtypes {bad} differ from the input's {problem.dtype} (mixed precision runs on Triton or the "
+            "reference)"] if bad else []
+
+
+def gemm_dtype_errors(x: torch.dtype, weights: Sequence[tuple[str, torch.dtype]],
+                      others: Sequence[tuple[str, torch.dtype]]) -> list[str]:
+    """The family's dtype rule (module docstring), as messages naming the offending arguments; [] when it holds.
+    ``weights``: the GEMM weights, ``others``: the vectors and the residual, each as (name, dtype)."""
+    compute = {d for _, d in weights}
+    if len(compute) > 1:
+        return ["the GEMM weights must share one dtype, got " + ", ".join(f"{n} {d}" for n, d in weights)]
+    c = compute.pop() if compute else x
+    if x != c and not (x == torch.float32 and c in MIXED_COMPUTE_DTYPES):
+        return [f"x has dtype {x}; expected the weights' dtype {c} (or float32 with float16/bfloat16 weights: "
+                "mixed precision, as under autocast)"]
+    allowed = (x, c, torch.float32)
+    return [f"{n} has dtype {d}; expected x's dtype {x}, the weights' {c} or torch.float32" for n, d in others
+            if d not in allowed]
+
+
+def mixed_dtype_reasons(problem: dispatch.Problem) -> list[str]:
+    """The Triton kernels' and the reference's dtype rule: :func:`gemm_dtype_errors`."""
+    return gemm_dtype_errors(problem.dtype, problem.attr("weight_dtypes", ()), problem.attr("other_dtypes", ()))
 
 
 class LnLinearTriton(TritonBackend):
@@ -105,7 +140,7 @@ class LnLinearTriton(TritonBackend):
             reasons.append(f"input width {k} > {TRITON_MAX_K} (single-tile statistics pre-pass)")
         if m == 0:
             reasons.append("empty input (M = 0)")
-        return reasons + param_dtype_reasons(problem)
+        return reasons + mixed_dtype_reasons(problem)
 
     def stats(self, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         from vitkern.kernels.triton import ln_linear as k
@@ -115,10 +150,10 @@ class LnLinearTriton(TritonBackend):
         k.ln_stats(x, eps, mean, rstd)
         return mean, rstd
 
-    def normalize(self, x, mean, rstd, w, b):
+    def normalize(self, x, mean, rstd, w, b, dtype=None):
         from vitkern.kernels.triton import ln_linear as k
 
-        y = memory.empty(x.shape, x.dtype, x.device)
+        y = memory.empty(x.shape, dtype or x.dtype, x.device)
         k.ln_apply(x, mean, rstd, w, b, y)
         return y
 
@@ -127,9 +162,9 @@ class LnLinearTriton(TritonBackend):
         from vitkern.kernels.triton import ln_linear as k
 
         m, n = a.shape[0], b.shape[1]
-        out = memory.empty((m, n), a.dtype, a.device)
+        out = memory.empty((m, n), residual.dtype if residual is not None else b.dtype, a.device)
         if want_pre:
-            pre = memory.empty((m, n), a.dtype, a.device)
+            pre = memory.empty((m, n), b.dtype, a.device)
         act = k.GELU_CODES[gelu] if gelu is not None else k.ACT_NONE
         k.fused_linear(a, b, out, ln=ln, bias=bias, act=act, pre=pre, act_bwd=act_bwd, residual=residual,
                        layer_scale=layer_scale)
@@ -145,18 +180,21 @@ def register(op: str, layer_norm: bool = True) -> None:
 register(OP)
 
 
-def problem(op: str, direction: str, x: Tensor, *params: Optional[Tensor]) -> dispatch.Problem:
-    return dispatch.tensor_problem(
-        op, direction, [("x", x)], attrs=[("param_dtypes", tuple(p.dtype for p in params if p is not None))]
-    )
+def problem(op: str, direction: str, x: Tensor, weights: dict[str, Tensor], others: dict[str, Optional[Tensor]]
+            ) -> dispatch.Problem:
+    """``weights``: the GEMM weights (one compute dtype); ``others``: the vectors and the residual (None: absent)."""
+    w = tuple((n, t.dtype) for n, t in weights.items())
+    o = tuple((n, t.dtype) for n, t in others.items() if t is not None)
+    return dispatch.tensor_problem(op, direction, [("x", x)], attrs=[
+        ("param_dtypes", tuple(d for _, d in w + o)), ("weight_dtypes", w), ("other_dtypes", o)])
 
 
 # ---------------------------------------------------------------------------------------------------- shared steps
 def ln_weight_grads(backend, dxn: Tensor, dsum: Optional[Tensor], x: Tensor, ln_w, ln_b, mean, rstd):
     """LayerNorm backward for dL/d(LN(x)) = dxn (+ dsum flowing straight into x); returns dx, dγ, dβ, and LN(x)
-    recomputed for the weight gradient of the GEMM that consumed it."""
+    recomputed, in the GEMM's dtype (dxn's), for the weight gradient of the GEMM that consumed it."""
     dx, dlnw, dlnb = backend.ln.backward(dxn, dsum, x, ln_w, mean, rstd, ln_w is not None, ln_b is not None)
-    xn = backend.normalize(x, mean, rstd, ln_w, ln_b)
+    xn = backend.normalize(x, mean, rstd, ln_w, ln_b, dxn.dtype)
     dlnw = dlnw.to(ln_w.dtype) if ln_w is not None else _empty(x)
     dlnb = dlnb.to(ln_b.dtype) if ln_b is not None else _empty(x)
     return dx, dlnw, dlnb, xn
@@ -176,13 +214,16 @@ def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
 def scaled_linear_grads(dy: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor]):
     """Parameter gradients of y = residual + γ · (a @ Wᵀ + b) (fc2 of the MLP, the attention's proj):
     dW = γ·(dyᵀ @ a), db = γ·Σ dy, dγ = Σ_m dy ∘ (a @ Wᵀ + b) = rowsum(W ∘ G) + b ∘ Σ dy with G = dyᵀ @ a, so the
-    GEMM output is neither kept nor recomputed. Returns dW, db, dγ (empty where the parameter is absent)."""
+    GEMM output is neither kept nor recomputed. Returns dW, db, dγ (empty where the parameter is absent).
+    dy may be wider than a (an fp32 residual stream over a bf16 GEMM): the GEMMs take it rounded to a's dtype, the
+    sums take it as it is."""
     dy_sum = col_sum(dy)
+    dy_gemm = dy.to(a.dtype)
     if layer_scale is None:
         db = dy_sum.to(bias.dtype) if bias is not None else _empty(a)
-        return dy.t() @ a, db, _empty(a)
+        return dy_gemm.t() @ a, db, _empty(a)
     acc = stat_dtype(a)
-    g = _mm_acc(dy.t(), a).to(acc)  # [N, K] = dW before the layer scale, kept in fp32: dγ and dW both derive from it
+    g = _mm_acc(dy_gemm.t(), a).to(acc)  # [N, K] = dW before the layer scale, kept in fp32: dγ and dW both derive from it
     lsf = layer_scale.to(acc)
     dw = (g * lsf[:, None]).to(weight.dtype)
     db = (dy_sum * lsf).to(bias.dtype) if bias is not None else _empty(a)
@@ -193,11 +234,15 @@ def scaled_linear_grads(dy: Tensor, a: Tensor, weight: Tensor, bias: Optional[Te
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
+def _problem(direction, x, ln_weight, ln_bias, weight, bias) -> dispatch.Problem:
+    return problem(OP, direction, x, {"weight": weight}, {"ln_weight": ln_weight, "ln_bias": ln_bias, "bias": bias})
+
+
 @torch.library.custom_op("vitkern::ln_linear_fwd", mutates_args=())
 def ln_linear_fwd(
     x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    backend = dispatch.select(problem(OP, dispatch.FORWARD, x, ln_weight, ln_bias, weight, bias)).backend
+    backend = dispatch.select(_problem(dispatch.FORWARD, x, ln_weight, ln_bias, weight, bias)).backend
     fused = getattr(backend, BACKEND_FUSED_FORWARD, None)
     if fused is not None:
         return fused(x, ln_weight, ln_bias, weight, bias, eps)
@@ -209,43 +254,41 @@ def ln_linear_fwd(
 @ln_linear_fwd.register_fake
 def _(x, ln_weight, ln_bias, weight, bias, eps):
     stats = x.new_empty((x.shape[0],), dtype=stat_dtype(x))
-    return x.new_empty((x.shape[0], weight.shape[0])), stats, stats.new_empty(stats.shape)
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype), stats, stats.new_empty(stats.shape)
 
 
 @torch.library.custom_op("vitkern::ln_linear_bwd", mutates_args=())
 def ln_linear_bwd(
-    dy: Tensor, x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor, has_bias: bool,
+    dy: Tensor, x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
     mean: Tensor, rstd: Tensor, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dy = _unit_col_stride(dy)  # autograd may hand us expanded (stride-0) gradients
-    backend = dispatch.select(problem(OP, dispatch.BACKWARD, x, ln_weight, ln_bias, weight)).backend
+    backend = dispatch.select(_problem(dispatch.BACKWARD, x, ln_weight, ln_bias, weight, bias)).backend
     dxn, _ = backend.linear(dy, weight)  # dL/dLN(x) = dy @ W
     dx, dlnw, dlnb, xn = ln_weight_grads(backend, dxn, None, x, ln_weight, ln_bias, mean, rstd)
-    dw = dy.t() @ xn
-    db = col_sum(dy).to(weight.dtype) if has_bias else _empty(x)
+    dw = dy.to(weight.dtype).t() @ xn
+    db = col_sum(dy).to(bias.dtype) if bias is not None else _empty(x)
     return dx, dlnw, dlnb, dw, db
 
 
 @ln_linear_bwd.register_fake
-def _(dy, x, ln_weight, ln_bias, weight, has_bias, mean, rstd, eps):
+def _(dy, x, ln_weight, ln_bias, weight, bias, mean, rstd, eps):
     def like(p):
         return p.new_empty(p.shape) if p is not None else x.new_empty(0)
 
-    db = x.new_empty((weight.shape[0],), dtype=weight.dtype) if has_bias else x.new_empty(0)
-    return x.new_empty(x.shape), like(ln_weight), like(ln_bias), weight.new_empty(weight.shape), db
+    return x.new_empty(x.shape), like(ln_weight), like(ln_bias), like(weight), like(bias)
 
 
 def _setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, weight, bias, eps = inputs
     _, mean, rstd = output
-    ctx.eps, ctx.has_bias = eps, bias is not None
-    ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
+    ctx.eps = eps
+    ctx.save_for_backward(x, ln_weight, ln_bias, weight, bias, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
-    grads = torch.ops.vitkern.ln_linear_bwd(dy, x, ln_weight, ln_bias, weight, ctx.has_bias, mean, rstd, ctx.eps)
+    grads = torch.ops.vitkern.ln_linear_bwd(dy, *ctx.saved_tensors, ctx.eps)
     need = ctx.needs_input_grad
     return tuple(g if need[i] and g.numel() else None for i, g in enumerate(grads)) + (None,)
 

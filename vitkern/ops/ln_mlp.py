@@ -41,8 +41,10 @@ APPROXIMATIONS = ("none", "tanh")  # F.gelu's ``approximate``: "none" is the exa
 register(OP)
 
 
-def _problem(direction, x, *params):
-    return problem(OP, direction, x, *params)
+def _problem(direction, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale):
+    return problem(OP, direction, x, {"fc1_weight": fc1_weight, "fc2_weight": fc2_weight},
+                   {"ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_bias": fc1_bias, "fc2_bias": fc2_bias,
+                    "layer_scale": layer_scale})
 
 
 @torch.library.custom_op("vitkern::ln_mlp_fwd", mutates_args=())
@@ -70,7 +72,7 @@ def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_s
       save_for_backward):
     m, hidden = x.shape[0], fc1_weight.shape[0]
     stats = x.new_empty((m,), dtype=stat_dtype(x))
-    act = (lambda: x.new_empty((m, hidden))) if save_for_backward else (lambda: x.new_empty(0))
+    act = (lambda: x.new_empty((m, hidden), dtype=fc1_weight.dtype)) if save_for_backward else (lambda: x.new_empty(0))
     return x.new_empty(x.shape), act(), act(), stats, stats.new_empty(stats.shape)
 
 
@@ -85,11 +87,12 @@ def ln_mlp_bwd(
     dy = _unit_col_stride(dy)  # autograd may hand us expanded (stride-0) gradients
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
     backend = dispatch.select(_problem(dispatch.BACKWARD, x, *params)).backend
-    w2s = fc2_weight * layer_scale[:, None] if layer_scale is not None else fc2_weight  # [D, H]: (dy·γ_ls) @ W2
+    # [D, H]: (dy·γ_ls) @ W2, γ folded into W2 in the GEMM's dtype (fp32 γ under autocast would promote it)
+    w2s = (fc2_weight * layer_scale[:, None]).to(fc2_weight.dtype) if layer_scale is not None else fc2_weight
     dpre, _ = backend.linear(dy, w2s, gelu=approximate, act_bwd=True, pre=pre)  # [M, H]
     dxn, _ = backend.linear(dpre, fc1_weight)  # [M, D]
     dx, dlnw, dlnb, xn = ln_weight_grads(backend, dxn, dy, x, ln_weight, ln_bias, mean, rstd)
-    dw1 = dpre.t() @ xn
+    dw1 = dpre.t() @ xn  # dpre and xn are both in the GEMM's dtype
     db1 = col_sum(dpre).to(fc1_bias.dtype) if fc1_bias is not None else _empty(x)
     dw2, db2, dls = scaled_linear_grads(dy, h, fc2_weight, fc2_bias, layer_scale)
     return dx, dlnw, dlnb, dw1, db1, dw2, db2, dls

@@ -4,14 +4,20 @@ Contract shared by every backend (so the forward and backward may be served by d
   forward(x [B, C, H, W] (any strides, float or uint8; H % ph == W % pw == 0), norm [2, C] fp32? (per-channel
           mean and 1/std: the pixels are (x - mean) · istd, computed in fp32), weight [D, C, ph, pw] (contiguous,
           the compute dtype), bias [D]?, pos [L, D]?, prefix [P, D]?, pos_covers_prefix)
-      -> out [B, P + Np, D] (weight.dtype, contiguous), Np = (H / ph)·(W / pw):
+      -> out [B, P + Np, D] (the token dtype, contiguous), Np = (H / ph)·(W / pw):
          out[:, :P]  = prefix (+ pos[:P] when pos_covers_prefix)
          out[:, P:]  = conv2d(x, weight, bias, stride=(ph, pw)) flattened to tokens + pos[P:] (or pos when it covers
                        the patches only, L = Np)
   backward(dout [B, P + Np, D], x, norm?, weight, num_prefix, has_pos, pos_covers_prefix, need_dx, need_dw, need_db,
            need_dpos, need_dprefix)
       -> dx (x's shape and dtype, contiguous), dweight [D, C, ph, pw], dbias [D], dpos [L, D], dprefix [P, D]
-         (each an empty tensor when not needed)
+         (each an empty tensor when not needed; dpos and dprefix in dout's dtype, the others in the weight's)
+  Backends compute dx and dweight from dout rounded to the weight's dtype; the op sums dbias, dpos, dprefix.
+
+Dtypes: the weight's is the compute dtype; bias in it. pos and prefix share the token dtype: the weight's, or fp32
+over an fp16/bf16 weight (what autocast leaves of an fp32 model: the GEMM in bf16, the token stream fp32, as the
+unfused ``cat(cls, conv(x)) + pos`` promotes it). The output is in the token dtype (the weight's when neither is
+given).
 """
 
 from __future__ import annotations
@@ -68,8 +74,7 @@ class PatchEmbedReference(ReferenceBackend):
             y = y + pos
         return y.contiguous()
 
-    def backward(self, dout, x, norm, weight, num_prefix, has_pos, pos_covers_prefix, need_dx, need_dw, need_db,
-                 need_dpos, need_dprefix):
+    def backward(self, dout, x, norm, weight, num_prefix, need_dx, need_dw):
         acc = _acc_dtype(weight.dtype)
         D, C, ph, pw = weight.shape
         dy = dout[:, num_prefix:].to(acc)  # [B, Np, D]
@@ -82,7 +87,7 @@ class PatchEmbedReference(ReferenceBackend):
             # [B, K, Np] patches as the forward GEMM saw them, K in Conv2d's (c, i, j) order
             patches = F.unfold(_pixels(x, norm, weight.dtype).to(acc), (ph, pw), stride=(ph, pw))
             dw = torch.einsum("bnd,bkn->dk", dy, patches).reshape(weight.shape)
-        return (dx, dw, *_param_grads(dout, num_prefix, has_pos, pos_covers_prefix, need_db, need_dpos, need_dprefix))
+        return dx, dw
 
 
 def input_reasons(problem: dispatch.Problem, image_dtypes: tuple[torch.dtype, ...]) -> list[str]:
@@ -101,7 +106,8 @@ def input_reasons(problem: dispatch.Problem, image_dtypes: tuple[torch.dtype, ..
     if not problem.attr("dense_params", True):
         reasons.append("weight/pos/prefix (and dout in the backward) are not contiguous")
     if problem.attr("param_dtypes_ok") is False:
-        reasons.append("bias/pos/prefix dtype differs from the weight's")
+        reasons.append("bias dtype differs from the weight's, or pos/prefix are in neither the weight's dtype nor "
+                       "float32 (over a float16/bfloat16 weight) or differ from each other")
     if problem.attr("norm_ok") is False:
         reasons.append("norm is not a contiguous float32 [2, C] tensor")
     return reasons
@@ -119,12 +125,11 @@ class PatchEmbedTriton(TritonBackend):
         B, _, H, W = x.shape
         D, _, ph, pw = weight.shape
         num_prefix = prefix.shape[0] if prefix is not None else 0
-        out = memory.empty((B, num_prefix + (H // ph) * (W // pw), D), weight.dtype, x.device)
+        out = memory.empty((B, num_prefix + (H // ph) * (W // pw), D), token_dtype(weight, pos, prefix), x.device)
         k.patch_embed_fwd(x, norm, weight, bias, pos, prefix, pos_covers_prefix, out)
         return out
 
-    def backward(self, dout, x, norm, weight, num_prefix, has_pos, pos_covers_prefix, need_dx, need_dw, need_db,
-                 need_dpos, need_dprefix):
+    def backward(self, dout, x, norm, weight, num_prefix, need_dx, need_dw):
         from vitkern.kernels.triton import patch_embed as k
 
         dx = dw = None
@@ -133,16 +138,43 @@ class PatchEmbedTriton(TritonBackend):
             k.patch_embed_dx(dout, weight, norm, dx, num_prefix)
         if need_dw:
             dw = k.patch_embed_dw(dout, x, norm, weight, num_prefix).reshape(weight.shape)
-        return (dx, dw, *_param_grads(dout, num_prefix, has_pos, pos_covers_prefix, need_db, need_dpos, need_dprefix))
+        return dx, dw
 
 
 dispatch.register_backend(OP, PatchEmbedReference())
 dispatch.register_backend(OP, PatchEmbedTriton())
 
 
-def problem(direction: str, x: Tensor, weight: Tensor, params: tuple[Optional[Tensor], ...] = (),
+MIXED_COMPUTE_DTYPES = (torch.float16, torch.bfloat16)  # weight dtypes fp32 tokens (pos, prefix) may sit over
+
+
+def token_dtype_error(weight: torch.dtype, bias: Optional[torch.dtype], tokens: dict[str, torch.dtype]) -> str | None:
+    """The family's dtype rule (module docstring), as a message naming the offending argument; None when it holds."""
+    if bias is not None and bias != weight:
+        return f"bias has dtype {bias}; expected the weight's {weight}"
+    allowed = (weight, torch.float32) if weight in MIXED_COMPUTE_DTYPES else (weight,)
+    for name, d in tokens.items():
+        if d not in allowed:
+            return f"{name} has dtype {d}; expected the weight's {weight}" + (
+                " or torch.float32 (fp32 tokens over a 16-bit GEMM)" if len(allowed) > 1 else "")
+    if len(set(tokens.values())) > 1:
+        return "pos_embed and prefix must share one dtype (the token stream's), got " + ", ".join(
+            f"{n} {d}" for n, d in tokens.items())
+    return None
+
+
+def token_dtype(weight: Tensor, pos: Optional[Tensor], prefix: Optional[Tensor]) -> torch.dtype:
+    """The output's dtype: pos/prefix's (the token stream's), the weight's when neither is given."""
+    return pos.dtype if pos is not None else prefix.dtype if prefix is not None else weight.dtype
+
+
+def problem(direction: str, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+            tokens: tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
             dense: tuple[Optional[Tensor], ...] = (), norm: Optional[Tensor] = None) -> dispatch.Problem:
-    """The dispatch problem: dtype is the compute (weight) dtype; the image dtype is an attribute."""
+    """The dispatch problem: dtype is the compute (weight) dtype; the image dtype is an attribute. ``tokens``: pos
+    and prefix (or, in the backward, dout)."""
+    named = {n: t.dtype for n, t in zip(("pos_embed", "prefix"), tokens) if t is not None}
+    dtypes_ok = token_dtype_error(weight.dtype, bias.dtype if bias is not None else None, named) is None
     return dispatch.Problem(
         op=OP,
         direction=direction,
@@ -152,7 +184,8 @@ def problem(direction: str, x: Tensor, weight: Tensor, params: tuple[Optional[Te
         attrs=(
             ("x_dtype", x.dtype),
             ("dense_params", all(t.is_contiguous() for t in (weight, *dense) if t is not None)),
-            ("param_dtypes_ok", all(t.dtype == weight.dtype for t in params if t is not None)),
+            ("param_dtypes_ok", dtypes_ok),
+            ("mixed", any(d != weight.dtype for d in named.values())),
             ("norm_ok", norm is None or (norm.dtype == torch.float32 and norm.is_contiguous())),
         ) + ((("device_index", x.device.index),) if x.device.type == "cuda" else ()),
     )
@@ -167,7 +200,7 @@ def patch_embed_fwd(
     x: Tensor, norm: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], pos: Optional[Tensor],
     prefix: Optional[Tensor], pos_covers_prefix: bool,
 ) -> Tensor:
-    backend = dispatch.select(problem(dispatch.FORWARD, x, weight, (bias, pos, prefix), (pos, prefix), norm)).backend
+    backend = dispatch.select(problem(dispatch.FORWARD, x, weight, bias, (pos, prefix), (pos, prefix), norm)).backend
     return backend.forward(x, norm, weight, bias, pos, prefix, pos_covers_prefix)
 
 
@@ -176,7 +209,7 @@ def _(x, norm, weight, bias, pos, prefix, pos_covers_prefix):
     B, _, H, W = x.shape
     D, _, ph, pw = weight.shape
     num_prefix = prefix.shape[0] if prefix is not None else 0
-    return weight.new_empty((B, num_prefix + (H // ph) * (W // pw), D))
+    return weight.new_empty((B, num_prefix + (H // ph) * (W // pw), D), dtype=token_dtype(weight, pos, prefix))
 
 
 @torch.library.custom_op("vitkern::patch_embed_bwd", mutates_args=())
@@ -185,18 +218,17 @@ def patch_embed_bwd(
     pos_covers_prefix: bool, need_dx: bool, need_dw: bool, need_db: bool, need_dpos: bool, need_dprefix: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dout = dout.contiguous()  # autograd may hand us expanded (stride-0) gradients
-    backend = dispatch.select(problem(dispatch.BACKWARD, x, weight, (dout,), (dout,), norm)).backend
-    dx, dw, db, dpos, dprefix = backend.backward(
-        dout, x, norm, weight, num_prefix, has_pos, pos_covers_prefix, need_dx, need_dw, need_db, need_dpos,
-        need_dprefix,
-    )
-    wdt = weight.dtype
+    dgemm = dout.to(weight.dtype)  # fp32 tokens over a bf16 GEMM: its gradients take dout in bf16 (as autocast's)
+    backend = dispatch.select(problem(dispatch.BACKWARD, x, weight, None, (dgemm, None), (dgemm,), norm)).backend
+    dx, dw = backend.backward(dgemm, x, norm, weight, num_prefix, need_dx, need_dw)
+    db, dpos, dprefix = _param_grads(dout, num_prefix, has_pos, pos_covers_prefix, need_db, need_dpos, need_dprefix)
+    wdt, tdt = weight.dtype, dout.dtype
     return (
         dx.contiguous() if dx is not None else x.new_empty(0),
         dw.to(wdt) if dw is not None else weight.new_empty(0),
         db.to(wdt) if db is not None else weight.new_empty(0),
-        dpos.to(wdt) if dpos is not None else weight.new_empty(0),
-        dprefix.to(wdt) if dprefix is not None else weight.new_empty(0),
+        dpos.to(tdt) if dpos is not None else weight.new_empty(0),
+        dprefix.to(tdt) if dprefix is not None else weight.new_empty(0),
     )
 
 
@@ -210,8 +242,8 @@ def _(dout, x, norm, weight, num_prefix, has_pos, pos_covers_prefix, need_dx, ne
         x.new_empty(x.shape) if need_dx else x.new_empty(0),
         weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
         weight.new_empty((D,)) if need_db else weight.new_empty(0),
-        weight.new_empty((pos_rows, D)) if need_dpos and has_pos else weight.new_empty(0),
-        weight.new_empty((num_prefix, D)) if need_dprefix and num_prefix else weight.new_empty(0),
+        dout.new_empty((pos_rows, D)) if need_dpos and has_pos else weight.new_empty(0),
+        dout.new_empty((num_prefix, D)) if need_dprefix and num_prefix else weight.new_empty(0),
     )
 
 

@@ -34,7 +34,8 @@ class PatchEmbedCuda(CudaBackend):
     pos_impl = "auto"
 
     def op_reasons(self, problem: dispatch.Problem) -> list[str]:
-        return input_reasons(problem, IMAGE_DTYPES)
+        mixed = ["pos/prefix in float32 over a 16-bit weight (mixed precision runs on Triton or the reference)"]
+        return input_reasons(problem, IMAGE_DTYPES) + (mixed if problem.attr("mixed") else [])
 
     def forward(self, x, norm, weight, bias, pos, prefix, pos_covers_prefix, *, pos_impl: str | None = None):
         B, _, H, W = x.shape

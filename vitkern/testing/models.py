@@ -87,3 +87,52 @@ def check_optimized_model(
     restored, _ = run(model, inputs)
     torch.testing.assert_close(restored, base, rtol=0, atol=0, msg="restore() did not bring back the original outputs")
     return report
+
+
+def block_output_dtypes(model: nn.Module, run: Callable[[], Any], names: Sequence[str]) -> dict[str, torch.dtype]:
+    """{block name: the dtype of its output} while ``run()`` runs: the residual stream's dtype after each block
+    named in ``names``. A tuple output (HF layers) counts by its first tensor."""
+    seen: dict[str, torch.dtype] = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, logits_of(out).dtype))
+             for n in names]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def check_autocast_matches_original(
+    model: nn.Module, x: torch.Tensor, optimize: Callable[[nn.Module], Any], is_block: Callable[[str, nn.Module], bool],
+    *, stream_dtype: torch.dtype | None = None, tol: Tolerance = Tolerance(k=2.0), check_compiled: bool = True,
+) -> None:
+    """An fp32 model optimized in place computes under bf16 autocast what the original computes under autocast
+    (vitkern/functional/_autocast.py): every block's output in the original's dtype (``stream_dtype``, when given,
+    for all of them: fp32 for ViTs), the output's dtype, and an error vs float64 within ``tol`` of the original's
+    own autocast error. With ``check_compiled``, torch.compile(fullgraph) of the optimized model under autocast gives
+    the very same output."""
+    amp = lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)  # noqa: E731
+    blocks = [n for n, m in model.named_modules() if is_block(n, m)]  # the original's (a swap keeps the names)
+    assert blocks, "is_block matched no module"
+    with torch.no_grad():
+        ref64 = logits_of(copy.deepcopy(model).double()(x.double()))
+        with amp():
+            original_dtypes = block_output_dtypes(model, lambda: model(x), blocks)
+            original = logits_of(model(x))
+        optimize(model)
+        with amp():
+            ours_dtypes = block_output_dtypes(model, lambda: model(x), blocks)
+            out = logits_of(model(x))
+            if check_compiled:
+                torch._dynamo.reset()
+                compiled = logits_of(torch.compile(model, fullgraph=True, backend="eager")(x))  # autocast is traced
+    assert set(original_dtypes) == set(blocks), f"blocks that did not run: {sorted(set(blocks) - set(original_dtypes))}"
+    assert ours_dtypes == original_dtypes, (ours_dtypes, original_dtypes)
+    if stream_dtype is not None:
+        assert set(ours_dtypes.values()) == {stream_dtype}, ours_dtypes
+    assert out.dtype == original.dtype
+    assert_close("autocast output", out, ref64, original, tol)
+    if check_compiled:
+        torch.testing.assert_close(compiled, out, atol=0, rtol=0)

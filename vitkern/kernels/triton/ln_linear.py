@@ -4,8 +4,10 @@ One kernel family serves LayerNorm+Linear (qkv) and both GEMMs of LayerNorm+MLP,
 
     C[M, N] = epilogue(prologue(A)[M, K] @ B[K, N])        (general strides: B = Wᵀ, or W itself in backward)
 
-    prologue (LN_A):  a ← (a − mean[m]) · rstd[m] · γ[k] + β[k], in fp32, rounded to the operand dtype
-                      (exactly the tensor an unfused LayerNorm would have written), then tl.dot.
+    prologue (LN_A):  a ← (a − mean[m]) · rstd[m] · γ[k] + β[k], in fp32, rounded to B's dtype
+                      (exactly the tensor an unfused LayerNorm would have written), then tl.dot. Without LN_A, a is
+                      rounded to B's dtype on load (no-op when they agree: A may be wider, e.g. fp32 under bf16 B).
+    C, RES, PRE and the vectors may each have their own dtype (all epilogue math is fp32; C is rounded once).
     epilogue:         + bias[n]; store the pre-activation (STORE_PRE); GELU (ACT: 1 erf, 2 tanh);
                       or × GELU'(PRE) (ACT_BWD: backward through the activation); C = RES + LS[n] · acc (HAS_RES).
 
@@ -136,6 +138,8 @@ def fused_linear_kernel(
             if HAS_LN_B:
                 an = an + tl.load(LN_B + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             a = tl.where(k_ok[None, :], an, 0.0).to(B.dtype.element_ty)
+        else:  # B's dtype is the GEMM's: a wider A (an fp32 residual-stream gradient) is rounded to it
+            a = a.to(B.dtype.element_ty)
         b = tl.load(B + ks[:, None] * stride_bk + rn[None, :] * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
@@ -243,7 +247,7 @@ def fused_linear(
     flags = dict(
         LN_A=ln is not None, HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None, HAS_BIAS=bias is not None,
         ACT=act, STORE_PRE=pre is not None and not act_bwd, ACT_BWD=act_bwd, HAS_RES=residual is not None,
-        HAS_LS=layer_scale is not None, DOT_PRECISION=_dot_precision(a.dtype),
+        HAS_LS=layer_scale is not None, DOT_PRECISION=_dot_precision(b.dtype),
     )
     if _interpreted(a):
         cfg = INTERP_CONFIG
