@@ -613,3 +613,21 @@ def test_gpu_fuzz():
         run_functional_parity(pick([1, 2, 5]), res, window, shift, pick([1, 2, 3, 4]), pick([16, 32, 64, 128]),
                               pick(GPU_DTYPES), "cuda", mask_value=pick([-100.0, float("-inf")]),
                               bias=bool(pick([0, 1])))
+
+
+@pytest.mark.parametrize("res,ws,shift", [((11, 9), 4, 2), ((8, 8), 4, 0)], ids=["shift-pad", "noshift"])
+def test_attention_dropout_in_training_runs_timms_math(res, ws, shift):
+    """Training with attention dropout (the kernel has none) takes the eager path with dropout on the
+    probabilities, as timm does: with the same seed the very same dropout mask, so timm's block._attn (explicit
+    softmax path) is matched forward and backward; in eval the fused kernel runs again."""
+    block = _timm_block(res, ws, shift, 2, 16, seed=seed_for("attn-drop", res) % 1000)
+    block.attn.attn_drop.p, block.attn.fused_attn = 0.3, False  # timm's explicit path: dropout via nn.Dropout
+    mine = ShiftedWindowAttention.from_timm(block.attn, block.window_size, block.shift_size)
+    block.train(), mine.train()
+    x = randn((2, *res, 20), dtype=torch.float32, device="cpu", seed=seed_for("attn-drop-x", res))
+    torch.manual_seed(7)
+    expected = block._attn(x)
+    torch.manual_seed(7)
+    got = mine(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, mine.eval()(x), atol=1e-3)  # dropout did act in training

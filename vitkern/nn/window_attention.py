@@ -17,7 +17,7 @@ from torch import Tensor
 from vitkern.functional.window_attention import SWIN_MASK_VALUE, window_attention
 from vitkern.nn.attention_maps import RecordsAttentionMaps
 from vitkern.reference import swin as ref_swin
-from vitkern.reference.layers import merge_heads, split_heads_qkv
+from vitkern.reference.layers import attention_probs, merge_heads, split_heads_qkv
 
 __all__ = ["WindowAttention", "ShiftedWindowAttention"]
 
@@ -59,10 +59,6 @@ class _WindowAttentionBase(nn.Module):
         self.scale = attn.scale
         self.train(attn.training)
 
-    def _check_no_attn_dropout(self) -> None:
-        if self.training and self.attn_drop.p > 0:
-            raise NotImplementedError(f"{type(self).__name__}: attention dropout (p={self.attn_drop.p}) is not "
-                                      "supported by the fused kernel; use eval() or attn_drop=0")
 
 
 class WindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
@@ -170,9 +166,9 @@ class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
     def attend(self, qkv: Tensor) -> Tensor:
         """Window attention on the qkv output [B, H, W, 3·C'] -> [B, H, W, C'] before ``proj``; fused blocks call
         this after their own (LayerNorm-fused) qkv GEMM."""
-        self._check_no_attn_dropout()
         window, shift = self.window_and_shift_for(qkv.shape[1], qkv.shape[2])
-        if self._vitkern_attn_maps is not None:
+        if self._vitkern_attn_maps is not None or (self.training and self.attn_drop.p > 0):
+            # recording maps, or attention dropout (the kernel has none): the same attention spelled out
             return self._eager_attend(qkv, window, shift)
         return window_attention(qkv, self.table_for(window), self.num_heads, window, shift, qkv_bias=self.qkv.bias,
                                 scale=self.scale, mask_value=self.mask_value, pad_first=self.pad_first)
@@ -209,8 +205,9 @@ class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
             regions = ref_swin.shifted_window_mask(H, W, (wh, ww), shift, device=q.device) != 0  # [nW, N, N]
             mask = torch.zeros(regions.shape, device=q.device, dtype=q.dtype).masked_fill(regions, self.mask_value)
             bias = (bias + mask[:, None]).repeat(B, 1, 1, 1)  # [B·nW, heads, N, N], windows of an image in a row
-        probs = self._record_probs(q, k, self.scale, bias)
-        o = merge_heads(probs @ v)  # [B·nW, N, C']
+        probs = (self._record_probs(q, k, self.scale, bias) if self._vitkern_attn_maps is not None
+                 else attention_probs(q, k, self.scale, bias))
+        o = merge_heads(self.attn_drop(probs) @ v)  # [B·nW, N, C']; dropout as timm's (identity in eval)
         o = ref_swin.window_reverse(o.view(-1, wh, ww, o.shape[-1]), (wh, ww), Hp, Wp)
         if not self.pad_first:  # undo in reverse order: timm crops, then rolls back; torchvision the other way
             o = o[:, :H, :W]
