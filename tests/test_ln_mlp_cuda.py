@@ -53,7 +53,9 @@ def _lr_backend() -> LinearResidualCuda:
 
 
 def _problem(op, direction="forward", device="cuda", dtype=torch.bfloat16, x=(394, 768), param_dtypes=None):
-    attrs = (("param_dtypes", param_dtypes if param_dtypes is not None else (dtype,) * 4), ("device_index", 0))
+    params = param_dtypes if param_dtypes is not None else (dtype,) * 4
+    attrs = (("weight_dtypes", ()), ("other_dtypes", tuple((f"p{i}", d) for i, d in enumerate(params))),
+             ("device_index", 0))
     return dispatch.Problem(op, direction, device, dtype, (("x", x),), attrs)
 
 

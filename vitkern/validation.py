@@ -7,6 +7,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# weight (GEMM) dtypes that fp32 activations may meet: mixed precision, what autocast gives an fp32 model
+MIXED_COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:

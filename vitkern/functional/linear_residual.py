@@ -35,7 +35,7 @@ def _validate(x, weight, bias, residual, layer_scale) -> tuple[int, int]:
     check_tensor(_NAME, "residual", residual, shape=(*x.shape[:-1], n), like=x)
     if layer_scale is not None:
         check_tensor(_NAME, "layer_scale", layer_scale, shape=(n,), like=x)
-    check_gemm_dtypes(_NAME, x, {"weight": weight}, {"bias": bias, "residual": residual, "layer_scale": layer_scale})
+    check_gemm_dtypes(_NAME, linear_residual_op._problem(dispatch.FORWARD, x, weight, bias, residual, layer_scale))
     return k, n
 
 

@@ -34,10 +34,10 @@ def _check_param(name: str, arg: str, p: Tensor | None, shape: tuple[int, ...], 
     check_tensor(name, arg, p, shape=shape, like=x)
 
 
-def check_gemm_dtypes(name: str, x: Tensor, weights: dict[str, Tensor], others: dict[str, Tensor | None]) -> None:
-    """The GEMM family's dtype rule (vitkern.ops.ln_linear): TypeError naming the first argument that breaks it."""
-    errors = ln_linear_op.gemm_dtype_errors(x.dtype, [(n, t.dtype) for n, t in weights.items()],
-                                            [(n, t.dtype) for n, t in others.items() if t is not None])
+def check_gemm_dtypes(name: str, problem: dispatch.Problem) -> None:
+    """The GEMM family's dtype rule (vitkern.ops.ln_linear) on an op's problem: TypeError naming the first argument
+    that breaks it."""
+    errors = ln_linear_op.mixed_dtype_reasons(problem)
     if errors:
         raise TypeError(f"{name}: {errors[0]}")
 
@@ -64,7 +64,7 @@ def _validate_linear(x, ln_weight, ln_bias, weight, bias, eps) -> int:
     if weight.shape[1] != d:
         raise ValueError(f"{_LIN}: weight has shape {tuple(weight.shape)}; expected [out_features, {d}] (x's last dim)")
     _check_param(_LIN, "bias", bias, (weight.shape[0],), x)
-    check_gemm_dtypes(_LIN, x, {"weight": weight}, {"ln_weight": ln_weight, "ln_bias": ln_bias, "bias": bias})
+    check_gemm_dtypes(_LIN, ln_linear_op._problem(dispatch.FORWARD, x, ln_weight, ln_bias, weight, bias))
     return d
 
 
@@ -113,9 +113,8 @@ def _validate_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
     _check_param(_MLP, "layer_scale", layer_scale, (d,), x)
     if approximate not in ln_mlp_op.APPROXIMATIONS:
         raise ValueError(f"{_MLP}: approximate must be one of {ln_mlp_op.APPROXIMATIONS} (F.gelu's), got {approximate!r}")
-    check_gemm_dtypes(_MLP, x, {"fc1_weight": fc1_weight, "fc2_weight": fc2_weight},
-                      {"ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_bias": fc1_bias, "fc2_bias": fc2_bias,
-                       "layer_scale": layer_scale})
+    check_gemm_dtypes(_MLP, ln_mlp_op._problem(dispatch.FORWARD, x, ln_weight, ln_bias, fc1_weight, fc1_bias,
+                                                fc2_weight, fc2_bias, layer_scale))
     return d
 
 

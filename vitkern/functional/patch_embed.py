@@ -77,10 +77,6 @@ def _validate(x, weight, bias, pos_embed, prefix):
                          "(pad it, e.g. PatchEmbed(dynamic_img_pad=True), or resize)")
     if bias is not None:
         check_tensor(_NAME, "bias", bias, shape=(D,), like=x)
-    tokens = {n: t.dtype for n, t in (("pos_embed", pos_embed), ("prefix", prefix)) if isinstance(t, Tensor)}
-    error = pe_op.token_dtype_error(weight.dtype, bias.dtype if bias is not None else None, tokens)
-    if error:
-        raise TypeError(f"{_NAME}: {error}")
     prefix2 = _as_rows(_NAME, "prefix", prefix, D, weight) if prefix is not None else None
     num_prefix = prefix2.shape[0] if prefix2 is not None else 0
     np_ = (H // ph) * (W // pw)
@@ -96,6 +92,9 @@ def _validate(x, weight, bias, pos_embed, prefix):
                 f"{num_prefix} prefix tokens (expected {np_} or {np_ + num_prefix} rows); resample it for this "
                 "resolution with vitkern.functional.resample_pos_embed (ViTEmbed(dynamic_img_size=True) caches it)"
             )
+    error = pe_op.token_dtype_error(weight, bias, pos2, prefix2)
+    if error:
+        raise TypeError(f"{_NAME}: {error}")
     return weight.contiguous(), prefix2, pos2, covers
 
 

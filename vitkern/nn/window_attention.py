@@ -60,7 +60,6 @@ class _WindowAttentionBase(nn.Module):
         self.train(attn.training)
 
 
-
 class WindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
     """Drop-in for ``timm.models.swin_transformer.WindowAttention``: same constructor, names and state_dict.
 

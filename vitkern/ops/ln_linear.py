@@ -43,6 +43,7 @@ from torch import Tensor
 from vitkern import dispatch, memory
 from vitkern.backends import ReferenceBackend, TritonBackend
 from vitkern.ops.layer_norm import LayerNormReference, LayerNormTriton
+from vitkern.validation import MIXED_COMPUTE_DTYPES
 
 OP = "ln_linear"
 BACKEND_FUSED_FORWARD = "fused_forward"  # whole-op backends (CUDA: LN kernel + cuBLASLt) implement this method
@@ -93,13 +94,11 @@ class LnLinearReference(ReferenceBackend):
         return z, pre_out
 
 
-MIXED_COMPUTE_DTYPES = (torch.float16, torch.bfloat16)  # weight dtypes an fp32 x may meet (autocast's)
-
-
 def param_dtype_reasons(problem: dispatch.Problem) -> list[str]:
     """The single-dtype rule (the cuBLASLt backends: one operand and epilogue type): every parameter, the residual
     included, in the input's dtype."""
-    bad = sorted({str(d) for d in problem.attr("param_dtypes", ()) if d != problem.dtype})
+    params = problem.attr("weight_dtypes", ()) + problem.attr("other_dtypes", ())
+    bad = sorted({str(d) for _, d in params if d != problem.dtype})
     return [f"parameter dtypes {bad} differ from the input's {problem.dtype} (mixed precision runs on Triton or the "
             "reference)"] if bad else []
 
@@ -185,8 +184,7 @@ def problem(op: str, direction: str, x: Tensor, weights: dict[str, Tensor], othe
     """``weights``: the GEMM weights (one compute dtype); ``others``: the vectors and the residual (None: absent)."""
     w = tuple((n, t.dtype) for n, t in weights.items())
     o = tuple((n, t.dtype) for n, t in others.items() if t is not None)
-    return dispatch.tensor_problem(op, direction, [("x", x)], attrs=[
-        ("param_dtypes", tuple(d for _, d in w + o)), ("weight_dtypes", w), ("other_dtypes", o)])
+    return dispatch.tensor_problem(op, direction, [("x", x)], attrs=[("weight_dtypes", w), ("other_dtypes", o)])
 
 
 # ---------------------------------------------------------------------------------------------------- shared steps
@@ -266,7 +264,7 @@ def ln_linear_bwd(
     backend = dispatch.select(_problem(dispatch.BACKWARD, x, ln_weight, ln_bias, weight, bias)).backend
     dxn, _ = backend.linear(dy, weight)  # dL/dLN(x) = dy @ W
     dx, dlnw, dlnb, xn = ln_weight_grads(backend, dxn, None, x, ln_weight, ln_bias, mean, rstd)
-    dw = dy.to(weight.dtype).t() @ xn
+    dw = dy.t() @ xn  # dy: the gradient of y, in the weight's dtype
     db = col_sum(dy).to(bias.dtype) if bias is not None else _empty(x)
     return dx, dlnw, dlnb, dw, db
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from vitkern import dispatch, memory
 from vitkern.backends import ReferenceBackend, TritonBackend
+from vitkern.validation import MIXED_COMPUTE_DTYPES
 
 OP = "patch_embed"
 
@@ -145,11 +146,11 @@ dispatch.register_backend(OP, PatchEmbedReference())
 dispatch.register_backend(OP, PatchEmbedTriton())
 
 
-MIXED_COMPUTE_DTYPES = (torch.float16, torch.bfloat16)  # weight dtypes fp32 tokens (pos, prefix) may sit over
-
-
-def token_dtype_error(weight: torch.dtype, bias: Optional[torch.dtype], tokens: dict[str, torch.dtype]) -> str | None:
+def token_dtype_error(weight: Tensor, bias: Optional[Tensor], pos: Optional[Tensor], prefix: Optional[Tensor]
+                      ) -> str | None:
     """The family's dtype rule (module docstring), as a message naming the offending argument; None when it holds."""
+    weight, bias = weight.dtype, bias.dtype if bias is not None else None
+    tokens = {n: t.dtype for n, t in (("pos_embed", pos), ("prefix", prefix)) if t is not None}
     if bias is not None and bias != weight:
         return f"bias has dtype {bias}; expected the weight's {weight}"
     allowed = (weight, torch.float32) if weight in MIXED_COMPUTE_DTYPES else (weight,)
@@ -173,8 +174,6 @@ def problem(direction: str, x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
             dense: tuple[Optional[Tensor], ...] = (), norm: Optional[Tensor] = None) -> dispatch.Problem:
     """The dispatch problem: dtype is the compute (weight) dtype; the image dtype is an attribute. ``tokens``: pos
     and prefix (or, in the backward, dout)."""
-    named = {n: t.dtype for n, t in zip(("pos_embed", "prefix"), tokens) if t is not None}
-    dtypes_ok = token_dtype_error(weight.dtype, bias.dtype if bias is not None else None, named) is None
     return dispatch.Problem(
         op=OP,
         direction=direction,
@@ -184,8 +183,8 @@ def problem(direction: str, x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
         attrs=(
             ("x_dtype", x.dtype),
             ("dense_params", all(t.is_contiguous() for t in (weight, *dense) if t is not None)),
-            ("param_dtypes_ok", dtypes_ok),
-            ("mixed", any(d != weight.dtype for d in named.values())),
+            ("param_dtypes_ok", token_dtype_error(weight, bias, *tokens) is None),
+            ("mixed", any(t is not None and t.dtype != weight.dtype for t in tokens)),
             ("norm_ok", norm is None or (norm.dtype == torch.float32 and norm.is_contiguous())),
         ) + ((("device_index", x.device.index),) if x.device.type == "cuda" else ()),
     )
