@@ -212,17 +212,58 @@ def test_attention_maps_record_probabilities():
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_compile_fullgraph_traces_optimized_model(name):
+def test_compile_fullgraph_traces_optimized_model(name, fused_calls):
+    """Compiled, the optimized model traces the same fused calls as in eager mode: for ViT/DeiT that needs the mask
+    the model builds to be None while tracing (HF's sdpa mask function materialises an all-True one there)."""
     model = _build(name)
     x = _image(name, tag="compile")
     vitkern.optimize(model)
     with torch.no_grad():
         eager = _main(model(x))
+        eager_calls = dict(fused_calls)
+        fused_calls.clear()
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="eager")
-        traced = _main(compiled(x))
+        traced = _main(compiled(x))  # the spies count while dynamo traces (once)
+    assert fused_calls == eager_calls
+    assert fused_calls.get("attention", 0) + fused_calls.get("window_attention", 0) in (2, 4)
     torch.testing.assert_close(traced, eager, atol=1e-6, rtol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_optimize_switches_an_sdpa_config_to_vitkern_and_restore_switches_back(impl):
+    """The config's attention implementation decides the mask function: "sdpa" becomes "vitkern" (so a model with
+    no padding mask gets None, also compiled), and restore puts it back; "eager" (a user's choice) is left."""
+    model = _build("vit", attn_implementation=impl)
+    vitkern.optimize(model)
+    assert model.config._attn_implementation == ("vitkern" if impl == "sdpa" else impl)
+    clone = pickle.loads(pickle.dumps(model))  # the switched config travels with the model; restore works on it
+    for m in (model, clone):
+        vitkern.restore(m)
+        assert m.config._attn_implementation == impl
+    model.set_attn_implementation("sdpa")  # a later user change is not undone by restore
+    vitkern.optimize(model)
+    model.set_attn_implementation("eager")
+    vitkern.restore(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_compiled_optimized_model_keeps_a_padding_mask(fused_calls):
+    """A real padding mask is still built and applied under torch.compile (HF's sdpa path takes it)."""
+    sdpa = _build("vit")
+    model = copy.deepcopy(sdpa)
+    vitkern.optimize(model)
+    x = _image("vit", tag="compile-mask")
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[1, 3:11] = False
+    with torch.no_grad():
+        torch._dynamo.reset()
+        masked = torch.compile(model.vit, fullgraph=True, backend="eager")(x, attention_mask=mask)
+        want = sdpa.vit(x, attention_mask=mask).last_hidden_state
+    torch._dynamo.reset()
+    torch.testing.assert_close(masked.last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    assert "attention" not in fused_calls  # masked calls go to HF's sdpa path
 
 
 @pytest.mark.interpreter
@@ -509,8 +550,5 @@ def test_autocast_matches_hfs_own_autocast(family):
         parts = name.split(".")
         return len(parts) >= 2 and parts[-1].isdigit() and parts[-2] in ("layers", "layer", "blocks")
 
-    # not compiled here: under tracing HF's create_bidirectional_mask materialises an all-True mask (it cannot check
-    # the padding mask data-dependently), so the compiled model's attention takes HF's sdpa path (a known gap:
-    # correct, unfused); the eager/compiled outputs then differ by bf16 rounding
-    check_autocast_matches_original(model, x, vitkern.optimize, is_layer, check_compiled=False,
+    check_autocast_matches_original(model, x, vitkern.optimize, is_layer,
                                     stream_dtype=torch.float32 if family != "swin" else None)

@@ -19,12 +19,15 @@ Two entry points, one attention function (``vitkern.nn.hf_blocks.hf_attention_fo
                                                                           projection; SwinEmbeddings' norm after)
   LayerNorms elsewhere (final norms, Swin patch merging) are swapped by the generic ``torch.nn.LayerNorm`` rule.
   The swapped attention modules call the vitkern function directly, whatever ``config._attn_implementation``
-  says; optimize changes no config and registers nothing globally, so ``vitkern.restore`` (which puts the
-  original modules back) undoes everything.
+  says. One config change: a ViT/DeiT config on "sdpa" is switched to "vitkern" (registered under that new
+  name, no other model affected), because the model builds its layers' mask with the config's mask function
+  and HF's sdpa one materialises an all-True mask under torch.compile (see ``HFAttention``). ``vitkern.restore``
+  (which puts the original modules back) undoes everything, that switch included.
 
 - ``register_hf_attention()`` then ``from_pretrained(..., attn_implementation="vitkern")`` or
   ``model.set_attn_implementation("vitkern")``: HF's own modules call the same function through the registry
-  (any model using ``ALL_ATTENTION_FUNCTIONS``; masks are built as for sdpa). Undo with
+  (any model using ``ALL_ATTENTION_FUNCTIONS``; masks are built as for sdpa, but a mask with nothing to mask is
+  None also under torch.compile: ``vitkern.nn.hf_blocks.hf_attention_mask``). Undo with
   ``model.set_attn_implementation("sdpa")``.
 
 Classes are matched by module and name (transformers is never imported unless a model comes from it); a user
@@ -38,10 +41,9 @@ from typing import Optional
 from torch import nn
 
 from vitkern.integrations.swap import SwapOptions, SwapRule, register_rule
+from vitkern.nn.hf_blocks import HF_ATTENTION
 
 __all__ = ["HF_ATTENTION", "register_hf_attention"]
-
-HF_ATTENTION = "vitkern"  # the attn_implementation name
 
 
 def register_hf_attention(name: str = HF_ATTENTION) -> str:
@@ -53,15 +55,9 @@ def register_hf_attention(name: str = HF_ATTENTION) -> str:
     """
     if not isinstance(name, str) or not name or "|" in name:
         raise ValueError(f"register_hf_attention: name must be a non-empty str without '|', got {name!r}")
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from vitkern.nn.hf_blocks import register_attention_implementation
 
-    from vitkern.nn.hf_blocks import _bind_transformers, hf_attention_forward
-
-    _bind_transformers()
-    AttentionInterface.register(name, hf_attention_forward)
-    # without a mask function transformers would silently drop a user's attention_mask for this name
-    AttentionMaskInterface.register(name, sdpa_mask)
+    register_attention_implementation(name)
     return name
 
 

@@ -65,6 +65,7 @@ __all__ = ["hf_attention_forward", "HFAttention", "HFDinov2SelfAttention", "HFSw
            "HFViTLayer", "HFDinov2Layer", "HFSwinLayer", "HFViTEmbeddings", "HFDinov2Embeddings"]
 
 _HF: dict[str, Any] = {}  # transformers objects bound once, outside any traced code (see _bind_transformers)
+HF_ATTENTION = "vitkern"  # the attn_implementation name under which vitkern registers itself
 
 
 def _bind_transformers() -> None:
@@ -72,11 +73,39 @@ def _bind_transformers() -> None:
     if _HF:
         return
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # older transformers: no hook-based output capturing; output_attentions arrives as a kwarg
         _active_collector = None
-    _HF.update(sdpa=sdpa_attention_forward, collector=_active_collector)
+    _HF.update(sdpa=sdpa_attention_forward, collector=_active_collector, sdpa_mask=sdpa_mask,
+               bidirectional=bidirectional_mask_function)
+
+
+def hf_attention_mask(*args, **kwargs):
+    """The mask function registered with ``hf_attention_forward`` (transformers' ``AttentionMaskInterface``): HF's
+    ``sdpa_mask``, except that a plain bidirectional mask with no padding mask is None also while tracing.
+
+    ``sdpa_mask`` skips such a mask only outside tracing (its skip test reads the padding mask's values, which
+    torch.compile cannot branch on, and it applies the test even when there is no padding mask). Under
+    torch.compile it then materialises an all-True [B, 1, N, N] mask, and a masked call cannot take the fused
+    kernel. Without a padding mask nothing is data-dependent, so None is exact there, compiled or not."""
+    if (not args and kwargs.get("attention_mask") is None and kwargs.get("allow_is_bidirectional_skip")
+            and kwargs.get("local_size") is None and kwargs.get("mask_function") is _HF["bidirectional"]):
+        return None
+    return _HF["sdpa_mask"](*args, **kwargs)
+
+
+def register_attention_implementation(name: str) -> None:
+    """Add ``hf_attention_forward`` and ``hf_attention_mask`` to transformers' registries under ``name`` (a new
+    name: no other model's attention changes)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    _bind_transformers()
+    AttentionInterface.register(name, hf_attention_forward)
+    # a mask function is required: without one transformers silently drops a user's attention_mask for this name
+    AttentionMaskInterface.register(name, hf_attention_mask)
 
 
 def _collecting_attentions() -> bool:
@@ -188,7 +217,9 @@ def _swapped_class(mixin: type, base: type) -> type:
 
 
 def _rebuild(mixin: type, base: type) -> nn.Module:
-    """Unpickling / deepcopy: a bare instance of the swapped class (its __dict__ is restored by __setstate__)."""
+    """Unpickling / deepcopy: a bare instance of the swapped class (its __dict__ is restored by __setstate__).
+    Registers vitkern's attention implementation: a config switched to it may come with the model."""
+    register_attention_implementation(HF_ATTENTION)
     cls = _swapped_class(mixin, base)
     return cls.__new__(cls)
 
@@ -251,9 +282,32 @@ def _bypassable(*modules: nn.Module, linears: tuple[nn.Module, ...] = ()) -> boo
 
 # ------------------------------------------------------------------------------------------------------ attention
 class HFAttention(_SwappedHF, RecordsAttentionMaps):
-    """ViT / DeiT ``*Attention`` (``q_proj``/``k_proj``/``v_proj``/``o_proj``) calling ``hf_attention_forward``."""
+    """ViT / DeiT ``*Attention`` (``q_proj``/``k_proj``/``v_proj``/``o_proj``) calling ``hf_attention_forward``.
+
+    The model builds the mask these layers get (``create_bidirectional_mask``) with the mask function of
+    ``config._attn_implementation``. HF's "sdpa" one materialises an all-True mask under torch.compile, and a
+    masked call is not fused, so a config on "sdpa" is switched to "vitkern" (same masks, None when there is
+    nothing to mask; the same function for any attention module left unswapped) and switched back by restore.
+    Any other implementation the user chose (e.g. "eager", needed for ``config.output_attentions``) stays: those
+    models run fused in eager mode, and under torch.compile HF's mask sends attention to HF's own path."""
 
     vitkern_ops = ("attention",)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module):
+        new = super().from_hf(module)
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            register_attention_implementation(HF_ATTENTION)
+            config._attn_implementation = HF_ATTENTION
+            new._vitkern_config_attn = "sdpa"  # what restore puts back
+        return new
+
+    def _vitkern_undo(self, parent: nn.Module, original: nn.Module) -> None:
+        """Put the config's attention implementation back (unless the user changed it since)."""
+        config, before = getattr(self, "config", None), self.__dict__.get("_vitkern_config_attn")
+        if before is not None and getattr(config, "_attn_implementation", None) == HF_ATTENTION:
+            config._attn_implementation = before
 
     def attend(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
         """Everything but ``o_proj``: ([B, N, H·D], probabilities or None)."""
@@ -351,6 +405,10 @@ class HFViTLayer(_SwappedHF):
             ops.append("linear_residual")
         new.vitkern_ops = tuple(ops)
         return new
+
+    def _vitkern_undo(self, parent: nn.Module, original: nn.Module) -> None:
+        if isinstance(self.attention, HFAttention) and self.attention is not original.attention:
+            self.attention._vitkern_undo(self, original.attention)
 
     def _attention_residual(self, hidden_states: Tensor, attention_mask: Optional[Tensor], kwargs: dict) -> Tensor:
         """hidden_states + attention(layernorm_before(hidden_states))."""
