@@ -200,11 +200,14 @@ def test_bench_refuses_on_cpu(tmp_path, capsys):
     (["--modes", "eager,fast"], "--modes must be"),
     (["--model", "nope:x"], "unknown model source"),
     (["--model", "timm:not_a_model_xyz"], "unknown timm model"),
+    (["--amp", "--dtype", "bf16"], "--amp times the fp32 model under bf16 autocast"),
 ])
 def test_bench_rejects_bad_arguments(argv, match, capsys):
+    flags = [a for a in argv if a == "--amp"]  # valueless
+    argv = [a for a in argv if a != "--amp"]
     base = {"--model": "vit_tiny_patch16_224", "--batch": "2", "--modes": "eager"}
     base.update(dict(zip(argv[::2], argv[1::2])))
-    rc = cli.main(["bench", "--allow-cpu", *[a for kv in base.items() for a in kv]])
+    rc = cli.main(["bench", "--allow-cpu", *flags, *[a for kv in base.items() for a in kv]])
     assert rc == 2 and match in capsys.readouterr().err
 
 
@@ -253,6 +256,20 @@ def test_bench_cpu_smoke_training_step(tmp_path, capsys):
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [r["direction"] for r in rows] == ["fwd+bwd+adamw"] * 2
     assert all(r["status"] == "ok" for r in rows) and rows[1]["correct"] is True  # same loss as eager
+
+
+@pytest.mark.skipif(CUDA, reason="CPU smoke mode")
+def test_bench_cpu_smoke_amp_training_step(tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = cli.main(["bench", "--model", "vit_tiny_patch16_224", "--allow-cpu", "--img-size", "32", "--model-arg",
+                   "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2", "--out", str(out),
+                   "--batch", "2", "--modes", "eager,vitkern", "--amp"])
+    assert rc == 0, capsys.readouterr().out
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["meta"]["cli"]["task"] == "train-amp" and doc["meta"]["cli"]["dtype"] == "fp32"
+    assert [(r["params"]["task"], r["dtype"], r["direction"]) for r in doc["rows"]] == [
+        ("train-amp", "float32", "fwd+bwd+adamw")] * 2
+    assert all(r["status"] == "ok" for r in doc["rows"]) and doc["rows"][1]["correct"] is True
 
 
 @pytest.mark.skipif(CUDA, reason="CPU smoke mode")
@@ -334,8 +351,9 @@ def test_bench_models_smoke_and_registered():
     assert run_all.discover()["models"].run is bench_models.run  # benchmarks/bench_models.py puts it in the suite
     lines: list[str] = []
     rows = bench_models.run(Context(device="cpu", log=lines.append), models=[bench_models.VIT_B])
-    expected = [(t, p) for t in ("infer", "train") for p in bench_models.MODES]
+    expected = [(t, p) for t in ("infer", "train", "train-amp") for p in bench_models.MODES]
     assert [(r.params["task"], r.provider) for r in rows] == expected
+    assert {r.dtype for r in rows if r.params["task"] == "train-amp"} == {"float32"}  # fp32 model, bf16 autocast
     for r in rows:
         if r.provider in ("eager", "vitkern"):
             assert r.status == "ok", r.error
@@ -346,7 +364,7 @@ def test_bench_models_smoke_and_registered():
     lines = bench_models.targets(rows)
     tgt = [t for t in lines if t.startswith("target ")]
     assert len(tgt) == len(bench_models.TARGETS) and all("not measured (CPU smoke" in t for t in tgt)
-    assert sum("img/s: eager" in t for t in lines) == 2  # one throughput line per case
+    assert sum("img/s: eager" in t for t in lines) == 3  # one throughput line per case
 
 
 def _row(model, task, provider, ms, **extra):
@@ -355,6 +373,29 @@ def _row(model, task, provider, ms, **extra):
     return Row(bench="models", case="c", params={"model": model, "B": 256, "task": task}, dtype="bfloat16",
                direction="fwd", provider=provider, baseline="eager", status="ok", median_ms=ms, timer=GPU_TIMER,
                extra=dict(extra))
+
+
+def test_bench_models_amp_step_runs_under_autocast():
+    """The train-amp step runs the fp32 model's forward under bf16 autocast (the plain step does not), and its
+    correctness check uses the bf16 tolerance (fp32 weights, bf16 compute)."""
+    from vitkern.bench import models as bm
+    from vitkern.bench.harness import Context
+
+    seen = {}
+    for task in (bm.TRAIN, bm.TRAIN_AMP):
+        case = bm.entry_case(bm.Entry(bm.VIT_B, 2, task), torch.float32, kwargs=bm.SMOKE_KWARGS[bm.VIT_B])
+        inp = bm.make_inputs(case, torch.device("cpu"))
+        def record(module, args, out, task=task):
+            seen.setdefault(task, (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+
+        hook = inp["built"].module.register_forward_hook(record)  # deep-copied into the step's model
+        bm.prepare("vitkern", case, inp, "default").fn()
+        hook.remove()
+    bm._BASE.clear()
+    assert seen == {bm.TRAIN: (False, torch.get_autocast_dtype("cpu")), bm.TRAIN_AMP: (True, torch.bfloat16)}
+    assert bm.entry_case(bm.Entry(bm.VIT_B, 2, bm.TRAIN_AMP), torch.bfloat16).dtype == torch.float32
+    rows = bm.run_cases(Context(device="cpu", log=lambda s: None), [case], modes=("eager", "vitkern"))
+    assert all(r.status == "ok" for r in rows) and rows[1].correct
 
 
 def test_bench_models_target_verdicts():

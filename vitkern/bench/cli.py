@@ -35,8 +35,10 @@ def add_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="time a model: eager vs torch.compile vs vitkern vs vitkern+compile (GPU)")
     b.add_argument("--model", required=True, help="timm name, torchvision:NAME, hf:NAME or reference:NAME")
     b.add_argument("--batch", default="256", help="batch size(s), comma-separated, e.g. 64,128,256")
-    b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="the model's dtype (default bf16)")
     b.add_argument("--train", action="store_true", help="time a training step (fwd + bwd + AdamW) instead of inference")
+    b.add_argument("--amp", action="store_true", help="time a training step of the fp32 model under bf16 autocast "
+                   "(AMP training; implies --train, and --dtype fp32)")
     b.add_argument("--modes", default="eager,compile,vitkern,vitkern+compile", help="providers, comma-separated")
     b.add_argument("--compile-mode", default="max-autotune",
                    help="torch.compile mode (e.g. default, max-autotune-no-cudagraphs)")
@@ -106,13 +108,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         unknown = [m for m in modes if m not in bm.MODES]
         if unknown or not modes:
             raise ValueError(f"--modes must be a comma-separated subset of {', '.join(bm.MODES)}, got {args.modes!r}")
+        if args.amp and args.dtype not in (None, "fp32"):
+            raise ValueError(f"--amp times the fp32 model under bf16 autocast; --dtype {args.dtype} contradicts it")
+        args.dtype = "fp32" if args.amp else args.dtype or "bf16"
     except (ValueError, RuntimeError) as exc:
         print(f"vitkern bench: {exc}", file=sys.stderr)
         return 2
     from vitkern.cli import DTYPES
 
     device = torch.device("cpu" if smoke else "cuda")
-    task = bm.TRAIN if args.train else bm.INFER
+    task = bm.TRAIN_AMP if args.amp else bm.TRAIN if args.train else bm.INFER
     peaks = None if smoke else harness.measure_peaks(device)
     meta = harness.collect_metadata(device, peaks)
     meta["cli"] = {"model": args.model, "batches": batches, "dtype": args.dtype, "task": task, "modes": modes,

@@ -3,9 +3,10 @@
 Rows (``ENTRIES``, in run order: the time budget skips what does not fit): timm ``vit_base_patch16_224`` and
 ``swin_tiny_patch4_window7_224`` inference (B=256; the rows with targets), ``deit_base_distilled_patch16_224``,
 torchvision ``vit_b_16`` and ``swin_t`` (B=256), ``vit_large_patch16_384`` and ``swin_base_patch4_window12_384``
-(B=64), then the ViT-B training step (B=128); without ``--quick`` also training steps of the others
-(``FULL_ONLY``). Models are random-init (``vitkern.models.create_model``, no download) and cast to bf16 (weights
-and activations). Timing: the harness's do_bench medians, with windows of at least ``MIN_REP_MS`` per measurement.
+(B=64), then the ViT-B training step (B=128) and the same step as AMP training runs it (``train-amp``: the fp32
+model under ``torch.autocast(bf16)``, fp32 weights and residual stream, bf16 GEMMs and attention); without
+``--quick`` also training steps of the others (``FULL_ONLY``, Swin-T's AMP step among them). Models are random-init
+(``vitkern.models.create_model``, no download) and cast to bf16 (weights and activations), except the AMP rows. Timing: the harness's do_bench medians, with windows of at least ``MIN_REP_MS`` per measurement.
 
 Providers, each on its own copy of the same initial weights and the same images:
 - ``eager``: the library's own model (timm uses SDPA attention by default) — the baseline;
@@ -64,6 +65,8 @@ BUDGET_S = 360.0  # run_all gives this bench this budget (the others get 100 s)
 MIN_WARMUP_MS, MIN_REP_MS, MIN_REP_MS_QUICK = 200.0, 1000.0, 400.0
 COMPILE_RESERVE_S = 100.0  # a max-autotune compile of a whole model can take a minute or two: don't start one late
 INFER, TRAIN = "infer", "train"
+TRAIN_AMP = "train-amp"  # a training step of the fp32 model under bf16 autocast (AMP: fp32 weights and stream)
+TRAIN_TASKS = (TRAIN, TRAIN_AMP)
 TRAIN_DIRECTION = "fwd+bwd+adamw"  # Row.direction of training rows (the harness Case itself runs them as "fwd")
 MODES = ("eager", "vitkern", "compile", "vitkern+compile")  # row order: the cheap ones first, compiles last
 DEFAULT_COMPILE_MODE = "max-autotune"
@@ -92,9 +95,11 @@ ENTRIES = [  # the two inference targets first, then the other models (no compil
     Entry("vit_large_patch16_384", 64),
     Entry("swin_base_patch4_window12_384", 64),
     Entry(VIT_B, 128, TRAIN, target=True),
+    Entry(VIT_B, 128, TRAIN_AMP),
 ]
 FULL_ONLY = [  # not with --quick
     Entry(SWIN_T, 128, TRAIN),
+    Entry(SWIN_T, 128, TRAIN_AMP),
     Entry("deit_base_distilled_patch16_224", 128, TRAIN),
     Entry("torchvision:vit_b_16", 128, TRAIN),
     Entry("torchvision:swin_t", 128, TRAIN),
@@ -172,7 +177,7 @@ def work(case: Case, provider: Provider) -> Work:
     flops = _FLOPS.get(_key(case))
     if flops is None:
         return Work()
-    return Work(flops=flops * case.params["B"] * (3.0 if case.params["task"] == TRAIN else 1.0))
+    return Work(flops=flops * case.params["B"] * (3.0 if case.params["task"] in TRAIN_TASKS else 1.0))
 
 
 # --------------------------------------------------------------------------------------------------- providers
@@ -241,8 +246,12 @@ def prepare(mode: str, case: Case, inp: dict[str, Any], compile_mode: str) -> _P
     # through every block: returned with the loss, so the check covers the backward, not only the forward
     probe = module.get_parameter(next(n for n, p in built.module.named_parameters() if p.requires_grad))
 
+    amp = case.params["task"] == TRAIN_AMP  # fp32 model and images; autocast runs the GEMMs/attention in bf16
+
     def step() -> tuple[torch.Tensor, torch.Tensor]:
-        loss = F.cross_entropy(logits(runner(x)).float(), y)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = logits(runner(x))
+        loss = F.cross_entropy(out.float(), y)
         loss.backward()
         grad = probe.grad.detach().clone()
         opt.step()
@@ -298,6 +307,9 @@ def providers(ctx: Context, modes: Sequence[str], compile_mode: str, compile_cas
 
 # --------------------------------------------------------------------------------------------------- running
 def entry_case(e: Entry, dtype: torch.dtype, img_size: int | None = None, kwargs: dict | str | None = None) -> Case:
+    """The harness case of ``e``: ``dtype`` is the model's (weights and images); an AMP step's model is fp32."""
+    if e.task == TRAIN_AMP:
+        dtype = torch.float32
     params: dict[str, Any] = {"model": e.model, "B": e.batch, "task": e.task}
     if img_size is not None:
         params["img"] = img_size
@@ -311,7 +323,7 @@ def finish_rows(rows: list[Row]) -> list[Row]:
     by = {r.provider: r for r in rows}
     comp = by.get("compile")
     for r in rows:
-        if r.params.get("task") == TRAIN:
+        if r.params.get("task") in TRAIN_TASKS:
             r.direction = TRAIN_DIRECTION
         if r.median_ms and r.status in (OK, WRONG):
             r.extra["img_per_s"] = round(r.params["B"] * 1e3 / r.median_ms, 1)
@@ -331,7 +343,10 @@ def run_cases(ctx: Context, cases: Sequence[Case], modes: Sequence[str] = MODES,
     rows: list[Row] = []
     try:
         for case in cases:
-            spec = Benchmark(NAME, [case], ps, make_inputs, baseline=baseline, model=work, tol=dict(TOL))
+            tol = dict(TOL)
+            if case.params["task"] == TRAIN_AMP:  # fp32 weights, bf16 compute: two correct runs differ as in bf16
+                tol[torch.float32] = TOL[torch.bfloat16]
+            spec = Benchmark(NAME, [case], ps, make_inputs, baseline=baseline, model=work, tol=tol)
             rows += finish_rows(harness.run_benchmark(ctx, spec))
             _PREPARED.clear()
             if on_case is not None:
@@ -339,9 +354,9 @@ def run_cases(ctx: Context, cases: Sequence[Case], modes: Sequence[str] = MODES,
     finally:
         _BASE.clear()
         _PREPARED.clear()
-        import torch._dynamo
+        from torch import _dynamo
 
-        torch._dynamo.reset()  # compiled graphs hold the last models
+        _dynamo.reset()  # compiled graphs hold the last models
     return rows
 
 
@@ -358,7 +373,8 @@ def _compile_setting(quick: bool) -> tuple[str, str]:
 def cases(ctx: Context, models: Sequence[str] | None = None) -> tuple[list[Case], set[int]]:
     """The cases of this run and the indices of the target rows."""
     if ctx.smoke:  # tiny configs of the two target families, inference and a training step
-        entries = [Entry(VIT_B, 2, INFER, True), Entry(SWIN_T, 2, INFER, True), Entry(VIT_B, 2, TRAIN, True)]
+        entries = [Entry(VIT_B, 2, INFER, True), Entry(SWIN_T, 2, INFER, True), Entry(VIT_B, 2, TRAIN, True),
+                   Entry(VIT_B, 2, TRAIN_AMP)]
         entries = [e for e in entries if not models or e.model in models]
         return [entry_case(e, torch.float32, kwargs=SMOKE_KWARGS[e.model]) for e in entries], set(range(len(entries)))
     entries = ENTRIES + ([] if ctx.quick else FULL_ONLY)
