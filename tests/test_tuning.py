@@ -89,3 +89,25 @@ def test_only_config_walks_every_kept_config_then_resets(monkeypatch):
     with tuning.only_config(0), pytest.raises(RuntimeError, match="do not nest"):
         with tuning.only_config(1):
             pass
+
+
+def test_gemm_tuning_is_keyed_on_the_size_class_of_the_token_dimensions(monkeypatch):
+    """fused_linear's autotuner (its GPU path, run here in the interpreter) tunes once per power-of-two class of M and
+    K, which grow with the batch: a new batch size in a known class reuses the choice; N (a layer's width) is exact.
+    Results stay exact whichever key is hit."""
+    from vitkern.kernels.triton import ln_linear as lnl_k
+
+    monkeypatch.setenv(tuning.ENV, "0")  # one config per key (the GPU tiles are slow to interpret); keys still cached
+    monkeypatch.setattr(lnl_k, "_interpreted", lambda t: False)
+    tuner = lnl_k._tuned_linear()
+    tuner.cache.clear()
+    g = torch.Generator().manual_seed(7)
+    for i, (m, n, k) in enumerate([(300, 48, 40), (400, 48, 40), (600, 48, 40), (300, 64, 40), (300, 48, 60)]):
+        a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+        out = torch.full((m, n), float("nan"))
+        lnl_k.fused_linear(a, b, out)
+        torch.testing.assert_close(out, a @ b, atol=1e-4, rtol=1e-4)
+        # 300 and 400 share class 512 (one key); 600 (1024), N 64, K 60 (64 vs 40's 64: same class) add keys
+        assert len(tuner.cache) == [1, 1, 2, 3, 3][i], (m, n, k, list(tuner.cache))
+    tuner.cache.clear()
+    assert [tuning.size_class(v) for v in (1, 2, 3, 197, 256, 257)] == [1, 2, 4, 256, 256, 512]

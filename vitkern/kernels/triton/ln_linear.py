@@ -94,7 +94,7 @@ def _gelu_grad(x, ACT: tl.constexpr):
         return s + x * 2.0 * s * tl.sigmoid(-2.0 * u) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_TUNE", "K_TUNE"])
 def fused_linear_kernel(
     A, B, C,  # A: [M, K] (strides stride_am, stride_ak); B: [K, N] (stride_bk, stride_bn); C: [M, N] (stride_cm, 1)
     MEAN, RSTD, LN_W, LN_B,  # LayerNorm of A's rows (LN_A): MEAN, RSTD [M] fp32; LN_W, LN_B [K]
@@ -102,6 +102,7 @@ def fused_linear_kernel(
     PRE,  # [M, N] (stride_pm, 1): pre-activation written (STORE_PRE) or read (ACT_BWD)
     RES, LS,  # RES: [M, N] (stride_rm, 1) residual; LS: [N] layer scale. C = RES + LS · acc
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, stride_rm,
+    M_TUNE, K_TUNE,  # unused by the kernel: the autotune key's size classes of M and K (see _tuned_linear)
     LN_A: tl.constexpr, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, STORE_PRE: tl.constexpr, ACT_BWD: tl.constexpr, HAS_RES: tl.constexpr, HAS_LS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -162,8 +163,9 @@ def fused_linear_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launch configuration. GPU: autotuned per (M, N, K, flags, dtypes) over Hopper/Ampere-friendly tiles (tl.dot →
-# wgmma on sm90). Interpreter: one fixed small config (autotuning there would time the interpreter).
+# Launch configuration. GPU: autotuned per (size class of M, N, size class of K, flags, dtypes) over
+# Hopper/Ampere-friendly tiles (tl.dot → wgmma on sm90). Interpreter: one fixed small config (autotuning there would
+# time the interpreter).
 
 INTERP_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)
 _FLAGS = ["LN_A", "HAS_LN_W", "HAS_LN_B", "HAS_BIAS", "ACT", "STORE_PRE", "ACT_BWD", "HAS_RES", "HAS_LS", "DOT_PRECISION"]
@@ -182,7 +184,10 @@ def _gpu_configs() -> list[triton.Config]:
 
 @functools.lru_cache(maxsize=None)
 def _tuned_linear():
-    return tuning.autotune(fused_linear_kernel, _gpu_configs(), ["M", "N", "K"] + _FLAGS)
+    # M (tokens: batch × sequence) and K (tokens too, in the weight-gradient GEMM) change with the batch size: keyed
+    # on their power-of-two class, a new batch size reuses its class's tuning instead of timing every config again
+    # (a serving process sees many batch sizes). N is a layer's width: exact.
+    return tuning.autotune(fused_linear_kernel, _gpu_configs(), ["M_TUNE", "N", "K_TUNE"] + _FLAGS)
 
 
 def _interpreted(t: torch.Tensor) -> bool:
@@ -243,6 +248,7 @@ def fused_linear(
         residual if residual is not None else dummy, layer_scale if layer_scale is not None else dummy,
         M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
         pre.stride(0) if pre is not None else 0, residual.stride(0) if residual is not None else 0,
+        tuning.size_class(M), tuning.size_class(K),
     )
     flags = dict(
         LN_A=ln is not None, HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None, HAS_BIAS=bias is not None,

@@ -76,6 +76,12 @@ def autotune(kernel, configs: list, key: list, prune: Callable | None = None, do
     return tuner
 
 
+def size_class(n: int) -> int:
+    """An autotune key's class for a size that varies with the batch: the next power of two (one tuning serves
+    every n in (2^(k-1), 2^k]; any config is correct for any size, only its speed was timed at another)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
 def reset() -> None:
     """Forget every autotuner's per-key choice (the next launch per key prunes, and tunes, again)."""
     for tuner in list(_tuners):
