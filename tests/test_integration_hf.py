@@ -25,10 +25,10 @@ from transformers import (  # noqa: E402
 )
 
 import vitkern  # noqa: E402
-from vitkern import dispatch  # noqa: E402
 from vitkern.integrations.hf_models import register_hf_attention  # noqa: E402
 from vitkern.nn import hf_blocks  # noqa: E402
 from vitkern.testing import Tolerance, assert_close, randn, seed_for  # noqa: E402
+from vitkern.testing.backends import ran_on, record_choices  # noqa: E402
 
 VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
            patch_size=8)
@@ -267,17 +267,8 @@ def test_compiled_optimized_model_keeps_a_padding_mask(fused_calls):
 
 
 @pytest.mark.interpreter
-def test_triton_kernels_end_to_end(monkeypatch):
+def test_triton_kernels_end_to_end():
     """The Triton kernels (interpreter) run every fused op of a tiny ViT and Swin, forward and backward."""
-    chosen = set()
-    select = dispatch.select
-
-    def record(problem):
-        choice = select(problem)
-        chosen.add((problem.op, choice.backend.name))
-        return choice
-
-    monkeypatch.setattr(dispatch, "select", record)
     for name, ops in (("vit", {"attention", "ln_mlp", "layer_norm", "patch_embed"}),
                       ("swin", {"window_attention", "ln_linear", "linear_residual", "ln_mlp", "layer_norm",
                                 "patch_embed"})):
@@ -286,10 +277,9 @@ def test_triton_kernels_end_to_end(monkeypatch):
         ref64, grads64 = _forward_backward(copy.deepcopy(model).double(), x.double(), seed_for("tw", name))
         base, base_grads = _forward_backward(copy.deepcopy(model), x, seed_for("tw", name))
         vitkern.optimize(model)
-        chosen.clear()
-        with vitkern.use_backend("triton", strict=False):
+        with record_choices() as chosen, vitkern.use_backend("triton", strict=False):
             out, grads = _forward_backward(model, x, seed_for("tw", name))
-        assert {op for op, backend in chosen if backend == "triton"} >= ops, chosen
+        assert not ran_on(chosen, "triton", ops), (ran_on(chosen, "triton", ops), sorted(chosen))
         for key in ("logits", "hidden_states[2]"):
             assert_close(f"triton {name} {key}", out[key], ref64[key], base[key])
         for key in ("pixel_values", next(iter(base_grads))):

@@ -16,6 +16,7 @@ import torch
 import vitkern
 from vitkern import reference
 from vitkern.testing import Tolerance, assert_close, seed_for
+from vitkern.testing.backends import ran_on, record_choices
 from vitkern.testing.models import check_autocast_matches_original, check_optimized_model, logits_of, randomize_
 
 VIT_TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -329,8 +330,12 @@ def test_optimized_models_run_triton_kernels(case):
     kwargs = dict(kwargs, depth=1) if case == "vit" else dict(kwargs, depths=(1, 1))
     model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for(case, "triton")).eval()
     x = torch.randn(1, 3, *((32, 32) if case == "vit" else (40, 56)))
-    with vitkern.use_backend("triton", strict=False):
+    with record_choices() as chosen, vitkern.use_backend("triton", strict=False):
         check_optimized_model(model, [x], vitkern.optimize, vitkern.restore)
+    # strict=False falls back silently where Triton declines: every fused op must have run on it, both directions
+    ops = (("ln_linear", "attention", "linear_residual", "ln_mlp", "patch_embed", "layer_norm") if case == "vit" else
+           ("ln_linear", "window_attention", "linear_residual", "ln_mlp", "patch_embed", "layer_norm"))
+    assert not ran_on(chosen, "triton", ops), (ran_on(chosen, "triton", ops), sorted(chosen))
 
 
 def test_logits_of_finds_the_output_tensor():

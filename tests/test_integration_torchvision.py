@@ -19,13 +19,13 @@ from torch.func import functional_call
 from torchvision.models import swin_transformer as tv_swin
 
 import vitkern
-from vitkern import dispatch
 from vitkern.nn import multihead_attention as mha_module
 from vitkern.nn.torchvision_blocks import TorchvisionEncoderBlock, TorchvisionShiftedWindowAttention, \
     TorchvisionSwinBlock
 from vitkern.nn.torchvision_embed import TorchvisionSwinPatchEmbed, TorchvisionViTConvProj
 from vitkern.reference.cnn_attention import CNNAttentionClassifier
 from vitkern.testing import Tolerance, assert_close, check_forward_backward, randn, seed_for
+from vitkern.testing.backends import ran_on, record_choices
 
 GRAD_TOL = Tolerance(k=3)  # chained fused backwards (module docstring)
 
@@ -657,26 +657,15 @@ TRITON_MODELS = {  # tiny configs: the interpreter runs every program instance i
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("name", TRITON_MODELS)
-def test_tiny_optimized_model_on_triton_kernels(name, monkeypatch):
+def test_tiny_optimized_model_on_triton_kernels(name):
     """The Triton kernels themselves (interpreter, fp32), forward and backward, end to end through the model."""
     build, size, ops = TRITON_MODELS[name]
     model = build()
     original = copy.deepcopy(model)
     vitkern.optimize(model)
-    chosen = set()
-    real = dispatch.select
-
-    def select(problem):
-        choice = real(problem)
-        chosen.add((problem.op, problem.direction, choice.backend_name))
-        return choice
-
-    monkeypatch.setattr(dispatch, "select", select)
-    with vitkern.use_backend("triton", strict=False):
+    with record_choices() as chosen, vitkern.use_backend("triton", strict=False):
         check_against_original(f"{name}-triton", model, original, image(f"{name}-triton", size, batch=1))
-    for op in ops:
-        for direction in (dispatch.FORWARD, dispatch.BACKWARD):
-            assert (op, direction, "triton") in chosen, (op, direction, sorted(chosen))
+    assert not ran_on(chosen, "triton", ops), (ran_on(chosen, "triton", ops), sorted(chosen))
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU

@@ -1,5 +1,5 @@
-"""Test helpers about backends: that a forced backend really ran (count calls of a CUDA forward and of the Triton
-backward after it), and running every autotune config of the Triton kernels."""
+"""Test helpers about backends: which backend each dispatch chose, that a forced backend really ran (count calls of a
+CUDA forward and of the Triton backward after it), and running every autotune config of the Triton kernels."""
 
 from __future__ import annotations
 
@@ -7,6 +7,30 @@ import contextlib
 from typing import Callable, Iterator
 
 from vitkern import dispatch
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[set[tuple[str, str, str]]]:
+    """Inside the block, collect (op, direction, backend name) of every dispatch decision, so a test can check that
+    the backend it forced with ``strict=False`` really served each op (and was not silently passed over)."""
+    chosen: set[tuple[str, str, str]] = set()
+    real = dispatch.select
+
+    def select(problem):
+        choice = real(problem)
+        chosen.add((problem.op, problem.direction, choice.backend_name))
+        return choice
+
+    dispatch.select = select
+    try:
+        yield chosen
+    finally:
+        dispatch.select = real
+
+
+def ran_on(chosen: set[tuple[str, str, str]], backend: str, ops, directions=(dispatch.FORWARD, dispatch.BACKWARD)):
+    """The (op, direction) pairs of ``ops`` x ``directions`` that never ran on ``backend`` (empty: all did)."""
+    return [(op, d) for op in ops for d in directions if (op, d, backend) not in chosen]
 
 
 @contextlib.contextmanager
