@@ -53,7 +53,7 @@ TORCH_LIBRARY(vitkern_C, m) {
   // vitkern/ops/layer_norm.py. x/residual/dy/dsum/xs: fp16/bf16/fp32, unit column stride; weight/bias: x's dtype or
   // fp32. fwd -> (y, sum = x + residual ([0] without residual), mean fp32 [M], rstd fp32 [M]);
   // bwd -> (dx, dweight fp32 [N] or [0], dbias fp32 [N] or [0]). The .out variants write caller-allocated outputs.
-  // Kernels: CUDA (+ Meta for the functional forms), csrc/ops/layer_norm.cu.
+  // Kernels: CUDA + Meta (csrc/ops/layer_norm.cu).
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_fwd.out(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, *, "

@@ -2,8 +2,9 @@
 
 * CPU, always: the backend reports itself unavailable with a reason and ``vitkern.explain`` lists it.
 * CPU, when vitkern._C is built (``bash scripts/build_csrc.sh --inplace``): the op schemas exist, the Meta kernels give
-  the contract's shapes and dtypes, the input checks name the argument, ``torch.library.opcheck`` and
-  ``torch.compile(fullgraph=True, backend="aot_eager")`` on meta tensors.
+  the contract's shapes and dtypes, the input checks name the argument,
+  ``torch.compile(fullgraph=True, backend="aot_eager")`` on meta tensors (``torch.library.opcheck`` runs on the GPU:
+  it checks nothing on meta inputs).
 * GPU (``@pytest.mark.gpu``; skipped with the reason when the extension cannot run): parity against float64 with
   ``vitkern.testing.check_forward_backward`` (its rule: err <= 2 x PyTorch's error in the same dtype + atol(dtype) x
   scale), against the Triton backend, the scalar (unaligned / strided) path, determinism, and compute-sanitizer
@@ -90,19 +91,19 @@ def test_meta_shapes(ops, residual, param_dtype):
     assert s.shape == ((m, n) if residual else (0,)) and s.dtype == torch.bfloat16
     assert mean.shape == rstd.shape == (m,) and mean.dtype == rstd.dtype == torch.float32
     stats = _meta(m, dtype=torch.float32)
+    # .out: y as a row-strided view (only a unit column stride is required)
+    ops.layer_norm_fwd.out(x, w, w, _meta(m, n) if residual else None, 1e-6, y=_meta(m, n + 64)[:, :n],
+                           sum=_meta(m, n) if residual else None, mean=stats, rstd=stats)
     for need_dw, need_db in ((True, True), (False, True), (True, False)):
         dx, dw, db = ops.layer_norm_bwd(x, x if residual else None, x, w, stats, stats, need_dw, need_db)
         assert dx.shape == (m, n) and dx.dtype == torch.bfloat16
         assert dw.shape == ((n,) if need_dw else (0,)) and dw.dtype == torch.float32
         assert db.shape == ((n,) if need_db else (0,)) and db.dtype == torch.float32
-
-
-def test_meta_opcheck(ops):
-    m, n = 6, 192
-    x, w, stats = _meta(m, n), _meta(n, dtype=torch.float32), _meta(m, dtype=torch.float32)
-    torch.library.opcheck(ops.layer_norm_fwd.default, (x, w, w, _meta(m, n), 1e-5))
-    torch.library.opcheck(ops.layer_norm_fwd.default, (x, None, None, None, 1e-5))
-    torch.library.opcheck(ops.layer_norm_bwd.default, (x, x, x, w, stats, stats, True, True))
+        # .out writes dx into the caller's tensor and allocates dweight / dbias like the functional form
+        dw_out, db_out = ops.layer_norm_bwd.out(x, x if residual else None, x, w, stats, stats, need_dw, need_db,
+                                                dx=_meta(m, n))
+        for got, want in ((dw_out, dw), (db_out, db)):
+            assert (got.shape, got.dtype, got.device.type) == (want.shape, torch.float32, "meta")
 
 
 def test_meta_torch_compile(ops):
@@ -113,6 +114,19 @@ def test_meta_torch_compile(ops):
     x, w = _meta(8, 384), _meta(384)
     y, s, mean = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, w, _meta(8, 384))
     assert y.shape == s.shape == (8, 384) and mean.shape == (8,) and mean.dtype == torch.float32
+
+
+def _fwd_out(**outs):
+    """layer_norm_fwd.out on a valid [4, 8] problem with a residual; `outs` replace the correct outputs."""
+    kw = {"y": _meta(4, 8), "sum": _meta(4, 8), "mean": _meta(4, dtype=torch.float32),
+          "rstd": _meta(4, dtype=torch.float32)}
+    kw.update(outs)
+    return lambda o: o.layer_norm_fwd.out(_meta(4, 8), _meta(8, dtype=torch.float32), None, _meta(4, 8), 1e-5, **kw)
+
+
+def _bwd_out(dx):
+    stats = _meta(4, dtype=torch.float32)
+    return lambda o: o.layer_norm_bwd.out(_meta(4, 8), None, _meta(4, 8), None, stats, stats, True, True, dx=dx)
 
 
 @pytest.mark.parametrize(
@@ -137,9 +151,17 @@ def test_meta_torch_compile(ops):
         (lambda o: o.layer_norm_bwd(_meta(4, 8, dtype=torch.float16), None, _meta(4, 8), None,
                                     _meta(4, dtype=torch.float32), _meta(4, dtype=torch.float32), True, True),
          r"layer_norm_bwd: dy must have dtype bfloat16, got float16"),
+        (_fwd_out(y=_meta(4, 9)), r"layer_norm_fwd: y must have shape \[4, 8\], got \[4, 9\]"),
+        (_fwd_out(y=_meta(8, 4).t()), r"layer_norm_fwd: y must be contiguous in its last dim"),
+        (_fwd_out(sum=None), r"layer_norm_fwd: sum must be given exactly when residual is"),
+        (_fwd_out(mean=_meta(4)), r"layer_norm_fwd: mean must have dtype float32, got bfloat16"),
+        (_fwd_out(rstd=_meta(8, dtype=torch.float32)[::2]), r"layer_norm_fwd: rstd must be contiguous"),
+        (_bwd_out(_meta(4, 8, dtype=torch.float32)), r"layer_norm_bwd: dx must have dtype bfloat16, got float32"),
+        (_bwd_out(_meta(3, 8)), r"layer_norm_bwd: dx must have shape \[4, 8\], got \[3, 8\]"),
     ],
     ids=["x_dtype", "weight_dtype", "param_mismatch", "weight_size", "residual_shape", "strided_cols", "x_3d",
-         "too_wide", "eps", "stats_shape", "dy_dtype"],
+         "too_wide", "eps", "stats_shape", "dy_dtype", "out_y_shape", "out_y_strided_cols", "out_sum_missing",
+         "out_mean_dtype", "out_rstd_strided", "out_dx_dtype", "out_dx_shape"],
 )
 def test_checks_name_the_argument(ops, call, match):
     with pytest.raises(RuntimeError, match=match):
@@ -336,6 +358,7 @@ def test_cuda_ops_torch_compile_and_opcheck(cuda_ops):
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, w, r), f(x, w, r), atol=0, rtol=0)
     stats = torch.rand(394, device="cuda") + 0.5
     torch.library.opcheck(cuda_ops.layer_norm_fwd.default, (x, w, w, r, 1e-6))
+    torch.library.opcheck(cuda_ops.layer_norm_fwd.default, (x, None, None, None, 1e-6))
     torch.library.opcheck(cuda_ops.layer_norm_bwd.default, (x, x, x, w, stats, stats, True, True))
 
 

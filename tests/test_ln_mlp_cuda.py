@@ -6,7 +6,7 @@ is LayerNorm+MLP's fc2 step (the same C++ function) on its own.
   backward problems (the Triton backward runs after a CUDA forward) and, until the op files route forwards to
   ``fused_forward``, forward problems too, saying so.
 * CPU, when vitkern._C is built (``bash scripts/build_csrc.sh --inplace``): schemas, Meta kernels (shapes of the
-  contract), input checks naming the argument, opcheck / torch.compile on meta tensors, and the cuBLASLt symbol
+  contract), input checks naming the argument, torch.compile on meta tensors (opcheck: on the GPU), and the cuBLASLt symbol
   lookup (dlopen/dlsym into torch's libcublasLt, no GPU needed).
 * GPU (``@pytest.mark.gpu``, skipped with the reason otherwise): forward parity of y, pre, h, mean, rstd against
   float64 with vitkern.testing's rule (err <= 2 x PyTorch's error in the same dtype + atol(dtype) x scale), against
@@ -32,7 +32,7 @@ from vitkern.ops.ln_linear import LnLinearReference
 from vitkern.backends.cuda_common import BACKWARD_REASON
 from vitkern.ops.ln_mlp_cuda import CUDA_MAX_D, LAYER_SCALE_IMPLS, LinearResidualCuda, LnLinearCuda, LnMlpCuda
 from vitkern.testing.sanitizer import run_under_sanitizer
-from vitkern.testing import check_forward_backward, poison_outputs, randn, seed_for
+from vitkern.testing import check_forward_backward, materialize, poison_outputs, randn, seed_for
 from vitkern.testing.numerics import assert_close
 
 EPS = 1e-6
@@ -166,6 +166,12 @@ def test_meta_shapes(ops, save, ls):
     assert mean.shape == rstd.shape == (m,) and mean.dtype == rstd.dtype == torch.float32
     y, mean, rstd = ops.ln_linear_fwd(_meta(m, d), None, None, _meta(3 * d, d), None, EPS)
     assert y.shape == (m, 3 * d) and y.dtype == torch.bfloat16 and mean.shape == (m,) and mean.dtype == torch.float32
+    stats = _meta(m, dtype=torch.float32)
+    act = _meta(m, hidden) if save else None
+    ops.ln_mlp_fwd.out(*_meta_mlp(m, d, hidden, ls=ls), EPS, "none", y=_meta(m, d), pre=act, h=act, mean=stats,
+                       rstd=stats)
+    ops.ln_linear_fwd.out(_meta(m, d), None, None, _meta(3 * d, d), None, EPS, y=_meta(m, 3 * d), mean=stats,
+                          rstd=stats)
 
 
 @pytest.mark.parametrize("bias, ls", [(True, True), (False, False)], ids=["bias_ls", "nobias_nols"])
@@ -176,6 +182,9 @@ def test_linear_residual_meta_shapes(ops, bias, ls):
                                     _meta(n, dtype=dtype) if bias else None, _meta(m, n, dtype=dtype),
                                     _meta(n, dtype=dtype) if ls else None)
         assert (y.shape, y.dtype, y.device.type) == ((m, n), dtype, "meta")
+        ops.linear_residual_fwd.out(_meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype),
+                                    _meta(n, dtype=dtype) if bias else None, _meta(m, n, dtype=dtype),
+                                    _meta(n, dtype=dtype) if ls else None, y=_meta(m, n, dtype=dtype))
     # no LayerNorm: no width limit; a strided residual and x (any row stride) are accepted
     wide = CUDA_MAX_D + 8
     x = _meta(m, wide + 8)[:, :wide]
@@ -185,14 +194,18 @@ def test_linear_residual_meta_shapes(ops, bias, ls):
     assert ops.linear_residual_fwd(_meta(0, k), _meta(n, k), None, _meta(0, n), None).shape == (0, n)
 
 
-def test_meta_opcheck(ops):
-    torch.library.opcheck(ops.ln_mlp_fwd.default, (*_meta_mlp(6, 192, 768), EPS, "tanh", True, 1, 2))
-    torch.library.opcheck(ops.ln_mlp_fwd.default, (*_meta_mlp(6, 192, 768, ls=False), EPS, "none", False))
-    torch.library.opcheck(ops.ln_linear_fwd.default, (_meta(6, 192), _meta(192), _meta(192), _meta(576, 192),
-                                                      _meta(576), EPS))
-    torch.library.opcheck(ops.linear_residual_fwd.default, (_meta(6, 192), _meta(96, 192), _meta(96), _meta(6, 96),
-                                                            _meta(96), 1))
-    torch.library.opcheck(ops.linear_residual_fwd.default, (_meta(6, 192), _meta(96, 192), None, _meta(6, 96), None))
+@pytest.mark.gpu
+def test_opcheck(cuda_ops):
+    # on real tensors: torch.library.opcheck checks nothing when an input is on the meta device
+    cases = [
+        (cuda_ops.ln_mlp_fwd, (*_meta_mlp(6, 192, 768), EPS, "tanh", True, 1, 2)),
+        (cuda_ops.ln_mlp_fwd, (*_meta_mlp(6, 192, 768, ls=False), EPS, "none", False)),
+        (cuda_ops.ln_linear_fwd, (_meta(6, 192), _meta(192), _meta(192), _meta(576, 192), _meta(576), EPS)),
+        (cuda_ops.linear_residual_fwd, (_meta(6, 192), _meta(96, 192), _meta(96), _meta(6, 96), _meta(96), 1)),
+        (cuda_ops.linear_residual_fwd, (_meta(6, 192), _meta(96, 192), None, _meta(6, 96), None)),
+    ]
+    for i, (op, args) in enumerate(cases):
+        torch.library.opcheck(op.default, materialize(args, device="cuda", seed=seed_for("oc", i)))
 
 
 def test_meta_torch_compile(ops):
@@ -223,6 +236,25 @@ def _lr_call(**over):
     args = {"x": _meta(4, 8), "w": _meta(6, 8), "b": _meta(6), "res": _meta(4, 6), "ls": _meta(6), "ls_impl": 0}
     args.update(over)
     return lambda o: o.linear_residual_fwd(*args.values())
+
+
+# The .out overloads on the valid problems of _mlp_call / ln_linear [4, 8] -> [4, 6] / _lr_call; `outs` replace the
+# correct outputs.
+def _mlp_out(**outs):
+    kw = {"y": _meta(4, 8), "pre": _meta(4, 16), "h": _meta(4, 16), "mean": _meta(4, dtype=torch.float32),
+          "rstd": _meta(4, dtype=torch.float32)}
+    kw.update(outs)
+    return lambda o: o.ln_mlp_fwd.out(*_meta_mlp(4, 8, 16), EPS, "none", **kw)
+
+
+def _linear_out(**outs):
+    kw = {"y": _meta(4, 6), "mean": _meta(4, dtype=torch.float32), "rstd": _meta(4, dtype=torch.float32)}
+    kw.update(outs)
+    return lambda o: o.ln_linear_fwd.out(_meta(4, 8), None, None, _meta(6, 8), _meta(6), EPS, **kw)
+
+
+def _lr_out(y):
+    return lambda o: o.linear_residual_fwd.out(_meta(4, 8), _meta(6, 8), _meta(6), _meta(4, 6), _meta(6), y=y)
 
 
 @pytest.mark.parametrize(
@@ -273,6 +305,17 @@ def _lr_call(**over):
         (_lr_call(ls=_meta(6, dtype=torch.float16)), r"layer_scale must have x's dtype bfloat16, got float16"),
         (_lr_call(ls=_meta(12)[::2]), r"linear_residual_fwd: layer_scale must be contiguous"),
         (_lr_call(ls_impl=3), r"ls_impl must be 0 \(auto\), 1 \(fold into the weight\) or 2 \(separate kernel\)"),
+        (_mlp_out(y=_meta(4, 16)), r"ln_mlp_fwd: y must have shape \[4, 8\], got \[4, 16\]"),
+        (_mlp_out(pre=None), r"ln_mlp_fwd: pre and h are saved together"),
+        (_mlp_out(pre=_meta(4, 16, dtype=torch.float32)), r"ln_mlp_fwd: pre must have x's dtype bfloat16, got float32"),
+        (_mlp_out(h=_meta(16, 4).t()), r"ln_mlp_fwd: h must be contiguous"),
+        (_mlp_out(rstd=_meta(3, dtype=torch.float32)), r"ln_mlp_fwd: rstd must have shape \[4\], got \[3\]"),
+        (_linear_out(y=_meta(4, 8)), r"ln_linear_fwd: y must have shape \[4, 6\], got \[4, 8\]"),
+        (_linear_out(mean=_meta(4)), r"ln_linear_fwd: mean must have dtype float32, got bfloat16"),
+        (_lr_out(_meta(4, 7)), r"linear_residual_fwd: y must have shape \[4, 6\], got \[4, 7\]"),
+        (_lr_out(_meta(4, 6, dtype=torch.float16)),
+         r"linear_residual_fwd: y must have x's dtype bfloat16, got float16"),
+        (_lr_out(_meta(4, 8)[:, :6]), r"linear_residual_fwd: y must be contiguous"),
     ],
     ids=["x_dtype", "x_3d", "x_strided_cols", "x_overlapping_rows", "too_wide", "ln_weight_dtype", "ln_bias_size",
          "fc1_shape", "fc1_bias_size", "fc2_shape", "fc2_transposed", "ls_dtype", "approximate", "erf_epilogue",
@@ -280,7 +323,9 @@ def _lr_call(**over):
          "lr_x_dtype", "lr_x_3d", "lr_x_strided_cols", "lr_x_overlapping_rows", "lr_no_in_features",
          "lr_no_out_features", "lr_weight_shape", "lr_weight_dtype", "lr_weight_transposed", "lr_bias_size",
          "lr_bias_dtype", "lr_residual_shape", "lr_residual_1d", "lr_residual_dtype", "lr_residual_transposed",
-         "lr_residual_broadcast", "lr_ls_size", "lr_ls_dtype", "lr_ls_strided", "lr_ls_impl"],
+         "lr_residual_broadcast", "lr_ls_size", "lr_ls_dtype", "lr_ls_strided", "lr_ls_impl",
+         "mlp_out_y_shape", "mlp_out_h_without_pre", "mlp_out_pre_dtype", "mlp_out_h_transposed", "mlp_out_rstd_shape",
+         "linear_out_y_shape", "linear_out_mean_dtype", "lr_out_y_shape", "lr_out_y_dtype", "lr_out_y_strided_rows"],
 )
 def test_checks_name_the_argument(ops, call, match):
     with pytest.raises(RuntimeError, match=match):

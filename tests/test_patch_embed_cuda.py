@@ -5,7 +5,7 @@ in place in [B, P + Np, D], bias through the epilogue, position embedding throug
 * CPU, always: registered after Triton, unavailable with a reason, backward problems rejected with the reason (the
   Triton backward runs from x, norm, weight), unsupported problems rejected.
 * CPU, when vitkern._C is built: schema, Meta kernel (the contract's shapes for every prefix / pos combination),
-  input checks naming the argument, opcheck / torch.compile on meta tensors.
+  input checks naming the argument, torch.compile on meta tensors (opcheck: on the GPU).
 * GPU (``@pytest.mark.gpu``): parity against float64 through ``vitkern.functional.patch_embed`` (forward on CUDA,
   checked by counting calls; backward on Triton) for p = 16 and 14, NCHW and channels_last, uint8 + mean/std,
   P = 0/1/2/5, timm's no_embed_class, odd sizes; both ways of adding the position embedding; accuracy against the
@@ -26,7 +26,7 @@ from vitkern.backends.cuda_common import BACKWARD_REASON
 from vitkern.ops.patch_embed import problem as pe_problem
 from vitkern.ops.patch_embed_cuda import PatchEmbedCuda
 from vitkern.testing.sanitizer import run_under_sanitizer
-from vitkern.testing import check_forward_backward, poison_outputs, seed_for
+from vitkern.testing import check_forward_backward, materialize, poison_outputs, seed_for
 from vitkern.testing.numerics import assert_close
 
 OP = "patch_embed"
@@ -96,17 +96,11 @@ def test_meta_shapes(ops, P, covers, pos):
     B, D, p = 3, 96, 16
     np_ = (224 // p) * (160 // p)
     x = _meta(B, 3, 224, 160, dtype=torch.uint8)
-    out = ops.patch_embed_fwd(x, _meta(2, 3, dtype=torch.float32), _meta(D, 3, p, p), _meta(D),
-                              _meta((P if covers else 0) + np_, D) if pos else None, _meta(P, D) if P else None, covers)
+    args = (x, _meta(2, 3, dtype=torch.float32), _meta(D, 3, p, p), _meta(D),
+            _meta((P if covers else 0) + np_, D) if pos else None, _meta(P, D) if P else None, covers)
+    out = ops.patch_embed_fwd(*args)
     assert (out.shape, out.dtype, out.device.type) == ((B, P + np_, D), torch.bfloat16, "meta")
-
-
-def test_meta_opcheck(ops):
-    args = (_meta(2, 3, 32, 32), None, _meta(48, 3, 8, 8), _meta(48), _meta(17, 48), _meta(1, 48), True)
-    torch.library.opcheck(ops.patch_embed_fwd.default, args)
-    torch.library.opcheck(ops.patch_embed_fwd.default, (_meta(2, 3, 28, 28, dtype=torch.uint8),
-                                                        _meta(2, 3, dtype=torch.float32), _meta(40, 3, 14, 14),
-                                                        None, _meta(4, 40), None, False, 2))
+    ops.patch_embed_fwd.out(*args, out=_meta(B, P + np_, D))
 
 
 def test_meta_torch_compile(ops):
@@ -119,10 +113,14 @@ def test_meta_torch_compile(ops):
 
 
 def _pe_call(**over):
+    """patch_embed_fwd on a valid problem with `over` replacing arguments; with out=..., the .out overload."""
     args = {"x": _meta(2, 3, 32, 32), "norm": None, "weight": _meta(48, 3, 8, 8), "bias": _meta(48),
             "pos": _meta(17, 48), "prefix": _meta(1, 48), "covers": True, "pos_impl": 0}
+    out = over.pop("out", None)
     args.update(over)
-    return lambda o: o.patch_embed_fwd(*args.values())
+    if out is None:
+        return lambda o: o.patch_embed_fwd(*args.values())
+    return lambda o: o.patch_embed_fwd.out(*args.values(), out=out)
 
 
 @pytest.mark.parametrize(
@@ -145,10 +143,14 @@ def _pe_call(**over):
         (_pe_call(prefix=_meta(1, 48, dtype=torch.float32)), r"prefix must have weight's dtype bfloat16, got float32"),
         (_pe_call(prefix=_meta(1, 2, 48)), r"prefix must be 2-D"),
         (_pe_call(pos_impl=3), r"pos_impl must be 0 \(auto\), 1 \(broadcast C\) or 2 \(in place\), got 3"),
+        (_pe_call(out=_meta(2, 16, 48)), r"patch_embed_fwd: out must have shape \[2, 17, 48\], got \[2, 16, 48\]"),
+        (_pe_call(out=_meta(2, 17, 48, dtype=torch.float32)),
+         r"patch_embed_fwd: out must have weight's dtype bfloat16, got float32"),
+        (_pe_call(out=_meta(2, 48, 17).transpose(1, 2)), r"patch_embed_fwd: out must be contiguous"),
     ],
     ids=["x_3d", "x_dtype", "weight_dtype", "weight_strided", "channels", "not_divisible", "norm_dtype", "norm_shape",
          "bias_dtype", "bias_size", "pos_rows_covers", "pos_rows_patches", "pos_width", "prefix_dtype", "prefix_3d",
-         "pos_impl"],
+         "pos_impl", "out_shape", "out_dtype", "out_transposed"],
 )
 def test_checks_name_the_argument(ops, call, match):
     with pytest.raises(RuntimeError, match=match):
@@ -318,6 +320,14 @@ def test_cuda_op_torch_compile_and_opcheck(cuda_ops):
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, norm, w, b, pos, cls), f(x, norm, w, b, pos, cls),
                                atol=0, rtol=0)
     torch.library.opcheck(cuda_ops.patch_embed_fwd.default, (x, norm, w, b, pos, cls, True))
+    # also float pixels with pos covering the class token, and uint8 pixels with per-channel norm, no bias, a
+    # patch-only pos and pos_impl 2; on real tensors: torch.library.opcheck checks nothing on meta inputs
+    for i, args in enumerate([
+        (_meta(2, 3, 32, 32), None, _meta(48, 3, 8, 8), _meta(48), _meta(17, 48), _meta(1, 48), True),
+        (_meta(2, 3, 28, 28, dtype=torch.uint8), _meta(2, 3, dtype=torch.float32), _meta(40, 3, 14, 14), None,
+         _meta(4, 40), None, False, 2),
+    ]):
+        torch.library.opcheck(cuda_ops.patch_embed_fwd.default, materialize(args, device="cuda", seed=seed_for("oc", i)))
 
 
 @pytest.mark.gpu

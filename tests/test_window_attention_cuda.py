@@ -3,7 +3,7 @@
 * CPU, always: registered after Triton, unavailable with a reason without the extension / a GPU, rejects what the
   kernel cannot run and every backward problem (the backward runs on Triton).
 * CPU, when vitkern._C is built: schemas, Meta shapes (padded maps: the window count), C++ input checks naming the
-  argument, opcheck on meta tensors, no CPU kernel.
+  argument, no CPU kernel (opcheck: on the GPU).
 * GPU (``@pytest.mark.gpu``): parity against float64 with vitkern.testing's rule through the op and autograd (CUDA
   forward, Triton backward on the CUDA forward's lse) for windows 7 and 12 (shifted, unshifted, padded, timm's
   roll-then-pad and torchvision's pad_first), ws 16 (N = 256), non-square windows, no qkv bias, a -inf mask, every
@@ -31,7 +31,7 @@ from vitkern.ops.attention_cuda import CUDA_HEAD_DIMS
 from vitkern.ops.window_attention_cuda import WindowAttentionCuda, window_smem_bytes
 from vitkern.reference import swin as ref_swin
 from vitkern.testing.backends import check_ran, cuda_forward_triton_backward
-from vitkern.testing import Tolerance, check_forward_backward, poison_outputs
+from vitkern.testing import Tolerance, check_forward_backward, materialize, poison_outputs, seed_for
 from vitkern.testing.numerics import assert_close
 
 OP = "window_attention"
@@ -123,9 +123,12 @@ def test_meta_shapes(ops, H, W, window, nw):
                                                                           dtype=torch.float32))
 
 
-def test_meta_opcheck(ops):
-    torch.library.opcheck(ops.window_attention_fwd.default, _meta_args())
-    torch.library.opcheck(ops.window_attention_fwd.default, _meta_args(H=9, W=10, bias=False, D=64, heads=1))
+@pytest.mark.gpu
+def test_opcheck(cuda_ops):
+    # on real tensors: torch.library.opcheck checks nothing when an input is on the meta device
+    for i, args in enumerate([_meta_args(), _meta_args(H=9, W=10, bias=False, D=64, heads=1)]):
+        torch.library.opcheck(cuda_ops.window_attention_fwd.default,
+                              materialize(args, device="cuda", seed=seed_for("oc", i)))
 
 
 def _with(**over):

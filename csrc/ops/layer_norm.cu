@@ -90,6 +90,21 @@ void check_bwd_args(const at::Tensor& dy, const OptTensor& dsum, const at::Tenso
   check_stats(rstd, kBwd, "rstd", m);
 }
 
+// The caller's outputs of the .out variants (sum: exactly when there is a residual).
+void check_fwd_outputs(const at::Tensor& x, const OptTensor& residual, const at::Tensor& y, const OptTensor& sum,
+                       const at::Tensor& mean, const at::Tensor& rstd) {
+  const int64_t m = x.size(0), n = x.size(1);
+  check_rows(y, kFwd, "y", x.scalar_type(), m, n);
+  check_stats(mean, kFwd, "mean", m);
+  check_stats(rstd, kFwd, "rstd", m);
+  TORCH_CHECK(sum.has_value() == residual.has_value(), kFwd, ": sum must be given exactly when residual is");
+  if (sum.has_value()) check_rows(*sum, kFwd, "sum", x.scalar_type(), m, n);
+}
+
+void check_bwd_outputs(const at::Tensor& xs, const at::Tensor& dx) {
+  check_rows(dx, kBwd, "dx", xs.scalar_type(), xs.size(0), xs.size(1));
+}
+
 struct Arg {
   const at::Tensor* t;  // nullptr: an absent optional
   const char* name;
@@ -167,12 +182,8 @@ void layer_norm_fwd_out_cuda(const at::Tensor& x, const OptTensor& weight, const
   check_devices(x, "x", kFwd, {arg(weight, "weight"), arg(bias, "bias"), arg(residual, "residual"), arg(y, "y"),
                                arg(sum, "sum"), arg(mean, "mean"), arg(rstd, "rstd")});
   check_fwd_args(x, weight, bias, residual, eps);
+  check_fwd_outputs(x, residual, y, sum, mean, rstd);
   const int64_t m = x.size(0), n = x.size(1);
-  check_rows(y, kFwd, "y", x.scalar_type(), m, n);
-  check_stats(mean, kFwd, "mean", m);
-  check_stats(rstd, kFwd, "rstd", m);
-  TORCH_CHECK(sum.has_value() == residual.has_value(), kFwd, ": sum must be given exactly when residual is");
-  if (sum.has_value()) check_rows(*sum, kFwd, "sum", x.scalar_type(), m, n);
   if (m == 0) return;
 
   c10::cuda::CUDAGuard guard(x.device());
@@ -233,6 +244,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_meta(c
   return fwd_outputs(x, residual.has_value());
 }
 
+void layer_norm_fwd_out_meta(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                             const OptTensor& residual, double eps, const at::Tensor& y, const OptTensor& sum,
+                             const at::Tensor& mean, const at::Tensor& rstd) {
+  check_fwd_args(x, weight, bias, residual, eps);
+  check_fwd_outputs(x, residual, y, sum, mean, rstd);
+}
+
 // ------------------------------------------------------------------------------------------------ backward
 
 // CTAs of the backward: one full wave (occupancy x SMs), each owning a contiguous chunk of rows and writing one row
@@ -258,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_bwd_out_cuda(const at::Tensor& dy,
   check_devices(xs, "xs", kBwd, {arg(dy, "dy"), arg(dsum, "dsum"), arg(weight, "weight"), arg(mean, "mean"),
                                  arg(rstd, "rstd"), arg(dx, "dx")});
   check_bwd_args(dy, dsum, xs, weight, mean, rstd);
+  check_bwd_outputs(xs, dx);
   const int64_t m = xs.size(0), n = xs.size(1);
-  check_rows(dx, kBwd, "dx", xs.scalar_type(), m, n);
   const auto f32 = xs.options().dtype(at::kFloat);
   if (m == 0) {
     return {need_dw ? at::zeros({n}, f32) : at::empty({0}, f32), need_db ? at::zeros({n}, f32) : at::empty({0}, f32)};
@@ -316,14 +334,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   return {dx, dw, db};
 }
 
+// dweight / dbias are allocated by the op (not caller outputs): [N] fp32 when needed, else [0].
+std::tuple<at::Tensor, at::Tensor> layer_norm_bwd_out_meta(const at::Tensor& dy, const OptTensor& dsum,
+                                                           const at::Tensor& xs, const OptTensor& weight,
+                                                           const at::Tensor& mean, const at::Tensor& rstd,
+                                                           bool need_dw, bool need_db, const at::Tensor& dx) {
+  check_bwd_args(dy, dsum, xs, weight, mean, rstd);
+  check_bwd_outputs(xs, dx);
+  const auto f32 = xs.options().dtype(at::kFloat);
+  const int64_t n = xs.size(1);
+  return {at::empty({need_dw ? n : 0}, f32), at::empty({need_db ? n : 0}, f32)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_meta(const at::Tensor& dy, const OptTensor& dsum,
                                                                    const at::Tensor& xs, const OptTensor& weight,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                                    bool need_dw, bool need_db) {
   check_bwd_args(dy, dsum, xs, weight, mean, rstd);
-  const auto f32 = xs.options().dtype(at::kFloat);
-  const int64_t n = xs.size(1);
-  return {at::empty(xs.sizes(), xs.options()), at::empty({need_dw ? n : 0}, f32), at::empty({need_db ? n : 0}, f32)};
+  at::Tensor dx = at::empty(xs.sizes(), xs.options());
+  auto [dw, db] = layer_norm_bwd_out_meta(dy, dsum, xs, weight, mean, rstd, need_dw, need_db, dx);
+  return {dx, dw, db};
 }
 
 }  // namespace
@@ -337,5 +367,7 @@ TORCH_LIBRARY_IMPL(vitkern_C, CUDA, m) {
 }
 TORCH_LIBRARY_IMPL(vitkern_C, Meta, m) {
   m.impl("layer_norm_fwd", &vitkern::layer_norm_fwd_meta);
+  m.impl("layer_norm_fwd.out", &vitkern::layer_norm_fwd_out_meta);
   m.impl("layer_norm_bwd", &vitkern::layer_norm_bwd_meta);
+  m.impl("layer_norm_bwd.out", &vitkern::layer_norm_bwd_out_meta);
 }

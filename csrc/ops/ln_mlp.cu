@@ -197,6 +197,32 @@ void check_linear_residual_args(const at::Tensor& x, const at::Tensor& weight, c
   check_ls_impl(ls_impl, kResidual, "the weight");
 }
 
+// The caller's outputs of the .out variants. (Memory overlap with the inputs is checked at launch.)
+void check_linear_outputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y, const at::Tensor& mean,
+                          const at::Tensor& rstd) {
+  const int64_t m = x.size(0);
+  check_output(y, x, m, weight.size(0), kLinear, "y");
+  check_stats(mean, m, kLinear, "mean");
+  check_stats(rstd, m, kLinear, "rstd");
+}
+
+void check_mlp_outputs(const at::Tensor& x, const at::Tensor& fc1_weight, const at::Tensor& y, const OptTensor& pre,
+                       const OptTensor& h, const at::Tensor& mean, const at::Tensor& rstd) {
+  const int64_t m = x.size(0);
+  check_output(y, x, m, x.size(1), kMlp, "y");
+  TORCH_CHECK(pre.has_value() == h.has_value(), kMlp, ": pre and h are saved together (both given or neither)");
+  if (pre.has_value()) {
+    check_output(*pre, x, m, fc1_weight.size(0), kMlp, "pre");
+    check_output(*h, x, m, fc1_weight.size(0), kMlp, "h");
+  }
+  check_stats(mean, m, kMlp, "mean");
+  check_stats(rstd, m, kMlp, "rstd");
+}
+
+void check_linear_residual_output(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y) {
+  check_output(y, x, x.size(0), weight.size(0), kResidual, "y");
+}
+
 struct Arg {
   const at::Tensor* t;  // nullptr: an absent optional
   const char* name;
@@ -372,10 +398,8 @@ void ln_linear_fwd_out_cuda(const at::Tensor& x, const OptTensor& ln_weight, con
   check_devices(x, kLinear, {arg(ln_weight, "ln_weight"), arg(ln_bias, "ln_bias"), arg(weight, "weight"),
                              arg(bias, "bias"), arg(y, "y"), arg(mean, "mean"), arg(rstd, "rstd")});
   check_linear_args(x, ln_weight, ln_bias, weight, bias, eps);
+  check_linear_outputs(x, weight, y, mean, rstd);
   const int64_t m = x.size(0), d = x.size(1), n = weight.size(0);
-  check_output(y, x, m, n, kLinear, "y");
-  check_stats(mean, m, kLinear, "mean");
-  check_stats(rstd, m, kLinear, "rstd");
   if (m == 0) return;
   at::assert_no_overlap(y, x);
 
@@ -420,6 +444,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_linear_fwd_meta(const at::Tens
   return linear_outputs(x, weight);
 }
 
+void ln_linear_fwd_out_meta(const at::Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
+                            const at::Tensor& weight, const OptTensor& bias, double eps, const at::Tensor& y,
+                            const at::Tensor& mean, const at::Tensor& rstd) {
+  check_linear_args(x, ln_weight, ln_bias, weight, bias, eps);
+  check_linear_outputs(x, weight, y, mean, rstd);
+}
+
 // ------------------------------------------------------------------------------------------------ ln_mlp
 
 void ln_mlp_fwd_out_cuda(const at::Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
@@ -433,15 +464,8 @@ void ln_mlp_fwd_out_cuda(const at::Tensor& x, const OptTensor& ln_weight, const 
                           arg(mean, "mean"), arg(rstd, "rstd")});
   check_mlp_args(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, eps, approximate,
                  gelu_impl, ls_impl);
+  check_mlp_outputs(x, fc1_weight, y, pre, h, mean, rstd);
   const int64_t m = x.size(0), d = x.size(1), hidden = fc1_weight.size(0);
-  check_output(y, x, m, d, kMlp, "y");
-  TORCH_CHECK(pre.has_value() == h.has_value(), kMlp, ": pre and h are saved together (both given or neither)");
-  if (pre.has_value()) {
-    check_output(*pre, x, m, hidden, kMlp, "pre");
-    check_output(*h, x, m, hidden, kMlp, "h");
-  }
-  check_stats(mean, m, kMlp, "mean");
-  check_stats(rstd, m, kMlp, "rstd");
   if (m == 0) return;
   at::assert_no_overlap(y, x);
   if (pre.has_value()) at::assert_no_overlap(*pre, *h);
@@ -537,6 +561,16 @@ MlpOutputs ln_mlp_fwd_meta(const at::Tensor& x, const OptTensor& ln_weight, cons
   return mlp_outputs(x, fc1_weight.size(0), save_for_backward);
 }
 
+void ln_mlp_fwd_out_meta(const at::Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
+                         const at::Tensor& fc1_weight, const OptTensor& fc1_bias, const at::Tensor& fc2_weight,
+                         const OptTensor& fc2_bias, const OptTensor& layer_scale, double eps,
+                         c10::string_view approximate, int64_t gelu_impl, int64_t ls_impl, const at::Tensor& y,
+                         const OptTensor& pre, const OptTensor& h, const at::Tensor& mean, const at::Tensor& rstd) {
+  check_mlp_args(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, eps, approximate,
+                 gelu_impl, ls_impl);
+  check_mlp_outputs(x, fc1_weight, y, pre, h, mean, rstd);
+}
+
 // ------------------------------------------------------------------------------------------------ linear_residual
 
 void linear_residual_fwd_out_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
@@ -545,9 +579,8 @@ void linear_residual_fwd_out_cuda(const at::Tensor& x, const at::Tensor& weight,
   check_devices(x, kResidual, {arg(weight, "weight"), arg(bias, "bias"), arg(residual, "residual"),
                                arg(layer_scale, "layer_scale"), arg(y, "y")});
   check_linear_residual_args(x, weight, bias, residual, layer_scale, ls_impl);
-  const int64_t m = x.size(0);
-  check_output(y, x, m, weight.size(0), kResidual, "y");
-  if (m == 0) return;
+  check_linear_residual_output(x, weight, y);
+  if (x.size(0) == 0) return;
   check_no_overlap(y, "y", x, "x", kResidual);
   check_no_overlap(y, "y", residual, "residual", kResidual);
 
@@ -577,6 +610,13 @@ at::Tensor linear_residual_fwd_meta(const at::Tensor& x, const at::Tensor& weigh
   return linear_residual_output(x, weight);
 }
 
+void linear_residual_fwd_out_meta(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                  const at::Tensor& residual, const OptTensor& layer_scale, int64_t ls_impl,
+                                  const at::Tensor& y) {
+  check_linear_residual_args(x, weight, bias, residual, layer_scale, ls_impl);
+  check_linear_residual_output(x, weight, y);
+}
+
 }  // namespace
 
 // Test hook: the version of the cuBLASLt these ops call (resolved with dlopen/dlsym, csrc/common/cublaslt.h). Needs
@@ -595,6 +635,9 @@ TORCH_LIBRARY_IMPL(vitkern_C, CUDA, m) {
 }
 TORCH_LIBRARY_IMPL(vitkern_C, Meta, m) {
   m.impl("ln_linear_fwd", &vitkern::ln_linear_fwd_meta);
+  m.impl("ln_linear_fwd.out", &vitkern::ln_linear_fwd_out_meta);
   m.impl("ln_mlp_fwd", &vitkern::ln_mlp_fwd_meta);
+  m.impl("ln_mlp_fwd.out", &vitkern::ln_mlp_fwd_out_meta);
   m.impl("linear_residual_fwd", &vitkern::linear_residual_fwd_meta);
+  m.impl("linear_residual_fwd.out", &vitkern::linear_residual_fwd_out_meta);
 }

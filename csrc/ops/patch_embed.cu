@@ -301,6 +301,12 @@ at::Tensor patch_embed_fwd_meta(const at::Tensor& x, const OptTensor& norm, cons
   return out_like(weight, check_args(x, norm, weight, bias, pos, prefix, pos_covers_prefix, pos_impl));
 }
 
+void patch_embed_fwd_out_meta(const at::Tensor& x, const OptTensor& norm, const at::Tensor& weight,
+                              const OptTensor& bias, const OptTensor& pos, const OptTensor& prefix,
+                              bool pos_covers_prefix, int64_t pos_impl, const at::Tensor& out) {
+  check_out(out, weight, check_args(x, norm, weight, bias, pos, prefix, pos_covers_prefix, pos_impl));
+}
+
 }  // namespace
 }  // namespace vitkern
 
@@ -308,4 +314,7 @@ TORCH_LIBRARY_IMPL(vitkern_C, CUDA, m) {
   m.impl("patch_embed_fwd", &vitkern::patch_embed_fwd_cuda);
   m.impl("patch_embed_fwd.out", &vitkern::patch_embed_fwd_out_cuda);
 }
-TORCH_LIBRARY_IMPL(vitkern_C, Meta, m) { m.impl("patch_embed_fwd", &vitkern::patch_embed_fwd_meta); }
+TORCH_LIBRARY_IMPL(vitkern_C, Meta, m) {
+  m.impl("patch_embed_fwd", &vitkern::patch_embed_fwd_meta);
+  m.impl("patch_embed_fwd.out", &vitkern::patch_embed_fwd_out_meta);
+}

@@ -7,6 +7,7 @@ from vitkern.testing.numerics import (
     Tolerance,
     assert_close,
     check_forward_backward,
+    materialize,
     max_abs_err,
     poison_outputs,
     randn,
@@ -15,5 +16,5 @@ from vitkern.testing.numerics import (
 
 __all__ = [
     "check_compile_and_cuda_graph", "run_every_triton_config",
-    "ATOL", "Tolerance", "assert_close", "check_forward_backward", "max_abs_err", "poison_outputs", "randn", "seed_for",
+    "ATOL", "Tolerance", "assert_close", "check_forward_backward", "materialize", "max_abs_err", "poison_outputs", "randn", "seed_for",
 ]

@@ -56,6 +56,27 @@ def randn(shape: Sequence[int], *, dtype: torch.dtype, device: str | torch.devic
     return t.to(device=device, dtype=dtype)
 
 
+def materialize(args: Any, *, device: str | torch.device, seed: int) -> Any:
+    """``args`` with every meta tensor (also inside tuples / lists) replaced by a random tensor on ``device`` of the
+    same sizes, strides and dtype: shape-only test arguments reused for a real run. ``torch.library.opcheck``, for
+    one, checks nothing when an input is on the meta device."""
+    g = torch.Generator().manual_seed(seed)
+
+    def real(a: Any) -> Any:
+        if isinstance(a, (tuple, list)):
+            return type(a)(real(x) for x in a)
+        if not isinstance(a, torch.Tensor) or a.device.type != "meta":
+            return a
+        out = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=device)
+        if a.dtype.is_floating_point:
+            src = torch.randn(a.shape, generator=g)
+        else:
+            src = torch.randint(0, 256 if a.dtype == torch.uint8 else 100, a.shape, generator=g)
+        return out.copy_(src)
+
+    return real(args)
+
+
 def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.detach().double() - ref.detach().double()).abs().max().item() if out.numel() else 0.0
 
