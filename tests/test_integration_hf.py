@@ -39,7 +39,7 @@ SWIN = dict(image_size=(36, 32), patch_size=4, embed_dim=16, depths=[2, 2], num_
 
 
 def _vit(**kw):
-    return ViTForImageClassification(ViTConfig(**VIT, num_labels=5, **kw))
+    return ViTForImageClassification(ViTConfig(**{**VIT, **kw}, num_labels=5))
 
 
 def _deit(**kw):
@@ -48,8 +48,8 @@ def _deit(**kw):
 
 def _dinov2(**kw):
     kw.setdefault("layerscale_value", 0.5)
-    return Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                    image_size=32, patch_size=8, **kw))
+    kw = dict(dict(image_size=32, patch_size=8), **kw)
+    return Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, **kw))
 
 
 def _swin(**kw):
@@ -229,6 +229,20 @@ def test_compile_fullgraph_traces_optimized_model(name, fused_calls):
     assert fused_calls.get("attention", 0) + fused_calls.get("window_attention", 0) in (2, 4)
     torch.testing.assert_close(traced, eager, atol=1e-6, rtol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2"])
+def test_image_size_with_a_remainder_runs_fused(name, fused_calls):
+    """image_size 38 with patch 8: HF's stride-8 conv drops the last 6 rows/columns; the fused embedding must too."""
+    model = _build(name, image_size=38)
+    x = randn((2, 3, 38, 38), dtype=torch.float32, device="cpu", seed=seed_for("hf-remainder", name))
+    with torch.no_grad():
+        ref64 = _main(copy.deepcopy(model).double()(x.double()))
+        base = _main(model(x))
+        vitkern.optimize(model)
+        out = _main(model(x))
+    assert fused_calls["patch_embed"] == 1
+    assert_close(f"{name} image with a remainder", out, ref64, base)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

@@ -30,6 +30,8 @@ TIMM_CASES = {
     "vit_dynamic_size": ("vit_tiny_patch16_224", dict(VIT_TINY, dynamic_img_size=True)),
     "vit_gap_no_cls": ("vit_tiny_patch16_224", dict(VIT_TINY, class_token=False, global_pool="avg")),
     "deit_distilled": ("deit_tiny_distilled_patch16_224", VIT_TINY),
+    # img_size not a multiple of the patch (SigLIP so400m/14 at 384): timm's conv drops the remainder, so must we
+    "vit_img_remainder": ("vit_tiny_patch16_224", dict(VIT_TINY, img_size=40)),
     "swin": ("swin_tiny_patch4_window7_224", SWIN_TINY),
 }
 

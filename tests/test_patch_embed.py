@@ -316,8 +316,10 @@ def test_matches_hf_vit_embeddings():
     [(dict(), (32, 32)), (dict(output_fmt="NHWC"), (32, 32)), (dict(output_fmt="NCL"), (32, 32)),
      (dict(flatten=False), (32, 32)), (dict(bias=False), (32, 32)), (dict(norm_layer=torch.nn.LayerNorm), (32, 32)),
      (dict(img_size=None), (24, 40)), (dict(strict_img_size=False, img_size=(24, 40)), (16, 24)),
-     (dict(dynamic_img_pad=True, img_size=30, strict_img_size=False), (30, 27))],
-    ids=["default", "nhwc", "ncl", "nchw", "no_bias", "norm", "no_img_size", "not_strict", "dynamic_pad"],
+     (dict(dynamic_img_pad=True, img_size=30, strict_img_size=False), (30, 27)),
+     (dict(img_size=30), (30, 30)), (dict(img_size=None), (30, 27))],
+    ids=["default", "nhwc", "ncl", "nchw", "no_bias", "norm", "no_img_size", "not_strict", "dynamic_pad",
+         "strict_remainder", "no_img_size_remainder"],  # remainders: timm's stride-p conv drops them
 )
 def test_patch_embed_module_is_drop_in_for_timm(kw, hw):
     timm_layers = pytest.importorskip("timm.layers")
@@ -444,6 +446,8 @@ def _x(*shape, **kw):
                              _x(1, 8, dtype=torch.float16)), TypeError, "pos_embed and prefix must share one dtype"),
         (lambda: patch_embed(_x(1, 3, 32, 32), _x(8, 3, 8, 8, device="meta")), ValueError, "weight is on meta"),
         (lambda: vitkern.nn.PatchEmbed(32, 8, embed_dim=8)(_x(1, 3, 16, 16)), ValueError, "strict_img_size"),
+        (lambda: vitkern.nn.PatchEmbed(32, 8, embed_dim=8, strict_img_size=False)(_x(1, 3, 30, 32)), ValueError,
+         "input size 30x32 is not divisible by the patch size 8x8"),
         (lambda: vitkern.nn.PatchEmbed(32, 8, embed_dim=8, output_fmt="NDHWC"), ValueError, "output_fmt"),
         (lambda: vitkern.nn.ViTEmbed(32, 8, embed_dim=8, dynamic_img_size=False)(_x(1, 3, 32, 32)[..., :16, :]),
          ValueError, "strict_img_size"),

@@ -593,6 +593,8 @@ def _check_projection(name: str, conv: nn.Module, label: str) -> None:
 
 def _embed(self, pixel_values: Tensor, prefix: Tensor) -> Tensor:
     proj = self.patch_embeddings.projection
+    (ph, pw), (H, W) = proj.kernel_size, pixel_values.shape[-2:]
+    pixel_values = pixel_values[..., : H - H % ph, : W - W % pw]  # HF's stride-p conv drops a remainder: a view
     return patch_embed(pixel_values.to(proj.weight.dtype), proj.weight, proj.bias, self.position_embeddings, prefix)
 
 
@@ -641,7 +643,7 @@ class HFDinov2Embeddings(_SwappedHF):
         ph, pw = self.patch_embeddings.patch_size
         same_grid = height == width and (height // ph) * (width // pw) == self.position_embeddings.shape[1] - 1
         masked = bool_masked_pos is not None and self.use_mask_token
-        if masked or not same_grid or height % ph or width % pw or not _embed_ok(self, pixel_values):
+        if masked or not same_grid or not _embed_ok(self, pixel_values):
             return super().forward(pixel_values, bool_masked_pos)
         return _embed(self, pixel_values, self.cls_token)
 

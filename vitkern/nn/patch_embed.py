@@ -82,16 +82,22 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def check_and_pad(self, x: Tensor) -> Tensor:
-        """timm's size checks (strict size / divisibility) and its dynamic padding (right and bottom)."""
+        """timm's size checks (strict size / divisibility) and its dynamic padding (right and bottom). Where timm
+        lets a size that is not a multiple of the patch through (strict_img_size with such an img_size, e.g.
+        SigLIP so400m/14 at 384, or no img_size), its stride-p conv drops the last rows / columns: cropped here
+        too (a view: the kernel reads the image by strides)."""
         H, W = x.shape[-2:]
         ph, pw = self.patch_size
         if self.img_size is not None:
             if self.strict_img_size and (H, W) != self.img_size:
                 raise ValueError(f"vitkern.nn.PatchEmbed: input size {H}x{W} doesn't match the model's "
                                  f"img_size {self.img_size} (strict_img_size=True)")
+            if not self.strict_img_size and not self.dynamic_img_pad and (H % ph or W % pw):
+                raise ValueError(f"vitkern.nn.PatchEmbed: input size {H}x{W} is not divisible by the patch size "
+                                 f"{ph}x{pw} (strict_img_size=False without dynamic_img_pad, as timm requires)")
         if self.dynamic_img_pad:
             return F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
-        return x
+        return x[..., : H - H % ph, : W - W % pw] if H % ph or W % pw else x
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_and_pad(x)
