@@ -415,3 +415,19 @@ def test_optimized_model_compiles_and_captures_on_gpu(name):
     # inductor fuses the torch layers around the vitkern ops (proj/head linears, residual adds): bf16 rounding
     # differences of a few ulp at logit magnitude ~1 (bf16 ulp 2^-7 = 0.0078)
     check_compile_and_cuda_graph(model, x, compile_tol=5e-2)
+
+
+@pytest.mark.parametrize("name, kwargs, reason", [
+    ("vit_base_patch16_xp_224", dict(depth=1, img_size=32), "parallel attention + MLP"),
+    ("swinv2_tiny_window8_256", dict(depths=(1, 1), num_heads=(2, 4), embed_dim=32, img_size=64), "Swin V2"),
+    ("eva02_tiny_patch14_224", dict(depth=1, img_size=28), "rotary position embedding"),
+    ("beit_base_patch16_224", dict(depth=1, img_size=32, embed_dim=64, num_heads=2), "relative position bias"),
+])
+def test_known_unfused_blocks_are_reported_with_the_reason(name, kwargs, reason):
+    """A timm family vitkern has no fused block for says so in the report (and the model still matches)."""
+    model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for(name)).eval()
+    size = kwargs["img_size"]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed_for(name, "x")))
+    report = check_optimized_model(model, [x], vitkern.optimize, vitkern.restore)
+    left = [why for _, rule, why in report.left if rule == "timm.unfused_block"]
+    assert left and all(reason in why for why in left), report.left

@@ -87,6 +87,43 @@ register_rule(SwapRule("timm.SwinTransformerBlock", ("window_attention", "ln_mlp
                        _swin_block_replace, priority=10))
 
 
+# ------------------------------------------------------------------------------------------------ known, not fused
+# Blocks of timm families whose math vitkern's fused blocks do not implement. The rule never swaps: it puts the
+# reason in the report (otherwise such a model would show only its LayerNorms swapped, with no word why), and the
+# walk goes on into the block's children (single Attention / LayerNorm layers are still swapped where they fit).
+_UNFUSED_BLOCKS = {
+    ("timm.models.vision_transformer", "ParallelScalingBlock"):
+        "parallel attention + MLP from one fused in_proj (ViT-22B style): no fused vitkern block",
+    ("timm.models.vision_transformer", "DiffParallelScalingBlock"):
+        "differential parallel attention + MLP: no fused vitkern block",
+    ("timm.models.vision_transformer", "ParallelThingsBlock"):
+        "parallel attention / MLP branches: no fused vitkern block (its Attention modules are swapped alone)",
+    ("timm.models.vision_transformer", "ResPostBlock"):
+        "post-norm block (norm after attention and MLP): no fused vitkern block (its Attention is swapped alone)",
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"):
+        "Swin V2 (cosine attention with a logit scale, continuous position bias MLP, post-norm): not fused",
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock"):
+        "Swin V2 (cosine attention with a logit scale, continuous position bias MLP, post-norm): not fused",
+    ("timm.models.eva", "EvaBlock"): "EVA block (rotary position embedding in attention): not fused",
+    ("timm.models.beit", "Block"): "BEiT block (relative position bias per block): not fused",
+}
+
+
+def _unfused_block_accepts(m: nn.Module, parent, options: SwapOptions) -> bool | str:
+    for (module_path, name), why in _UNFUSED_BLOCKS.items():
+        if type(m).__module__ == module_path and type(m).__name__ == name:
+            return why
+    return False
+
+
+def _never(m: nn.Module, parent, options: SwapOptions) -> nn.Module:
+    raise AssertionError("timm.unfused_block only reports")
+
+
+register_rule(SwapRule("timm.unfused_block", ("attention", "ln_mlp", "window_attention"), _unfused_block_accepts,
+                       _never, priority=10))
+
+
 # ------------------------------------------------------------------------------------------------ ViT embedding
 def _vit_pos_embed_method(vit: nn.Module) -> Optional[str]:
     """The ViT's position-embedding method name, if its class is one whose embedding math we know."""
@@ -122,8 +159,6 @@ register_rule(SwapRule(
     "timm.VisionTransformer.patch_embed", ("patch_embed",), _patch_embed_accepts,
     lambda m, parent, o: FusedViTPatchEmbed.from_vit(parent, _vit_pos_embed_method(parent)),
     ops=("patch_embed",), priority=50))
-
-
 
 
 def _plain_patch_embed_accepts(m: nn.Module, parent, options: SwapOptions) -> bool | str:
