@@ -486,7 +486,7 @@ GPU_IDS = ["bf16", "fp16", "fp32"]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", DS + [128])
+@pytest.mark.parametrize("D", DS + [72, 88, 128])  # + SigLIP so400m (72), ViT-g/14 (88), padded to 128 lanes
 @pytest.mark.parametrize("N", NS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_IDS)
 def test_triton_gpu_packed_parity(dtype, N, D):
@@ -496,8 +496,9 @@ def test_triton_gpu_packed_parity(dtype, N, D):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "B, H, N, D",
-    [(32, 6, 197, 64), (32, 12, 197, 64), (8, 16, 577, 64), (4, 16, 1025, 64), (8, 16, 257, 80), (4, 16, 1025, 80)],
-    ids=["vit_s", "vit_b", "vit_l384", "vit_l_1025", "vit_h14", "vit_h_1025"],
+    [(32, 6, 197, 64), (32, 12, 197, 64), (8, 16, 577, 64), (4, 16, 1025, 64), (8, 16, 257, 80), (4, 16, 1025, 80),
+     (8, 16, 729, 72)],
+    ids=["vit_s", "vit_b", "vit_l384", "vit_l_1025", "vit_h14", "vit_h_1025", "siglip_so400m_384"],
 )
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_IDS)
 def test_triton_gpu_vit_shapes(dtype, B, H, N, D):

@@ -66,7 +66,7 @@ def layer_norm_launches(width: int, dtype, residual: bool):
 
 
 def attention_launches(head_dim: int, dtype, n: int = 197, batch: int = 8):
-    heads = {32: 6, 64: 12, 80: 16, 96: 8, 128: 16, 160: 4, 256: 4}[head_dim]  # DeiT-S, ViT-B, ViT-H/14, ...
+    heads = {32: 6, 64: 12, 72: 16, 80: 16, 96: 8, 128: 16, 160: 4, 256: 4}[head_dim]  # DeiT-S, ViT-B, so400m, ...
     qkv = _t(batch, n, 3, heads, head_dim, dtype=dtype)  # the packed qkv linear output, read per head as views
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     o = _t(batch, n, heads, head_dim, dtype=dtype).transpose(1, 2)  # written straight into the proj input layout
@@ -148,7 +148,7 @@ SHAPES = (
     [("layer_norm", f"N{w}", lambda dt, w=w: layer_norm_launches(w, dt, residual=w == 768), DTYPES, w == 768)
      for w in (384, 768, 1024, 1280)]
     + [("attention", f"D{d}-N197", lambda dt, d=d: attention_launches(d, dt), DTYPES, d == 64)
-       for d in (32, 64, 80, 96, 128, 160, 256)]
+       for d in (32, 64, 72, 80, 96, 128, 160, 256)]
     + [("window_attention", f"ws{ws}-D32", lambda dt, ws=ws: window_attention_launches(ws, dt), DTYPES, ws == 7)
        for ws in (7, 12, 16)]
     + [("window_attention", f"ws{ws}-D128", lambda dt, ws=ws: window_attention_launches(ws, dt, head_dim=128),
