@@ -17,7 +17,8 @@ from torch import nn
 import vitkern
 from vitkern.functional.linear_residual import linear_residual
 from vitkern.testing import (
-    check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config, seed_for,
+    Tolerance, check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config,
+    seed_for,
 )
 
 OP = "linear_residual"
@@ -36,9 +37,12 @@ class TimmProjResidual(nn.Module):
         return x + self.ls1(self.proj(o))
 
 
-def run_parity(rows, k, n, dtype, device, bias=True, layer_scale=True, grads=True, backend="triton", autocast=None):
-    """``autocast``: run both under ``torch.autocast(device, autocast)`` (the fp64 reference run is left alone)."""
-    seed = seed_for(OP, rows, k, n, dtype, bias, layer_scale, grads, backend, autocast)
+def run_parity(rows, k, n, dtype, device, bias=True, layer_scale=True, grads=True, backend="triton", autocast=None,
+               gamma=None, loss_scale=1.0, grad_tol=None):
+    """``autocast``: run both under ``torch.autocast(device, autocast)`` (the fp64 reference run is left alone).
+    ``gamma``: the layer scale's magnitude (default: random, O(0.5)); ``loss_scale``: the outputs are multiplied by it
+    in fp32, so the gradient reaching the op is scaled as GradScaler scales it."""
+    seed = seed_for(OP, rows, k, n, dtype, bias, layer_scale, grads, backend, autocast, gamma, loss_scale)
     theirs = TimmProjResidual(k, n, bias, layer_scale).to(device)
     inputs = {"o": randn((rows, k), dtype=dtype, device=device, seed=seed),
               "x": randn((rows, n), dtype=dtype, device=device, seed=seed + 1),
@@ -46,21 +50,23 @@ def run_parity(rows, k, n, dtype, device, bias=True, layer_scale=True, grads=Tru
     if bias:
         inputs["proj.bias"] = randn((n,), dtype=dtype, device=device, seed=seed + 3, scale=0.5)
     if layer_scale:
-        inputs["ls1.gamma"] = randn((n,), dtype=dtype, device=device, seed=seed + 4, scale=0.5)
+        inputs["ls1.gamma"] = (randn((n,), dtype=dtype, device=device, seed=seed + 4, scale=0.5) if gamma is None else
+                               randn((n,), dtype=dtype, device=device, seed=seed + 4, mean=gamma, scale=0.1 * gamma))
 
     def amp():
         return torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None)
 
     def kernel(o, x, **p):
         with amp():
-            return linear_residual(o, p["proj.weight"], p.get("proj.bias"), x, p.get("ls1.gamma"))
+            return linear_residual(o, p["proj.weight"], p.get("proj.bias"), x, p.get("ls1.gamma")).float() * loss_scale
 
     def reference(o, x, **p):
         with amp():
-            return torch.func.functional_call(theirs, p, (o, x))
+            return torch.func.functional_call(theirs, p, (o, x)).float() * loss_scale
 
     with vitkern.use_backend(backend, op=OP):
-        return check_forward_backward(kernel, reference, inputs, list(inputs) if grads else [], seed=seed)
+        names = list(inputs) if grads is True else list(grads or [])  # or the names of the gradients to check
+        return check_forward_backward(kernel, reference, inputs, names, seed=seed, grad_tol=grad_tol)
 
 
 # ------------------------------------------------------------------------------------------------ CPU interpreter
@@ -147,6 +153,19 @@ def test_interpreter_gradients_are_deterministic():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 def test_reference_backend_vs_timm(dtype):
     run_parity(197, 192, 192, dtype, "cpu", backend="reference")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("gamma", [1e-6, 1e-5])
+def test_fp16_small_layer_scale_keeps_the_input_gradient(backend, gamma):
+    """fp16 with a layer scale at its init size (DeiT III / CaiT: 1e-6, 1e-5) and a loss-scaled gradient: folding γ
+    into W's rows underflowed in fp16 (γ·W ~ 1e-8, below the smallest subnormal) and lost most of do at γ = 1e-6;
+    scaling dy instead, as timm's unfused graph does, keeps its error. do is O(1e-2): the bound is 2 x torch's own
+    fp16 error + 1e-4 (fp16's default atol of 4e-3 would swamp it). Only do: at this loss scale dγ overflows fp16
+    in timm's graph too (GradScaler would skip the step), and the weight gradients never held γ·W."""
+    run_parity(50, 192, 192, FP16, "cpu", gamma=gamma, loss_scale=4096.0, backend=backend, grads=["o"],
+               grad_tol=Tolerance(k=2.0, atol=1e-4))
 
 
 # ----------------------------------------------------------------------------------------------- GPU

@@ -19,7 +19,8 @@ from torch.func import functional_call
 import vitkern
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.testing import (
-    check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config, seed_for,
+    Tolerance, check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config,
+    seed_for,
 )
 
 # ------------------------------------------------------------------------------------------------ timm harness
@@ -72,9 +73,11 @@ def _mine(module, timm_key):
     raise KeyError(timm_key)
 
 
-def _parity(op, mine, theirs, inputs, grads, backend, seed, autocast=None):
+def _parity(op, mine, theirs, inputs, grads, backend, seed, autocast=None, loss_scale=1.0, grad_tol=None):
     """vitkern module ``mine`` vs timm module ``theirs``, both run with the timm-keyed parameters in ``inputs``
-    (both under ``torch.autocast(autocast)`` when given: fp64, the reference run, is left alone by autocast)."""
+    (both under ``torch.autocast(autocast)`` when given: fp64, the reference run, is left alone by autocast).
+    ``grads``: True (every input), False, or the names to check; ``loss_scale`` multiplies the outputs in fp32, so
+    the gradient reaching the op is scaled as GradScaler scales it."""
     device = inputs["x"].device.type
 
     def amp():
@@ -82,26 +85,30 @@ def _parity(op, mine, theirs, inputs, grads, backend, seed, autocast=None):
 
     def kernel(x, **p):
         with amp():
-            return functional_call(mine, {_mine(mine, k): v for k, v in p.items()}, (x,))
+            return functional_call(mine, {_mine(mine, k): v for k, v in p.items()}, (x,)).float() * loss_scale
 
     def reference(x, **p):
         with amp():
-            return functional_call(theirs, p, (x,))
+            return functional_call(theirs, p, (x,)).float() * loss_scale
 
+    names = list(inputs) if grads is True else list(grads or [])
     with vitkern.use_backend(backend, op=op):
-        return check_forward_backward(kernel, reference, inputs, list(inputs) if grads else [], seed=seed)
+        return check_forward_backward(kernel, reference, inputs, names, seed=seed, grad_tol=grad_tol)
 
 
 def run_mlp_parity(rows, dim, hidden, dtype, device, layer_scale, approximate="none", grads=True, mean=0.0, backend="triton",
-                   autocast=None):
-    seed = seed_for("ln_mlp", rows, dim, hidden, dtype, layer_scale, approximate, grads, mean, backend, autocast)
+                   autocast=None, gamma=None, loss_scale=1.0, grad_tol=None):
+    """``gamma``: the layer scale's magnitude (default: random like every parameter)."""
+    seed = seed_for("ln_mlp", rows, dim, hidden, dtype, layer_scale, approximate, grads, mean, backend, autocast, gamma,
+                    loss_scale)
     block = timm_block(dim, hidden, layer_scale, approximate).to(device)
     theirs = TimmMlpHalf(block)
     mine = vitkern.nn.LayerNormMlp.from_timm_block(block)
     inputs = {"x": randn((rows, dim), dtype=dtype, device=device, seed=seed, mean=mean)}
     inputs.update(random_params(theirs, dtype, device, seed + 100))
-
-    return _parity("ln_mlp", mine, theirs, inputs, grads, backend, seed, autocast)
+    if gamma is not None:
+        inputs["ls2.gamma"] = randn((dim,), dtype=dtype, device=device, seed=seed + 99, mean=gamma, scale=0.1 * gamma)
+    return _parity("ln_mlp", mine, theirs, inputs, grads, backend, seed, autocast, loss_scale, grad_tol)
 
 
 def run_linear_parity(rows, dim, dtype, device, qkv_bias=True, grads=True, mean=0.0, backend="triton", autocast=None):
@@ -245,6 +252,19 @@ def test_autocast_keeps_the_fp32_residual_stream_as_timm_does(backend, rows, dim
 def test_reference_backend_vs_timm(dtype):
     run_mlp_parity(197, 192, 768, dtype, "cpu", True, "none", backend="reference")
     run_linear_parity(197, 192, dtype, "cpu", backend="reference")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("gamma", [1e-6, 1e-5])
+def test_fp16_small_layer_scale_keeps_the_mlp_gradients(backend, gamma):
+    """fp16 with a layer scale at its init size (DeiT III / CaiT) and a loss-scaled gradient: (dy·γ) @ W2 with γ
+    folded into W2 underflowed in fp16 and lost most of dpre, hence of fc1's and norm2's gradients; γ on dy (timm's
+    order) keeps them. These gradients are O(1e-2): bound 2 x torch's fp16 error + 1e-4 (the default fp16 atol,
+    4e-3, would swamp them). x's gradient is the residual's dy plus a small branch term, and γ's overflows fp16 at
+    this loss scale in timm's graph too: not checked here."""
+    run_mlp_parity(50, 192, 384, FP16, "cpu", True, backend=backend, gamma=gamma, loss_scale=4096.0,
+                   grads=["norm2.weight", "mlp.fc1.weight", "mlp.fc1.bias"], grad_tol=Tolerance(k=2.0, atol=1e-4))
 
 
 # ----------------------------------------------------------------------------------------------- GPU

@@ -32,7 +32,7 @@ from vitkern.ops.ln_linear import LnLinearReference
 from vitkern.backends.cuda_common import BACKWARD_REASON
 from vitkern.ops.ln_mlp_cuda import CUDA_MAX_D, LAYER_SCALE_IMPLS, LinearResidualCuda, LnLinearCuda, LnMlpCuda
 from vitkern.testing.sanitizer import run_under_sanitizer
-from vitkern.testing import check_forward_backward, materialize, poison_outputs, randn, seed_for
+from vitkern.testing import Tolerance, check_forward_backward, materialize, poison_outputs, randn, seed_for
 from vitkern.testing.numerics import assert_close
 
 EPS = 1e-6
@@ -709,9 +709,27 @@ def test_cuda_linear_residual_forward_parity(cuda_ops, dtype, d, rows, params):
     seed = seed_for("linear-residual-cuda-fwd", dtype, d, rows, params)
     inputs = make_lr_inputs(rows, d, d, dtype, seed, bias, ls)
     ys = check_lr_forward(inputs)
-    if ls:  # auto is one of the two forced paths, bit for bit
-        forced = "fold" if rows >= d else "kernel"
+    if ls:  # auto is one of the two forced paths, bit for bit (never the fold in fp16: γ·W would underflow)
+        forced = "fold" if rows >= d and dtype != torch.float16 else "kernel"
         torch.testing.assert_close(ys["auto"], ys[forced], atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gamma", [1e-6, 1e-5])
+def test_cuda_linear_residual_fp16_small_layer_scale(cuda_ops, gamma):
+    """fp16 with a layer scale at its init size (DeiT III / CaiT) at M >= K, where auto would fold γ into W: γ·W
+    (~1e-8) underflows fp16, so auto applies γ after the GEMM in fp32. The branch, γ·(x @ Wᵀ + b), is ~1e-6 here
+    and invisible next to the residual: compared on its own (residual 0), bound 2 x the unfused fp16 chain's error
+    + 1e-9 (fp16's atol would swamp values of this size)."""
+    seed = seed_for("linear-residual-cuda-small-ls", gamma)
+    inputs = make_lr_inputs(1024, 768, 768, torch.float16, seed)
+    inputs["ls"] = randn((768,), dtype=torch.float16, device="cuda", seed=seed + 9, mean=gamma, scale=0.1 * gamma)
+    inputs["res"] = torch.zeros_like(inputs["res"])
+    args = _lr_args(inputs)
+    ref64 = linear_residual_reference(*(t.double() if t is not None else None for t in args))
+    with poison_outputs():
+        y = _lr_backend().fused_forward(*args, layer_scale_impl="auto")
+    assert_close("y (fp16, small layer scale)", y, ref64, linear_residual_reference(*args), Tolerance(k=2.0, atol=1e-9))
 
 
 @pytest.mark.gpu

@@ -32,7 +32,9 @@
 //      the fold is the cheaper of the two (fc2: M >= H; linear_residual: M >= in_features, e.g. ViT-B's proj,
 //      K = 768, from 4 images of 197 tokens on). Folding rounds γ·W to x's dtype, i.e. one rounding of the branch's
 //      weights: an error of the size of one output rounding of the branch, which the residual then dwarfs (tests
-//      hold it to the same bound as the Triton forward).
+//      hold it to the same bound as the Triton forward). Not in fp16 (auto never folds there): its exponent range
+//      flushes γ·W to zero for the small γ layer scales start from (1e-5, 1e-6: DeiT III, CaiT), where the
+//      post kernel's fp32 γ·y keeps them.
 // Scratch (LN output; the GELU output when not saved; the folded W and b) comes from the CUDA caching allocator.
 //
 // Schemas: csrc/vitkern_C.cpp.
@@ -343,8 +345,8 @@ void launch_residual_scale(const T* x, int64_t ldx, const T* scale, T* y, int64_
 // Whether the layer scale of y = residual + γ·(a @ Wᵀ + b), a [M, K], W [N, K], is folded into W's rows (else
 // residual_scale_kernel applies it after the GEMM). Auto: the fold reads and writes N·K elements, the kernel two
 // extra M·N passes, so fold when M >= K (the top of this file).
-bool fold_layer_scale(int64_t ls_impl, int64_t m, int64_t k) {
-  return ls_impl == ln_mlp::kScaleFold || (ls_impl == ln_mlp::kScaleAuto && m >= k);
+bool fold_layer_scale(int64_t ls_impl, int64_t m, int64_t k, at::ScalarType dtype) {
+  return ls_impl == ln_mlp::kScaleFold || (ls_impl == ln_mlp::kScaleAuto && m >= k && dtype != at::kHalf);
 }
 
 // y = residual + γ·(a @ weightᵀ + bias): LayerNorm+MLP's fc2 step and all of linear_residual_fwd. a [M, K] and
@@ -358,7 +360,7 @@ void launch_linear_residual(const at::Tensor& a, const at::Tensor& weight, const
                             const at::Tensor& residual, const OptTensor& layer_scale, int64_t ls_impl,
                             const at::Tensor& y, cudaStream_t stream, const char* what) {
   const int64_t m = a.size(0), k = a.size(1), n = weight.size(0);
-  const bool fold = layer_scale.has_value() && fold_layer_scale(ls_impl, m, k);
+  const bool fold = layer_scale.has_value() && fold_layer_scale(ls_impl, m, k, weight.scalar_type());
   at::Tensor w = weight;
   OptTensor b = bias;
   if (fold) {

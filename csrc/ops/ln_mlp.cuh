@@ -22,7 +22,7 @@ enum GeluImpl : int64_t {
 };
 enum ScaleImpl : int64_t {
   kScaleAuto = 0,    // fold when M >= K, the GEMM's inner dim (hidden for ln_mlp's fc2): the fold's N·K elements then
-                     // cost less than the post kernel's extra M·N pass
+                     // cost less than the post kernel's extra M·N pass; never in fp16 (γ·W underflows for small γ)
   kScaleFold = 1,    // γ folded into W2/b2 (scale_rows_kernel), residual through beta·C
   kScaleKernel = 2,  // fc2 writes h @ W2ᵀ + b2 into y, residual_scale_kernel adds x + γ·y
 };

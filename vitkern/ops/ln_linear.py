@@ -209,6 +209,21 @@ def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
+def layer_scaled_dy_gemm(dy: Tensor, weight: Tensor, layer_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The operands (A [M, N], B [N, K]) of the input gradient (dy·γ) @ W of y = residual + γ · (a @ Wᵀ + b).
+
+    γ is folded into W's rows (N·K elements, independent of M), except in fp16: there γ·W underflows for the small
+    γ a layer scale starts from (1e-5, 1e-6: DeiT III, CaiT; W ~ 0.02 puts γ·W below fp16's smallest subnormal),
+    while dy·γ, what the unfused graph computes, keeps the loss scale GradScaler puts into dy. So fp16 scales dy
+    (in fp32, rounded once), at the cost of one pass over dy."""
+    if layer_scale is None:
+        return dy, weight
+    if weight.dtype == torch.float16:
+        return (dy.float() * layer_scale.float()).to(weight.dtype), weight
+    # fp32 γ under autocast would promote the product: back to the GEMM's dtype
+    return dy, (weight * layer_scale[:, None]).to(weight.dtype)
+
+
 def scaled_linear_grads(dy: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor]):
     """Parameter gradients of y = residual + γ · (a @ Wᵀ + b) (fc2 of the MLP, the attention's proj):
     dW = γ·(dyᵀ @ a), db = γ·Σ dy, dγ = Σ_m dy ∘ (a @ Wᵀ + b) = rowsum(W ∘ G) + b ∘ Σ dy with G = dyᵀ @ a, so the
