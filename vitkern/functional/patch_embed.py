@@ -25,9 +25,16 @@ from vitkern.functional._autocast import cast_gemm_inputs
 from vitkern.ops import patch_embed as pe_op
 from vitkern.validation import FLOAT_DTYPES, check_tensor
 
-__all__ = ["patch_embed", "resample_pos_embed"]
+__all__ = ["patch_embed", "resample_pos_embed", "whole_patches"]
 
 _NAME = "vitkern.patch_embed"
+
+
+def whole_patches(x: Tensor, patch_size: tuple[int, int]) -> Tensor:
+    """``x`` [..., H, W] as a stride-p Conv2d sees it: the last rows / columns that do not fill a patch dropped (a
+    view; :func:`patch_embed` reads the image by strides). Unchanged when H and W are multiples of the patch."""
+    (ph, pw), (H, W) = patch_size, x.shape[-2:]
+    return x[..., : H - H % ph, : W - W % pw] if H % ph or W % pw else x
 
 
 def _as_rows(op: str, name: str, t: Tensor, d: int, like: Tensor) -> Tensor:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from vitkern.functional.attention import attention
 from vitkern.functional.linear_residual import linear_residual
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
-from vitkern.functional.patch_embed import patch_embed
+from vitkern.functional.patch_embed import patch_embed, whole_patches
 from vitkern.functional.window_attention import window_attention
 from vitkern.nn._hooks import mlp_must_call, must_call
 from vitkern.nn.attention_maps import RecordsAttentionMaps
@@ -593,8 +593,7 @@ def _check_projection(name: str, conv: nn.Module, label: str) -> None:
 
 def _embed(self, pixel_values: Tensor, prefix: Tensor) -> Tensor:
     proj = self.patch_embeddings.projection
-    (ph, pw), (H, W) = proj.kernel_size, pixel_values.shape[-2:]
-    pixel_values = pixel_values[..., : H - H % ph, : W - W % pw]  # HF's stride-p conv drops a remainder: a view
+    pixel_values = whole_patches(pixel_values, proj.kernel_size)  # HF's stride-p conv drops a remainder
     return patch_embed(pixel_values.to(proj.weight.dtype), proj.weight, proj.bias, self.position_embeddings, prefix)
 
 

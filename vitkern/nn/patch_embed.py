@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkern.functional.patch_embed import _channel_values, _norm, patch_embed, resample_pos_embed
+from vitkern.functional.patch_embed import _channel_values, _norm, patch_embed, resample_pos_embed, whole_patches
 
 __all__ = ["PatchEmbed", "ViTEmbed", "FusedViTPatchEmbed", "patch_projection_reason"]
 
@@ -97,7 +97,7 @@ class PatchEmbed(nn.Module):
                                  f"{ph}x{pw} (strict_img_size=False without dynamic_img_pad, as timm requires)")
         if self.dynamic_img_pad:
             return F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
-        return x[..., : H - H % ph, : W - W % pw] if H % ph or W % pw else x
+        return whole_patches(x, self.patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_and_pad(x)

@@ -23,7 +23,7 @@ import types
 import torch
 from torch import Tensor, nn
 
-from vitkern.functional.patch_embed import patch_embed
+from vitkern.functional.patch_embed import patch_embed, whole_patches
 from vitkern.nn.layer_norm import LayerNorm
 
 __all__ = ["TorchvisionViTConvProj", "TorchvisionSwinPatchEmbed"]
@@ -100,7 +100,7 @@ class TorchvisionSwinPatchEmbed(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         conv, _, norm = self
         ph, pw = conv.kernel_size
+        x = whole_patches(x, (ph, pw))
         gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
-        x = x[..., : gh * ph, : gw * pw]  # a view: the kernel reads any strides
         tokens = patch_embed(x, conv.weight, conv.bias)  # [B, gh·gw, D] = the NHWC map
         return norm(tokens.view(x.shape[0], gh, gw, -1))
