@@ -13,6 +13,11 @@
 #               given, so list the heavy ones first). Triton compiles on one CPU core per process, and the GPU tests
 #               are mostly compilation on a fresh machine; a crash (e.g. a sticky CUDA error) also ends one process only.
 #
+#   --step N:   the first GPU session's plan (benchmarks/NOTES.md), one device call per step; arguments after it are
+#               added (e.g. --step 1 --jobs 6):
+#                 1 kernels' GPU parity, Triton and CUDA C++     2 model integration at real size + sanitizers
+#                 3 op benchmarks                                4 end-to-end model benchmarks (--quick)
+#
 # The whole suite outgrows one 10-minute device command as op families land: split it per family, e.g.
 #   scripts/gpu_suite.sh --only layernorm --tests "tests/test_layer_norm.py tests/test_layer_norm_cuda.py tests/test_extension.py"
 #
@@ -31,6 +36,24 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 budget="${SUITE_BUDGET_S:-570}"
+# --step N expands to the plan's arguments for that call (kept here so the device command stays short)
+kernel_tests="tests/test_attention.py tests/test_window_attention.py tests/test_ln_mlp.py tests/test_patch_embed.py
+  tests/test_layer_norm.py tests/test_linear_residual.py tests/test_attention_cuda.py tests/test_window_attention_cuda.py
+  tests/test_ln_mlp_cuda.py tests/test_patch_embed_cuda.py tests/test_layer_norm_cuda.py tests/test_extension.py
+  tests/test_op_layouts.py"
+model_tests="tests/test_integration_timm.py tests/test_integration_torchvision.py tests/test_integration_hf.py
+  tests/test_cli_bench.py"
+if [ "${1:-}" = "--step" ]; then
+  step="${2:-}"; shift 2 || { echo "--step needs a number (1-4)" >&2; exit 2; }
+  case "$step" in
+    1) set -- --no-bench --tests "$(echo $kernel_tests)" "$@" -- -m "gpu and not slow" ;;
+    2) set -- --no-bench --sanitize --tests "$(echo $model_tests)" "$@" ;;
+    3) set -- --no-tests --only layernorm,attention,window_attention,ln_mlp,linear_residual,patch_embed "$@" ;;
+    4) set -- --no-tests --only models --quick "$@" ;;
+    *) echo "--step: expected 1, 2, 3 or 4, got '$step'" >&2; exit 2 ;;
+  esac
+  echo "[gpu_suite] step $step: $*"
+fi
 quick=() only=() run_tests=1 run_bench=1 run_sanitizer=0 test_autotune=0 jobs=4 pytest_extra=() test_paths=(tests/)
 while [ $# -gt 0 ]; do
   case "$1" in
