@@ -9,6 +9,7 @@ tests). Where the optimized model runs exactly PyTorch's code (fallbacks) the co
 """
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -151,7 +152,8 @@ def test_vit_optimize_matches_original(option_set):
 
 def test_vit_fused_embedding_keeps_conv_proj_and_size_check():
     """conv_proj alone is still the Conv2d; a wrong image size fails as torchvision's does; hooks on conv_proj fire;
-    a deep copy of the optimized model restores on its own (the undo holds no reference to the original)."""
+    a deep copy and a pickled copy of the optimized model run and restore on their own (the undo holds no reference
+    to the original; the replaced forwards pickle)."""
     model, x = tv_vit(), image("vit-embed", 32)
     original = copy.deepcopy(model)
     seen = []
@@ -169,6 +171,15 @@ def test_vit_fused_embedding_keeps_conv_proj_and_size_check():
     assert isinstance(model.conv_proj, TorchvisionViTConvProj) and type(twin.conv_proj) is nn.Conv2d
     with torch.no_grad():
         torch.testing.assert_close(twin(x), original(x), atol=0, rtol=0)
+    fresh = copy.deepcopy(original)  # no hook: a test's lambda would not pickle
+    vitkern.optimize(fresh)
+    pickled = pickle.loads(pickle.dumps(fresh))
+    assert isinstance(pickled.conv_proj, TorchvisionViTConvProj) and pickled.forward.args[0] is pickled
+    with torch.no_grad():
+        torch.testing.assert_close(pickled(x), fresh(x), atol=0, rtol=0)
+        vitkern.restore(pickled)
+        assert "forward" not in vars(pickled) and type(pickled.conv_proj) is nn.Conv2d
+        torch.testing.assert_close(pickled(x), original(x), atol=0, rtol=0)
 
 
 def test_vit_with_conv_stem_or_overridden_forward_is_left_with_a_reason():

@@ -18,7 +18,7 @@ three children) runs ``patch_embed`` and then the norm; the Permute has nothing 
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,10 @@ class TorchvisionViTConvProj(nn.Conv2d):
     @classmethod
     def from_torchvision(cls, vit: nn.Module) -> "TorchvisionViTConvProj":
         new = _conv_like(vit.conv_proj, cls)
-        vit.forward = types.MethodType(_vit_forward, vit)  # instance attributes shadow the class methods
-        vit.encoder.forward = types.MethodType(_encoder_forward, vit.encoder)
+        # instance attributes shadow the class methods; partials, not bound methods, so that the model pickles
+        # (a bound method pickles as getattr(owner, its function's name), which these owners do not have)
+        vit.forward = functools.partial(_vit_forward, vit)
+        vit.encoder.forward = functools.partial(_encoder_forward, vit.encoder)
         return new
 
     def forward(self, x: Tensor, class_token: Tensor | None = None, pos_embedding: Tensor | None = None) -> Tensor:
