@@ -118,7 +118,7 @@ def test_vit_optimize_matches_original(option_set):
     assert report.count("torch.nn.LayerNorm") == (5 if option_set == "no_ln_mlp" else 1)  # encoder.ln + blocks'
     assert report.count("torchvision.VisionTransformer.conv_proj") == expect["embed"]
     assert isinstance(model.conv_proj, TorchvisionViTConvProj) == bool(expect["embed"])
-    assert ("forward" in vars(model)) == ("forward" in vars(model.encoder)) == bool(expect["embed"])
+    assert ("forward" in vars(model)) == bool(expect["embed"]) and "forward" not in vars(model.encoder)
     assert snapshot(model) == before
     block = model.encoder.layers[0]
     if expect["block"]:
@@ -162,7 +162,7 @@ def test_vit_fused_embedding_keeps_conv_proj_and_size_check():
     with torch.no_grad():
         torch.testing.assert_close(model.conv_proj(x), original.conv_proj(x), atol=0, rtol=0)
         model(x)
-    assert seen == [(2, 64, 4, 4), (2, 17, 64)]  # the plain call, then the fused one: [B, 1 + Np, D]
+    assert seen == [(2, 64, 4, 4), (2, 64, 4, 4)]  # hooked: the ViT calls conv_proj as torchvision does
     with pytest.raises(Exception, match="Wrong image height! Expected 32 but got 40"):
         model(image("vit-embed", 40))
     twin = copy.deepcopy(model)
@@ -300,6 +300,41 @@ def test_swin_v2_is_left_with_a_reason():
     assert report.count("torch.nn.LayerNorm") > 0 and snapshot(model) == keys
     with torch.no_grad():  # only the LayerNorms run vitkern ops
         assert_close("swin v2 logits", model(x), copy.deepcopy(original).double()(x.double()), original(x))
+
+
+def test_swin3d_blocks_are_left_with_a_reason():
+    """Swin3D (video) reuses the 2-D SwinTransformerBlock with a 3-D window attention: not the 2-D kernel's."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    torch.manual_seed(0)
+    model = _randomize(SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2], num_heads=[2],
+                                         window_size=[2, 4, 4], num_classes=5, stochastic_depth_prob=0.0),
+                       "swin3d").eval()
+    x = randn((1, 3, 4, 24, 24), dtype=torch.float32, device="cpu", seed=seed_for("swin3d-x"))
+    original = copy.deepcopy(model)
+    report = vitkern.optimize(model)
+    reasons = {(path, rule): why for path, rule, why in report.left}
+    assert "ShiftedWindowAttention3d, not a Swin V1 attention" in reasons[("features.0.0",
+                                                                         "torchvision.SwinTransformerBlock")]
+    assert not any(isinstance(m, TorchvisionSwinBlock) for m in model.modules())
+    with torch.no_grad():  # only the LayerNorms run vitkern ops
+        assert_close("swin3d logits", model(x), copy.deepcopy(original).double()(x.double()), original(x))
+
+
+def test_vit_encoder_called_directly_adds_the_position_embedding():
+    """The fused embedding adds pos_embedding inside the ViT's forward only; code that calls the encoder itself
+    (feature extractors, wrappers) gets torchvision's encoder, position embedding included."""
+    model, x = tv_vit(), image("vit-encoder", 32)
+    original = copy.deepcopy(model)
+    vitkern.optimize(model)
+
+    def tokens(vit):
+        return torch.cat([vit.class_token.expand(x.shape[0], -1, -1), vit._process_input(x)], dim=1)
+
+    with torch.no_grad():
+        assert_close("encoder(tokens)", model.encoder(tokens(model)),
+                     copy.deepcopy(original).double().encoder(tokens(original).double()),
+                     original.encoder(tokens(original)))
 
 
 def test_bad_options_raise_clear_errors():

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from vitkern import dispatch
+from vitkern.nn._hooks import share_hooks
 
 # Op families a user can switch on or off; each rule belongs to one or more of them.
 FAMILIES = ("layer_norm", "attention", "ln_mlp", "patch_embed", "window_attention")
@@ -126,18 +127,6 @@ def preferred_backend(op: str, device: str) -> str:
 
 
 _ORIGINALS_ATTR = "_vitkern_originals"
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _share_hooks(original: nn.Module, new: nn.Module) -> None:
-    """Hooks registered on the original (feature extractors, profilers) fire on its replacement too: same dicts."""
-    if new is original:
-        return
-    for name in _HOOK_DICTS:
-        hooks = getattr(original, name, None)
-        if hooks and not getattr(new, name, None):
-            setattr(new, name, hooks)
 
 
 def _model_device(model: nn.Module) -> str:
@@ -174,7 +163,7 @@ def optimize(model: nn.Module, *, layer_norm: bool = True, attention: bool = Tru
                 if parent is None:
                     raise ValueError(f"vitkern.optimize: rule {rule.name} would replace the model itself; "
                                      "call it on the model's parent or use the replacement module directly")
-                _share_hooks(module, new)
+                share_hooks(module, new)  # feature extractors', profilers' hooks fire on the replacement
                 setattr(parent, path.rpartition(".")[2], new)
                 originals.setdefault(path, module)  # a second optimize() keeps the very first original
                 ops = getattr(new, "vitkern_ops", rule.ops)

@@ -13,6 +13,7 @@ from typing import Optional
 from torch import nn
 
 from vitkern.integrations.swap import SwapOptions, SwapRule, register_rule
+from vitkern.nn._hooks import has_own_hooks
 from vitkern.nn.attention import Attention as VitkernAttention
 from vitkern.nn.layer_norm import LayerNorm as VitkernLayerNorm
 from vitkern.nn.patch_embed import FusedViTPatchEmbed, patch_projection_reason
@@ -152,6 +153,8 @@ def _patch_embed_accepts(m: nn.Module, parent, options: SwapOptions) -> bool | s
         return f"pos_drop p={parent.pos_drop.p} (dropout after the position embedding is not fused)"
     if getattr(m, "output_nhwc", False):
         return "patch_embed outputs NHWC maps"
+    if has_own_hooks(m):
+        return "patch_embed has hooks (the fused module returns the whole token sequence, not the patches)"
     return True
 
 

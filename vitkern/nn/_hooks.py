@@ -21,6 +21,26 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+# every per-module hook container (the *_with_kwargs / always_called ones are keyed by the same hook ids)
+_ALL_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                   "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_own_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself has a forward or backward (pre-)hook (global hooks not counted)."""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+def share_hooks(original: nn.Module, new: nn.Module) -> nn.Module:
+    """Give ``new`` (built to replace ``original``, at the top of a swap or inside a fused block) ``original``'s
+    hook dicts, the very same objects: hooks registered before the swap fire on the replacement, and
+    :func:`must_call` sees them, so a fused path that would bypass the module calls it instead. Returns ``new``."""
+    if new is not original:
+        for name in _ALL_HOOK_DICTS:
+            hooks = getattr(original, name, None)
+            if hooks and not getattr(new, name, None):
+                setattr(new, name, hooks)
+    return new
 
 
 def _hooked(modules: Iterable[Optional[nn.Module]], ignoring: tuple[str, ...]) -> bool:

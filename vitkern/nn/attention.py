@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern.functional.attention import attention
+from vitkern.nn._hooks import must_call, share_hooks
 from vitkern.nn.attention_maps import RecordsAttentionMaps
 from vitkern.nn.layer_norm import LayerNorm
 
@@ -92,7 +93,9 @@ class Attention(RecordsAttentionMaps, nn.Module):
         (``x``, the block input, is needed only with ``gated``). Fused blocks call this after their own qkv GEMM."""
         B, N, _ = qkv.shape
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if attn_mask is not None or is_causal or self._vitkern_attn_maps is not None:
+        # a hook on q_norm / k_norm (Identity ones too) sees timm's [B, H, N, D] calls: the unfused layout
+        if (attn_mask is not None or is_causal or self._vitkern_attn_maps is not None
+                or must_call(self.q_norm, self.k_norm)):
             q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             if self._vitkern_attn_maps is not None and attn_mask is None and not is_causal:
@@ -158,4 +161,4 @@ class Attention(RecordsAttentionMaps, nn.Module):
         new.proj = module.proj
         new.proj_drop = getattr(module, "proj_drop", nn.Dropout(0.0))
         new.train(module.training)
-        return new
+        return share_hooks(module, new)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from vitkern.functional.layer_norm import layer_norm
+from vitkern.nn._hooks import share_hooks
 
 __all__ = ["LayerNorm", "computes_layer_norm", "layer_norm_reason"]
 
@@ -50,7 +51,7 @@ class LayerNorm(torch.nn.LayerNorm):
         new = cls(module.normalized_shape, module.eps, module.elementwise_affine, bias=module.bias is not None, device="meta")
         new.weight, new.bias = module.weight, module.bias
         new.train(module.training)
-        return new
+        return share_hooks(module, new)
 
 
 def computes_layer_norm(module: torch.nn.Module) -> bool:

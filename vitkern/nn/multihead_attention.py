@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from vitkern import dispatch
 from vitkern.functional.attention import attention
+from vitkern.nn._hooks import share_hooks
 from vitkern.nn.attention_maps import RecordsAttentionMaps
 
 __all__ = ["MultiheadAttention"]
@@ -78,7 +79,7 @@ class MultiheadAttention(RecordsAttentionMaps, nn.MultiheadAttention):
         for name, m in mha._modules.items():
             new.add_module(name, m)
         new.training = mha.training  # not .train(): that would also flip the shared children
-        return new
+        return share_hooks(mha, new)
 
     # ------------------------------------------------------------------------------------------- forward
     def why_not_fused(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,

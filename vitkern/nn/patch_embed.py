@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern.functional.patch_embed import _channel_values, _norm, patch_embed, resample_pos_embed, whole_patches
+from vitkern.nn._hooks import must_call, share_hooks
 
 __all__ = ["PatchEmbed", "ViTEmbed", "FusedViTPatchEmbed", "patch_projection_reason"]
 
@@ -102,7 +103,10 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_and_pad(x)
         B, grid = x.shape[0], (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
-        x = patch_embed(x, self.proj.weight, self.proj.bias)  # [B, Np, D]: also the NHWC map [B, gh, gw, D]
+        if must_call(self.proj):  # a hook on proj sees timm's call: the conv's [B, D, gh, gw]
+            x = self.proj(x).flatten(2).transpose(1, 2)
+        else:
+            x = patch_embed(x, self.proj.weight, self.proj.bias)  # [B, Np, D]: also the NHWC map [B, gh, gw, D]
         if self.flatten or self.output_fmt == "NLC":
             return self.norm(x)
         if self.output_fmt == "NCL":
@@ -158,7 +162,7 @@ class PatchEmbed(nn.Module):
         new.proj, new.norm = proj, getattr(module, "norm", nn.Identity())
         object.__setattr__(new, "_original", module)  # a plain attribute: not a submodule, not in the state_dict
         new.train(module.training)
-        return new
+        return share_hooks(module, new)
 
 
 def _resampled_projection(proj: nn.Conv2d, patch_size: Tuple[int, int]) -> nn.Conv2d:
@@ -356,6 +360,9 @@ class FusedViTPatchEmbed(PatchEmbed):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, C, H, W] -> [B, prefix + H'·W', D]
+        if must_call(self.proj):  # a hook on proj (added after the swap) sees timm's calls: the ViT's own steps
+            vit = self._tokens._vit
+            return getattr(type(vit), self._pos_embed_method)(vit, self._original(x))
         return self._tokens(x)
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
-from vitkern.nn._hooks import mlp_must_call, must_call
+from vitkern.nn._hooks import has_own_hooks, mlp_must_call, must_call
 from vitkern.nn.layer_norm import LayerNorm, layer_norm_reason
 from vitkern.nn.vit_block import _drop_p, mlp_fusion_blocker, proj_fusion_blocker, \
     project_residual, training_noise
@@ -33,6 +33,8 @@ def swin_block_blocker(block: nn.Module) -> str | None:
     attn = getattr(block, "attn", None)
     if not hasattr(attn, "relative_position_bias_table") or hasattr(attn, "logit_scale"):
         return "attn is not a Swin V1 WindowAttention (V2's cosine attention is not supported)"
+    if has_own_hooks(attn):  # ours runs on the whole map [B, H, W, C], timm's once per batch of windows
+        return "attn has hooks: timm's WindowAttention is kept, so they see its per-window calls"
     if _drop_p(getattr(attn, "attn_drop", None)) > 0:
         return f"attention dropout p={attn.attn_drop.p} (the fused kernel has none)"
     norm_reason = layer_norm_reason(block.norm1, "norm1")
@@ -116,7 +118,9 @@ class SwinBlock(nn.Module):
             x = project_residual(attn, attn.attend(qkv), x, None, self.fuse_proj)
         mlp = self.mlp
         if recording or noise or not self.fuse_mlp or mlp_must_call(self.norm2, mlp, mlp.fc1, mlp.fc2):
-            return x + self.drop_path2(mlp(self.norm2(x)))
+            B, H, W, C = x.shape  # timm's steps: the MLP half on the rows [B, H·W, C] (what its hooks see)
+            x = x.reshape(B, -1, C)
+            return (x + self.drop_path2(mlp(self.norm2(x)))).reshape(B, H, W, C)
         n2 = self.norm2
         return ln_mlp(x, n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, None,
                       n2.eps, mlp.act.approximate)

@@ -173,7 +173,15 @@ class TorchvisionEncoderBlock(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- Swin V1
 def _is_swin_v1_attention(attn: nn.Module) -> bool:
-    return hasattr(attn, "relative_position_bias_table") and not hasattr(attn, "logit_scale")
+    """torchvision's 2-D Swin V1 ``ShiftedWindowAttention`` itself (or ours). Not by its attributes: Swin3D's
+    ``ShiftedWindowAttention3d`` has the same ones over 3-D windows, V2 and other subclasses compute other things."""
+    if isinstance(attn, TorchvisionShiftedWindowAttention):
+        return True
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention as TorchvisionV1Attention
+    except ImportError:
+        return False
+    return type(attn) is TorchvisionV1Attention
 
 
 class TorchvisionShiftedWindowAttention(ShiftedWindowAttention):

@@ -4,12 +4,16 @@
 ViT: torchvision embeds in three places — ``VisionTransformer._process_input`` (``conv_proj``, reshape, permute),
 ``VisionTransformer.forward`` (``torch.cat`` of the class token) and ``Encoder.forward`` (``+ pos_embedding``) —
 each a full pass over the tokens. :class:`TorchvisionViTConvProj` takes the ``conv_proj`` slot and writes the whole
-sequence [B, 1 + Np, D] in one ``patch_embed`` launch; the ViT's and its encoder's ``forward`` are replaced on the
-instance by the same steps minus the concatenation and the addition (``_vitkern_undo`` removes them)::
+sequence [B, 1 + Np, D] in one ``patch_embed`` launch; the ViT's ``forward`` is replaced on the instance by the
+same steps minus the concatenation and the addition (``_vitkern_undo`` removes it)::
 
     x = conv_proj(x, class_token, encoder.pos_embedding)    # patches + bias, class token, position embedding
-    x = encoder(x)                                          # ln(layers(dropout(x))): pos_embedding already in
+    x = encoder.ln(encoder.layers(encoder.dropout(x)))      # the encoder's steps after its `+ pos_embedding`
     x = heads(x[:, 0])
+
+The encoder keeps its own ``forward``: called directly (feature extractors, wrappers) it adds the position embedding
+as torchvision's does. With a hook on ``conv_proj`` or ``encoder`` the ViT runs torchvision's own ``forward``, so the
+hooks see the calls they would see in the original.
 
 Swin V1: ``features[0]`` is ``Sequential(Conv2d, Permute([0, 2, 3, 1]), LayerNorm)``. The fused op's token buffer
 [B, Np, D] *is* the NHWC map [B, H', W', D], so :class:`TorchvisionSwinPatchEmbed` (a Sequential with the same
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkern.functional.patch_embed import patch_embed, whole_patches
+from vitkern.nn._hooks import must_call
 from vitkern.nn.layer_norm import LayerNorm
 
 __all__ = ["TorchvisionViTConvProj", "TorchvisionSwinPatchEmbed"]
@@ -50,10 +55,9 @@ class TorchvisionViTConvProj(nn.Conv2d):
     @classmethod
     def from_torchvision(cls, vit: nn.Module) -> "TorchvisionViTConvProj":
         new = _conv_like(vit.conv_proj, cls)
-        # instance attributes shadow the class methods; partials, not bound methods, so that the model pickles
-        # (a bound method pickles as getattr(owner, its function's name), which these owners do not have)
+        # an instance attribute shadows the class method; a partial, not a bound method, so that the model pickles
+        # (a bound method pickles as getattr(vit, its function's name), which the ViT does not have)
         vit.forward = functools.partial(_vit_forward, vit)
-        vit.encoder.forward = functools.partial(_encoder_forward, vit.encoder)
         return new
 
     def forward(self, x: Tensor, class_token: Tensor | None = None, pos_embedding: Tensor | None = None) -> Tensor:
@@ -63,24 +67,21 @@ class TorchvisionViTConvProj(nn.Conv2d):
         return patch_embed(x, self.weight, self.bias, pos_embedding, class_token)
 
     def _vitkern_undo(self, vit: nn.Module, original: nn.Module) -> None:
-        for owner in (vit, vit.encoder):
+        for owner in (vit, vit.encoder):  # the encoder's: put there by vitkern before session 10's change
             vars(owner).pop("forward", None)
 
 
 def _vit_forward(self, x: Tensor) -> Tensor:
     """``VisionTransformer.forward`` with the embedding fused (see the module docstring)."""
+    encoder = self.encoder
+    if must_call(self.conv_proj, encoder):  # hooks see torchvision's calls: conv_proj(x) [B, D, h, w], encoder(tokens)
+        return type(self).forward(self, x)
     h, w = x.shape[-2:]
     torch._assert(h == self.image_size, f"Wrong image height! Expected {self.image_size} but got {h}!")
     torch._assert(w == self.image_size, f"Wrong image width! Expected {self.image_size} but got {w}!")
-    x = self.conv_proj(x, self.class_token, self.encoder.pos_embedding)
-    x = self.encoder(x)
+    x = self.conv_proj(x, self.class_token, encoder.pos_embedding)
+    x = encoder.ln(encoder.layers(encoder.dropout(x)))
     return self.heads(x[:, 0])
-
-
-def _encoder_forward(self, input: Tensor) -> Tensor:
-    """torchvision ``Encoder.forward`` without ``+ pos_embedding``: the fused embedding added it."""
-    torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
-    return self.ln(self.layers(self.dropout(input)))
 
 
 # ----------------------------------------------------------------------------------------------------- Swin V1

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from vitkern.functional.window_attention import SWIN_MASK_VALUE, window_attention
+from vitkern.nn._hooks import share_hooks
 from vitkern.nn.attention_maps import RecordsAttentionMaps
 from vitkern.reference import swin as ref_swin
 from vitkern.reference.layers import attention_probs, merge_heads, split_heads_qkv
@@ -110,7 +111,7 @@ class WindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
         new.window_size = tuple(attn.window_size)
         new.window_area = new.window_size[0] * new.window_size[1]
         new._share(attn)
-        return new
+        return share_hooks(attn, new)  # the same calls as timm's ([B·nW, N, C], mask)
 
 
 class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
@@ -262,4 +263,4 @@ class ShiftedWindowAttention(RecordsAttentionMaps, _WindowAttentionBase):
         new.register_buffer("relative_position_index", attn.relative_position_index, persistent=True)
         new.scale = (new.qkv.out_features // (3 * new.num_heads)) ** -0.5
         new.train(attn.training)
-        return new
+        return share_hooks(attn, new)  # torchvision's module is called on the map [B, H, W, C] too
