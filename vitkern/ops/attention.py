@@ -74,6 +74,7 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------- backends
+@dispatch.without_autocast  # its fp32 logits stay fp32 under the caller's autocast, as in the custom ops
 def attention_eager(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
     """Differentiable plain-PyTorch attention on [B, H, N, D] views (fp32 softmax; fp64 for fp64), with dropout
     on the probabilities as timm's explicit path (``F.dropout``, scaled by 1/(1-p)). Returns [B, H, N_Q, D]."""
@@ -174,7 +175,7 @@ def problem(
 
 
 # ----------------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("vitkern::attention_fwd", mutates_args=())
+@dispatch.custom_op("vitkern::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Optional[Tensor], v: Optional[Tensor], num_heads: int, layout: str, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -192,7 +193,7 @@ def _(q, k, v, num_heads, layout, scale):
     return q.new_empty(out_shape(q, layout)), q.new_empty(q4.shape[:3], dtype=_lse_dtype(q))
 
 
-@torch.library.custom_op("vitkern::attention_bwd", mutates_args=())
+@dispatch.custom_op("vitkern::attention_bwd", mutates_args=())
 def attention_bwd(
     dout: Tensor, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], out: Tensor, lse: Tensor,
     num_heads: int, layout: str, scale: float,

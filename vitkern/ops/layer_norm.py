@@ -122,7 +122,7 @@ def _unit_col_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("vitkern::layer_norm_fwd", mutates_args=())
+@dispatch.custom_op("vitkern::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -138,7 +138,7 @@ def _(x, weight, bias, residual, eps):
     return x.new_empty((m, n)), s, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("vitkern::layer_norm_bwd", mutates_args=())
+@dispatch.custom_op("vitkern::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(
     dy: Tensor,
     dsum: Optional[Tensor],

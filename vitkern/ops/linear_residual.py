@@ -37,7 +37,7 @@ def _problem(direction: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     return problem(OP, direction, x, {"weight": weight}, {"bias": bias, "residual": residual, "layer_scale": layer_scale})
 
 
-@torch.library.custom_op("vitkern::linear_residual_fwd", mutates_args=())
+@dispatch.custom_op("vitkern::linear_residual_fwd", mutates_args=())
 def linear_residual_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor, layer_scale: Optional[Tensor]
 ) -> Tensor:
@@ -54,7 +54,7 @@ def _(x, weight, bias, residual, layer_scale):
     return residual.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("vitkern::linear_residual_bwd", mutates_args=())
+@dispatch.custom_op("vitkern::linear_residual_bwd", mutates_args=())
 def linear_residual_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

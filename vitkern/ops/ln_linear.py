@@ -251,7 +251,7 @@ def _problem(direction, x, ln_weight, ln_bias, weight, bias) -> dispatch.Problem
     return problem(OP, direction, x, {"weight": weight}, {"ln_weight": ln_weight, "ln_bias": ln_bias, "bias": bias})
 
 
-@torch.library.custom_op("vitkern::ln_linear_fwd", mutates_args=())
+@dispatch.custom_op("vitkern::ln_linear_fwd", mutates_args=())
 def ln_linear_fwd(
     x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -270,7 +270,7 @@ def _(x, ln_weight, ln_bias, weight, bias, eps):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype), stats, stats.new_empty(stats.shape)
 
 
-@torch.library.custom_op("vitkern::ln_linear_bwd", mutates_args=())
+@dispatch.custom_op("vitkern::ln_linear_bwd", mutates_args=())
 def ln_linear_bwd(
     dy: Tensor, x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
     mean: Tensor, rstd: Tensor, eps: float,

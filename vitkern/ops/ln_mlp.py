@@ -48,7 +48,7 @@ def _problem(direction, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight,
                     "layer_scale": layer_scale})
 
 
-@torch.library.custom_op("vitkern::ln_mlp_fwd", mutates_args=())
+@dispatch.custom_op("vitkern::ln_mlp_fwd", mutates_args=())
 def ln_mlp_fwd(
     x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], fc1_weight: Tensor, fc1_bias: Optional[Tensor],
     fc2_weight: Tensor, fc2_bias: Optional[Tensor], layer_scale: Optional[Tensor], eps: float, approximate: str,
@@ -77,7 +77,7 @@ def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_s
     return x.new_empty(x.shape), act(), act(), stats, stats.new_empty(stats.shape)
 
 
-@torch.library.custom_op("vitkern::ln_mlp_bwd", mutates_args=())
+@dispatch.custom_op("vitkern::ln_mlp_bwd", mutates_args=())
 def ln_mlp_bwd(
     dy: Tensor, x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], fc1_weight: Tensor,
     fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor], layer_scale: Optional[Tensor],

@@ -194,7 +194,7 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
 
-@torch.library.custom_op("vitkern::patch_embed_fwd", mutates_args=())
+@dispatch.custom_op("vitkern::patch_embed_fwd", mutates_args=())
 def patch_embed_fwd(
     x: Tensor, norm: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], pos: Optional[Tensor],
     prefix: Optional[Tensor], pos_covers_prefix: bool,
@@ -211,7 +211,7 @@ def _(x, norm, weight, bias, pos, prefix, pos_covers_prefix):
     return weight.new_empty((B, num_prefix + (H // ph) * (W // pw), D), dtype=token_dtype(weight, pos, prefix))
 
 
-@torch.library.custom_op("vitkern::patch_embed_bwd", mutates_args=())
+@dispatch.custom_op("vitkern::patch_embed_bwd", mutates_args=())
 def patch_embed_bwd(
     dout: Tensor, x: Tensor, norm: Optional[Tensor], weight: Tensor, num_prefix: int, has_pos: bool,
     pos_covers_prefix: bool, need_dx: bool, need_dw: bool, need_db: bool, need_dpos: bool, need_dprefix: bool,

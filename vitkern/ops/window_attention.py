@@ -251,7 +251,7 @@ def problem(direction: str, qkv: Tensor, table: Tensor, heads: int, window: Sequ
     )
 
 
-@torch.library.custom_op("vitkern::window_attention_fwd", mutates_args=())
+@dispatch.custom_op("vitkern::window_attention_fwd", mutates_args=())
 def window_attention_fwd(
     qkv: Tensor, qkv_bias: Optional[Tensor], table: Tensor, heads: int, window: Sequence[int], shift: Sequence[int],
     scale: float, mask_value: float, pad_first: bool,
@@ -268,7 +268,7 @@ def _(qkv, qkv_bias, table, heads, window, shift, scale, mask_value, pad_first):
     return qkv.new_empty((B, H, W, three_c // 3)), lse
 
 
-@torch.library.custom_op("vitkern::window_attention_bwd", mutates_args=())
+@dispatch.custom_op("vitkern::window_attention_bwd", mutates_args=())
 def window_attention_bwd(
     dout: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], table: Tensor, out: Tensor, lse: Tensor, heads: int,
     window: Sequence[int], shift: Sequence[int], scale: float, mask_value: float, pad_first: bool,
