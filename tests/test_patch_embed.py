@@ -336,6 +336,13 @@ def test_patch_embed_module_is_drop_in_for_timm(kw, hw):
     shared = vitkern.nn.PatchEmbed.from_timm(theirs)
     assert shared.proj is theirs.proj
     torch.testing.assert_close(shared(x), theirs(x), atol=2e-5, rtol=1e-5)
+    # contiguous wherever timm's output is (code after it may .view() it); an NCHW map in timm's very layout
+    # (contiguous, channels-last from a channels-last image): BatchNorm / convs after it pick kernels by it (visformer)
+    for image in (x, x.contiguous(memory_format=torch.channels_last)):
+        got, want = ours(image), theirs(image)
+        assert got.is_contiguous() or not want.is_contiguous(), (got.stride(), want.stride())
+        if got.dim() == 4 and not theirs.flatten and theirs.output_fmt.value == "NCHW":
+            assert got.stride() == want.stride(), (got.stride(), want.stride())
 
 
 def test_vit_embed_state_dict_names_match_timm():

@@ -103,16 +103,21 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_and_pad(x)
         B, grid = x.shape[0], (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
+        # the conv's output layout follows its input's: channels-last in, channels-last out; else contiguous
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if must_call(self.proj):  # a hook on proj sees timm's call: the conv's [B, D, gh, gw]
             x = self.proj(x).flatten(2).transpose(1, 2)
         else:
             x = patch_embed(x, self.proj.weight, self.proj.bias)  # [B, Np, D]: also the NHWC map [B, gh, gw, D]
         if self.flatten or self.output_fmt == "NLC":
             return self.norm(x)
-        if self.output_fmt == "NCL":
-            return self.norm(x.transpose(1, 2))
+        if self.output_fmt == "NCL":  # timm's conv(x).flatten(2): contiguous, as code after it may .view() it
+            return self.norm(x.transpose(1, 2).contiguous())
         x = x.view(B, *grid, x.shape[-1])
-        return self.norm(x if self.output_fmt == "NHWC" else x.permute(0, 3, 1, 2))
+        if self.output_fmt == "NHWC":
+            return self.norm(x)
+        x = x.permute(0, 3, 1, 2)  # NCHW, as timm's conv(x) returns it
+        return self.norm(x if channels_last else x.contiguous())
 
     def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
         ph, pw = self.patch_size
