@@ -337,6 +337,24 @@ def test_vit_encoder_called_directly_adds_the_position_embedding():
                      original.encoder(tokens(original)))
 
 
+def test_fx_feature_extraction_with_vitkern_modules_as_leaves():
+    """torchvision's create_feature_extractor (torch.fx) on an optimized ViT, vitkern's modules traced as leaves:
+    the original's features (the encoder's position embedding included)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model, x = tv_vit(), image("vit-fx", 32)
+    optimized = copy.deepcopy(model)
+    vitkern.optimize(optimized)
+    nodes = ["encoder.layers.encoder_layer_1", "encoder.ln", "heads"]
+    leaves = vitkern.integrations.fx_leaf_modules(optimized)
+    assert TorchvisionEncoderBlock in leaves and TorchvisionViTConvProj in leaves
+    with torch.no_grad():
+        want = create_feature_extractor(model, nodes)(x)
+        got = create_feature_extractor(optimized, nodes, tracer_kwargs={"leaf_modules": leaves})(x)
+    for node in nodes:  # fp32, the same math in another summation order (reference backend)
+        torch.testing.assert_close(got[node], want[node], rtol=1e-4, atol=1e-5)
+
+
 def test_bad_options_raise_clear_errors():
     model = tv_vit()
     with pytest.raises(TypeError, match="attention must be True or False"):

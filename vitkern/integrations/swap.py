@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from vitkern import dispatch
+from vitkern.integrations import fx
 from vitkern.nn._hooks import share_hooks
 
 # Op families a user can switch on or off; each rule belongs to one or more of them.
@@ -178,6 +179,7 @@ def optimize(model: nn.Module, *, layer_norm: bool = True, attention: bool = Tru
 
     visit("", model, None)
     object.__setattr__(model, _ORIGINALS_ATTR, originals)  # plain attribute: not a submodule, not in state_dict
+    fx.register_with_timm(model)  # timm's FX feature extraction traces vitkern modules as leaves
     return report
 
 
