@@ -422,6 +422,9 @@ def test_optimized_model_compiles_and_captures_on_gpu(name):
     ("swinv2_tiny_window8_256", dict(depths=(1, 1), num_heads=(2, 4), embed_dim=32, img_size=64), "Swin V2"),
     ("eva02_tiny_patch14_224", dict(depth=1, img_size=28), "rotary position embedding"),
     ("beit_base_patch16_224", dict(depth=1, img_size=32, embed_dim=64, num_heads=2), "relative position bias"),
+    ("vit_relpos_small_patch16_224", dict(depth=1, img_size=32), "relative-position ViT block"),
+    ("cait_xxs24_224", dict(depth=1, depth_token_only=1, img_size=32), "CaiT"),
+    ("xcit_nano_12_p16_224", dict(depth=1, cls_attn_layers=1, img_size=32), "XCiT"),
 ])
 def test_known_unfused_blocks_are_reported_with_the_reason(name, kwargs, reason):
     """A timm family vitkern has no fused block for says so in the report (and the model still matches)."""

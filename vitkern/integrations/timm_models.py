@@ -107,6 +107,22 @@ _UNFUSED_BLOCKS = {
         "Swin V2 (cosine attention with a logit scale, continuous position bias MLP, post-norm): not fused",
     ("timm.models.eva", "EvaBlock"): "EVA block (rotary position embedding in attention): not fused",
     ("timm.models.beit", "Block"): "BEiT block (relative position bias per block): not fused",
+    ("timm.models.vision_transformer_relpos", "RelPosBlock"):
+        "relative-position ViT block (a position bias inside attention): not fused",
+    ("timm.models.vision_transformer_relpos", "ResPostRelPosBlock"):
+        "relative-position ViT block, post-norm (a position bias inside attention): not fused",
+    ("timm.models.cait", "LayerScaleBlock"):
+        "CaiT block (talking-heads attention: head mixing before and after the softmax): not fused",
+    ("timm.models.cait", "LayerScaleBlockClassAttn"):
+        "CaiT class-attention block (only the class token queries): not fused",
+    ("timm.models.xcit", "XCABlock"): "XCiT block (cross-covariance attention over channels, local patch "
+                                      "interaction): not fused",
+    ("timm.models.xcit", "ClassAttentionBlock"): "XCiT class-attention block (only the class token queries): "
+                                                 "not fused",
+    ("timm.models.deepseek_vit", "DeepseekVitBlock"): "DeepSeek ViT block (rotary position embedding in attention, "
+                                                      "SwiGLU MLP): not fused",
+    ("timm.models.gemma4_vit", "Gemma4Block"): "Gemma 4 ViT block (rotary position embedding, sandwich norms): "
+                                               "not fused",
 }
 
 
