@@ -268,21 +268,25 @@ def test_optimize_twice_and_restore_once():
     torch.testing.assert_close(model(x), before, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("case", list(TIMM_CASES))
-def test_optimized_model_compiles_without_graph_breaks(case):
-    """Every variant traces as one graph, forward and (aot_eager) backward."""
+def test_optimized_model_compiles_without_graph_breaks(case, dynamic):
+    """Every variant traces as one graph, forward and (aot_eager) backward, also with symbolic shapes
+    (``dynamic=True``: Swin's float attributes become SymFloats, a dynamic-size ViT's grid symbolic) and after an
+    eager call has filled the modules' caches (the resampled position embedding)."""
     name, kwargs = TIMM_CASES[case]
     model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for("compile", case)).eval()
     vitkern.optimize(model)
     x = _input(model, case)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: any graph break raises
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=dynamic)  # a graph break raises
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
-    if case in ("vit_qknorm_ls_reg", "swin"):  # backward through the custom ops' autograd, traced by AOTAutograd
+        eager = model(x)
+        torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
+    if case in ("vit_qknorm_ls_reg", "swin", "vit_dynamic_size"):  # backward through the custom ops' autograd
         torch._dynamo.reset()
         xs = [x.clone().requires_grad_() for _ in range(2)]
-        torch.compile(model, fullgraph=True, backend="aot_eager")(xs[0]).sum().backward()
+        torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic)(xs[0]).sum().backward()
         model(xs[1]).sum().backward()
         torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-5, rtol=1e-5)
 

@@ -149,6 +149,16 @@ def _describe(x, weight, bias=None, pos_embed=None, prefix=None, *, mean=None, s
 dispatch.register_describer(pe_op.OP, _describe)
 
 
+def _axis_resampling(n_in: int, n_out: int, mode: str, antialias: bool, like: Tensor) -> Tensor:
+    """[n_out, n_in]: F.interpolate's weights along one axis (its 2-D resampling is separable: rows, then columns).
+    Under torch.compile(dynamic=True) the grid sizes are symbolic and, in torch 2.11, the backward of antialiased
+    bicubic interpolation fails on symbolic sizes; interpolating an identity needs no backward, and the position
+    embedding's gradient then flows through two matmuls."""
+    eye = torch.eye(n_in, dtype=like.dtype, device=like.device).view(1, 1, n_in, n_in)
+    # resample the rows of a square identity (a width-1 image would not do: antialiasing mishandles it on CPU)
+    return F.interpolate(eye, size=(n_out, n_in), mode=mode, antialias=antialias).view(n_out, n_in)
+
+
 def resample_pos_embed(
     pos_embed: Tensor,  # [1, P + Ho*Wo, D] or [1, Ho*Wo, D]
     new_grid: Sequence[int],
@@ -169,7 +179,11 @@ def resample_pos_embed(
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     D = pos_embed.shape[-1]
     grid = grid.float().reshape(1, oh, ow, D).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(gh, gw), mode=mode, antialias=antialias)
+    if torch.compiler.is_compiling():  # the same interpolation as two matmuls (see _axis_resampling)
+        rows, cols = _axis_resampling(oh, gh, mode, antialias, grid), _axis_resampling(ow, gw, mode, antialias, grid)
+        grid = torch.einsum("ho,bdow,vw->bdhv", rows, grid, cols)
+    else:
+        grid = F.interpolate(grid, size=(gh, gw), mode=mode, antialias=antialias)
     grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1) if num_prefix else grid
 

@@ -42,9 +42,10 @@ def _validate(qkv, table, num_heads, window_size, shift_size, qkv_bias, scale, m
     check_tensor(_NAME, "relative_position_bias_table", table, shape=(entries, num_heads), like=qkv)
     if qkv_bias is not None:
         check_tensor(_NAME, "qkv_bias", qkv_bias, shape=(qkv.shape[-1],), like=qkv)
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+    # comparisons, not math.isfinite / isnan: torch.compile traces float attributes as SymFloats (dynamic=True)
+    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
         raise ValueError(f"{_NAME}: scale must be a positive finite number or None, got {scale!r}")
-    if not isinstance(mask_value, (int, float)) or math.isnan(mask_value) or mask_value > 0:
+    if not isinstance(mask_value, (int, float)) or mask_value != mask_value or mask_value > 0:  # NaN != NaN
         raise ValueError(f"{_NAME}: mask_value must be <= 0 (Swin: -100.0, or float('-inf')), got {mask_value!r}")
     head_dim = qkv.shape[-1] // (3 * num_heads)
     return window, shift, float(scale) if scale is not None else head_dim ** -0.5

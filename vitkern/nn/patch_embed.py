@@ -272,7 +272,9 @@ class ViTEmbed(nn.Module):
             raise ValueError(f"vitkern.nn.ViTEmbed: the input's patch grid {grid} differs from the model's {base}; "
                              "build it with dynamic_img_size=True to resample the position embedding")
         n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        if torch.is_grad_enabled() and pos.requires_grad:  # training: resample in the graph (differentiable)
+        # training: resample in the graph (differentiable); compiled: in the graph too (dynamo cannot trace the
+        # cache's data_ptr key, and the compiled graph is built once per grid anyway)
+        if (torch.is_grad_enabled() and pos.requires_grad) or torch.compiler.is_compiling():
             return resample_pos_embed(pos, grid, base, n_prefix)
         key = (grid, pos.data_ptr(), pos._version, pos.dtype, pos.device)
         hit = self._pos_cache.get(grid)
