@@ -459,3 +459,20 @@ def test_timm_fx_feature_extraction_on_optimized_model(name, kwargs, nodes):
         got = create_feature_extractor(optimized, nodes)(x)
     for node in nodes:  # fp32, the same math in another summation order (reference backend)
         torch.testing.assert_close(got[node], want[node], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["vit_qknorm_ls_reg", "swin"])
+def test_optimized_model_exports_with_a_dynamic_batch(case):
+    """torch.export (deployment): the vitkern custom ops appear in the exported graph as ops, the batch stays
+    dynamic, and the exported program computes the original model's logits."""
+    name, kwargs = TIMM_CASES[case]
+    model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for("export", case)).eval()
+    optimized = copy.deepcopy(model)
+    vitkern.optimize(optimized)
+    x = _input(model, case)
+    program = torch.export.export(optimized, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}})
+    ops = {str(node.target) for node in program.graph.nodes if str(node.target).startswith("vitkern.")}
+    assert {"vitkern.ln_linear_fwd.default", "vitkern.ln_mlp_fwd.default", "vitkern.patch_embed_fwd.default"} <= ops
+    x3 = _input(model, case, batch=3)  # another batch size than the one traced
+    with torch.no_grad():  # fp32, the same math in another summation order (reference backend)
+        torch.testing.assert_close(program.module()(x3), model(x3), rtol=1e-4, atol=1e-5)
