@@ -129,3 +129,48 @@ def test_explain_also_states_the_backward_choice():
     choice = vitkern.explain("attention", qkv=x, num_heads=2)
     assert choice.problem.direction == "forward" and choice.backward.problem.direction == "backward"
     assert "attention backward" in str(choice)
+
+
+def _timm_model(name, **kwargs):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+TINY_VIT = dict(depth=2, img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)
+TINY_SWIN = dict(embed_dim=16, depths=(2,), num_heads=(1,), window_size=4, img_size=24, num_classes=5)
+
+
+@pytest.mark.parametrize("first, then", [("train", "eval"), ("eval", "train")])
+def test_restore_brings_back_the_train_eval_mode_set_while_optimized(first, then):
+    """model.train() / .eval() after optimize reach only the modules in the model; restore puts the replaced
+    originals back in the mode the model is in now (timm decides attention dropout by the container's flag)."""
+    model = _timm_model("vit_tiny_patch16_224", attn_drop_rate=0.5, **TINY_VIT).train(first == "train")
+    vitkern.optimize(model)
+    getattr(model, then)()
+    vitkern.restore(model)
+    assert {m.training for m in model.modules()} == {then == "train"}
+
+
+def test_restore_after_a_dtype_move_moves_the_originals_own_buffers():
+    """timm Swin's non-persistent attn_mask is not in vitkern's block (the kernel derives the mask): after
+    optimize, .to(bf16), restore, it is bf16 like the rest of the model and the restored model runs."""
+    model = _timm_model("swin_tiny_patch4_window7_224", **TINY_SWIN).eval()
+    twin = _timm_model("swin_tiny_patch4_window7_224", **TINY_SWIN).eval().to(torch.bfloat16)
+    vitkern.optimize(model)
+    model.to(torch.bfloat16)
+    vitkern.restore(model)
+    masks = {n: b.dtype for n, b in model.named_buffers() if n.endswith("attn_mask") and b is not None}
+    assert masks and set(masks.values()) == {torch.bfloat16}, masks
+    x = torch.randn(2, 3, 24, 24).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x), rtol=0, atol=0)  # the same modules, the same tensors
+
+
+def test_a_second_optimize_swaps_nothing():
+    """Modules vitkern put in own their subtree: the plain LayerNorms a fused block keeps (qk norms, norms folded
+    into GEMMs) are not taken by the LayerNorm rule on a second call."""
+    model = _timm_model("vit_tiny_patch16_224", qk_norm=True, **TINY_VIT).eval()
+    first = vitkern.optimize(model)
+    assert first.swapped and not vitkern.optimize(model).swapped
+    assert vitkern.restore(model) == len(first.swapped)

@@ -157,6 +157,8 @@ def optimize(model: nn.Module, *, layer_norm: bool = True, attention: bool = Tru
     device = _model_device(model)
 
     def visit(path: str, module: nn.Module, parent: Optional[nn.Module]) -> None:
+        if type(module).__module__.startswith("vitkern.nn"):  # swapped before: it owns its subtree (the plain
+            return                                            # layers it keeps, it keeps on purpose)
         for rule in active:
             verdict = rule.accepts(module, parent, options)
             if verdict is True:
@@ -201,6 +203,30 @@ def _hand_back_tensors(replacement: nn.Module, original: nn.Module) -> None:
                 target._buffers[name] = t
 
 
+def _follow_replacement_state(replacement: nn.Module, original: nn.Module) -> None:
+    """What ``model.train()`` / ``.eval()`` / ``.to()`` / ``.half()`` did while the original was out of the model:
+    its modules that the replacement did not share take the replacement's training flag (the module at the same
+    path, else the replacement's own), and its non-persistent buffers (timm Swin's ``attn_mask``) follow the
+    replacement's device and floating dtype, or are the replacement's buffer of the same path, name and shape."""
+    mirrors = dict(replacement.named_modules(remove_duplicate=False))
+    shared = {id(m) for m in mirrors.values()}
+    for path, target in original.named_modules(remove_duplicate=False):
+        if id(target) in shared:
+            continue
+        mirror = mirrors.get(path, replacement)
+        target.training = mirror.training
+        like = next((t for t in (*mirror.parameters(), *replacement.parameters()) if t.is_floating_point()), None)
+        for name in target._non_persistent_buffers_set:
+            buf, theirs = target._buffers.get(name), mirror._buffers.get(name) if mirror is not replacement else None
+            if buf is None:
+                continue
+            if theirs is not None and theirs.shape == buf.shape:
+                target._buffers[name] = theirs
+            elif like is not None:
+                target._buffers[name] = buf.to(device=like.device,
+                                               dtype=like.dtype if buf.is_floating_point() else buf.dtype)
+
+
 def restore(model: nn.Module) -> int:
     """Put back every module :func:`optimize` replaced (outermost first), holding the tensors the model holds now;
     returns how many."""
@@ -213,6 +239,7 @@ def restore(model: nn.Module) -> int:
         if undo is not None:
             undo(parent, originals[path])
         _hand_back_tensors(current, originals[path])
+        _follow_replacement_state(current, originals[path])
         setattr(parent, name, originals[path])
     count = len(originals)
     if hasattr(model, _ORIGINALS_ATTR):
