@@ -243,15 +243,12 @@ def test_hook_on_a_rebuilt_or_bypassed_module_sees_the_originals_calls(case, pat
     original = built.module
     seen: dict[str, list] = {"original": [], "optimized": []}
     original.get_submodule(path).register_forward_hook(_scaling_hook(seen["original"]))
-    if when == "before":  # the deep copy carries the hook: it is on the module the swap rebuilds
-        optimized = copy.deepcopy(original)
-        optimized.get_submodule(path)._forward_hooks.clear()
+    optimized = copy.deepcopy(original)
+    optimized.get_submodule(path)._forward_hooks.clear()  # the copied hook would record into the original's list
+    if when == "before":  # on the module the swap rebuilds
         optimized.get_submodule(path).register_forward_hook(_scaling_hook(seen["optimized"]))
-        vitkern.optimize(optimized)
-    else:
-        optimized = copy.deepcopy(original)
-        optimized.get_submodule(path)._forward_hooks.clear()
-        vitkern.optimize(optimized)
+    vitkern.optimize(optimized)
+    if when == "after":  # on the rebuilt module
         optimized.get_submodule(path).register_forward_hook(_scaling_hook(seen["optimized"]))
     x = built.example_input(2)
     with torch.no_grad():

@@ -440,20 +440,17 @@ def test_known_unfused_blocks_are_reported_with_the_reason(name, kwargs, reason)
     assert left and all(reason in why for why in left), report.left
 
 
-@pytest.mark.parametrize("name, kwargs, nodes", [
-    ("vit_tiny_patch16_224", VIT_TINY, ["blocks.1", "norm"]),
-    ("swin_tiny_patch4_window7_224", SWIN_TINY, ["layers.1", "norm"]),
-])
-def test_timm_fx_feature_extraction_on_optimized_model(name, kwargs, nodes):
+@pytest.mark.parametrize("case, nodes", [("vit", ["blocks.1", "norm"]), ("swin", ["layers.1", "norm"])])
+def test_timm_fx_feature_extraction_on_optimized_model(case, nodes):
     """timm's FX feature extractor traces vitkern modules as leaves (optimize registers them with timm), so an
     optimized model gives the original's features."""
     from timm.models._features_fx import create_feature_extractor
 
-    model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for("fx", name)).eval()
+    name, kwargs = TIMM_CASES[case]
+    model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed_for("fx", case)).eval()
     optimized = copy.deepcopy(model)
     vitkern.optimize(optimized)
-    size = kwargs["img_size"]
-    x = torch.randn(2, 3, *(size if isinstance(size, tuple) else (size, size)))
+    x = _input(model, case)
     with torch.no_grad():
         want = create_feature_extractor(model, nodes)(x)
         got = create_feature_extractor(optimized, nodes)(x)

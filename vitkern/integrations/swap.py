@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 from typing import Callable, Optional
 
 from torch import nn
@@ -213,16 +214,18 @@ def _follow_replacement_state(replacement: nn.Module, original: nn.Module) -> No
     for path, target in original.named_modules(remove_duplicate=False):
         if id(target) in shared:
             continue
-        mirror = mirrors.get(path, replacement)
-        target.training = mirror.training
-        like = next((t for t in (*mirror.parameters(), *replacement.parameters()) if t.is_floating_point()), None)
+        mirror = mirrors.get(path)
+        target.training = (mirror or replacement).training
         for name in target._non_persistent_buffers_set:
-            buf, theirs = target._buffers.get(name), mirror._buffers.get(name) if mirror is not replacement else None
+            buf, theirs = target._buffers.get(name), mirror._buffers.get(name) if mirror is not None else None
             if buf is None:
                 continue
             if theirs is not None and theirs.shape == buf.shape:
                 target._buffers[name] = theirs
-            elif like is not None:
+                continue
+            params = itertools.chain(mirror.parameters() if mirror is not None else (), replacement.parameters())
+            like = next((p for p in params if p.is_floating_point()), None)
+            if like is not None:
                 target._buffers[name] = buf.to(device=like.device,
                                                dtype=like.dtype if buf.is_floating_point() else buf.dtype)
 
