@@ -9,7 +9,9 @@ tensor the proj linear consumes, so the comparison is what a ViT block pays:
 - ``flex``: ``torch.compile(flex_attention)`` (no mask), compiled before timing (ViT-B only: compile time);
 - ``vitkern``: ``vitkern.functional.attention(qkv=..., num_heads=H)`` (strided reads, proj-ready output);
 - ``vitkern-cuda``: the same call with the CUDA C++ forward forced (backward: Triton), to compare with ``vitkern``
-  (Triton by default) and decide the backend ranking (vitkern/ops/attention_cuda.py).
+  (Triton by default) and decide the backend ranking (vitkern/ops/attention_cuda.py);
+- ``vitkern-cuda-wgmma`` / ``vitkern-cuda-wgmma1``: the CUDA forward with the sm_90a warpgroup-MMA kernel (2 / 1
+  warpgroups per CTA, ``use_kernel``) instead of the mma.sync ones; an error row off sm_90.
 
 FLOPs: 4·B·H·N²·D forward; backward 2.5× that (FlashAttention's convention), so fwd+bwd counts 3.5×.
 Cases: ViT-B (B=256 H=12 N=197 D=64), ViT-L@384 (B=128 H=16 N=577 D=64), ViT-H/14 (B=64 H=16 N=257 D=80), and an
@@ -115,21 +117,27 @@ def _vk(case: Case, inp: Any):
     return lambda: attention(qkv=qkv, num_heads=H)
 
 
-def _vk_cuda(case: Case, inp: Any):
-    """The CUDA C++ forward (csrc/ops/attention.cu); fwd+bwd runs the Triton backward on its lse (the CUDA backend
-    rejects backward problems). Strict check first, so a case the CUDA backend rejects is an error row, not a
-    silent Triton measurement; then strict=False so the backward may fall to Triton."""
-    from vitkern.functional.attention import attention
+def _vk_cuda(kernel: str = "auto"):
+    """The CUDA C++ forward (csrc/ops/attention.cu) with CUDA kernel ``kernel`` (vitkern.ops.attention_cuda.KERNELS);
+    fwd+bwd runs the Triton backward on its lse (the CUDA backend rejects backward problems). Strict check first, so
+    a case the CUDA backend rejects is an error row, not a silent Triton measurement; then strict=False so the
+    backward may fall to Triton."""
 
-    qkv, H, vk = inp["qkv"], case.params["H"], _vitkern()
-    with vk.use_backend("cuda", op="attention"):
-        vk.explain(attention, qkv=qkv, num_heads=H)
+    def setup(case: Case, inp: Any):
+        from vitkern.functional.attention import attention
+        from vitkern.ops.attention_cuda import use_kernel
 
-    def fwd():
-        with vk.use_backend("cuda", op="attention", strict=False):
-            return attention(qkv=qkv, num_heads=H)
+        qkv, H, vk = inp["qkv"], case.params["H"], _vitkern()
+        with vk.use_backend("cuda", op="attention"), use_kernel(kernel):
+            vk.explain(attention, qkv=qkv, num_heads=H)
 
-    return fwd
+        def fwd():
+            with vk.use_backend("cuda", op="attention", strict=False), use_kernel(kernel):
+                return attention(qkv=qkv, num_heads=H)
+
+        return fwd
+
+    return setup
 
 
 def _explain(case: Case, inp: Any) -> dict[str, Any]:
@@ -150,8 +158,13 @@ PROVIDERS = [
     Provider("sdpa-efficient", _sdpa("EFFICIENT_ATTENTION"), smoke=False),
     Provider("flex", _flex, supports=_vit_b_only, smoke=False),
     Provider("vitkern", _vk, describe=_explain),
-    Provider("vitkern-cuda", _vk_cuda, describe=lambda case, inp: {"backend": "cuda"},
+    Provider("vitkern-cuda", _vk_cuda(), describe=lambda case, inp: {"backend": "cuda"},
              supports=vitkern_backend_unavailable("attention")),
+    Provider("vitkern-cuda-wgmma", _vk_cuda("wgmma"), describe=lambda case, inp: {"backend": "cuda", "kernel": "wgmma"},
+             supports=vitkern_backend_unavailable("attention"), smoke=False),
+    Provider("vitkern-cuda-wgmma1", _vk_cuda("wgmma1"),
+             describe=lambda case, inp: {"backend": "cuda", "kernel": "wgmma1"},
+             supports=vitkern_backend_unavailable("attention"), smoke=False),
 ]
 
 
@@ -199,4 +212,7 @@ def targets(rows: list[Row]) -> list[str]:
             out.append(f"target vitkern fwd vit_b >= {TARGET_PCT_PEAK:.0f}% of bf16 matmul peak: "
                        + (f"{pct:.0f}% {'MET' if pct >= TARGET_PCT_PEAK else 'NOT MET'}" if pct is not None
                           else "n/a (no peaks)"))
-    return out + cuda_vs_triton_targets(rows, best_at_least=TARGET_CUDA_BEST)  # issue 7's bar
+    out += cuda_vs_triton_targets(rows, best_at_least=TARGET_CUDA_BEST)  # issue 7's bar
+    for kernel in ("wgmma", "wgmma1"):  # the sm_90a kernels, not yet the automatic choice
+        out += cuda_vs_triton_targets(rows, cuda=f"vitkern-cuda-{kernel}", best_at_least=TARGET_CUDA_BEST)
+    return out

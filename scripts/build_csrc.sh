@@ -142,6 +142,24 @@ for a in $ARCHS; do
 done
 echo "build_csrc.sh: SASS present for: $(for a in $ARCHS; do printf 'sm_%s ' "$a"; done)"
 
+# The sm_90a attention kernels (csrc/ops/attention_wgmma.cuh) compile to a trap wherever the wgmma feature macro is
+# off: check their SASS really has the warpgroup MMAs, D/16 (Q Kᵀ) + 4 (P V) HGMMA per kernel.
+if [[ " $ARCHS " == *" 90a "* ]]; then
+  if ! "$CUOBJDUMP" -sass "$SO" 2>/dev/null | awk '
+      /Function :/ { if (f != "") check(); f = ($3 ~ /attention_fwd_wgmma_kernel/) ? $3 : ""; n = 0 }
+      f != "" && /HGMMA/ { n++ }
+      function check() {
+        match(f, /Li[0-9]+E/); d = substr(f, RSTART + 2, RLENGTH - 3); want = d / 16 + 4
+        if (n != want) { printf "    %s: %d HGMMA, expected %d\n", f, n, want; bad = 1 }
+        kernels++
+      }
+      END { if (f != "") check(); printf "build_csrc.sh: wgmma attention kernels with their HGMMA count: %d\n", kernels
+            exit (bad || kernels == 0) }'; then
+    echo "build_csrc.sh: FAILED: the sm_90a wgmma attention kernels lack their HGMMA instructions (above)" >&2
+    exit 1
+  fi
+fi
+
 # Load it the way vitkern does (torch first, then the library) and print build_info: catches undefined symbols.
 "$PY" - "$SO" <<'PYEOF'
 import json, sys, torch

@@ -9,7 +9,9 @@
 * GPU (``@pytest.mark.gpu``; skipped with the reason when the extension cannot run): parity against float64 with
   vitkern.testing's rule (err <= 2 x PyTorch's error in the same dtype + atol(dtype) x scale) through the op and
   autograd (CUDA forward, Triton backward on the CUDA forward's lse), for the shape classes of the Triton tests;
-  both kernel paths (resident K/V, streaming) called directly; accuracy with the Triton backend as the baseline;
+  every kernel path (resident K/V, streaming; the sm_90a wgmma kernels with 2 and 1 warpgroups) called directly
+  and through the backend (VITKERN_CUDA_ATTENTION_KERNEL / use_kernel); accuracy with the Triton backend as the
+  baseline;
   strided / misaligned layouts; determinism; dispatch and explain; torch.compile; compute-sanitizer (slow).
 
 Forcing: tests force ``cuda`` with strict=False (the backward problem is rejected by design and falls to Triton) and
@@ -27,7 +29,10 @@ from test_attention import ref_packed, ref_separate  # shared attention referenc
 from vitkern.functional.attention import attention
 from vitkern.ops import attention as attn_op
 from vitkern.backends.cuda_common import BACKWARD_REASON
-from vitkern.ops.attention_cuda import CUDA_HEAD_DIMS, AttentionCuda, vector_ready
+from vitkern.ops import attention_cuda
+from vitkern.ops.attention_cuda import (
+    CUDA_HEAD_DIMS, KERNEL_ENV, AttentionCuda, kernel_choice, use_kernel, vector_ready,
+)
 from vitkern.testing.backends import check_ran, cuda_forward_triton_backward
 from vitkern.testing.sanitizer import run_under_sanitizer, workload
 from vitkern.testing import Tolerance, check_forward_backward, materialize, randn, seed_for
@@ -89,6 +94,45 @@ def test_head_dims_match_the_build_config():
 def test_backward_problems_go_to_the_next_backend_with_the_reason():
     assert _backend().reject_reasons(_problem(direction="backward")) == [BACKWARD_REASON]
     assert "Triton" in BACKWARD_REASON and "backward" in BACKWARD_REASON
+
+
+def test_kernel_choice_from_env_and_use_kernel(monkeypatch):
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert kernel_choice() == "auto" and _backend().settings() == ()
+    monkeypatch.setenv(KERNEL_ENV, "wgmma")
+    assert kernel_choice() == "wgmma" and _backend().settings() == (("kernel", "wgmma"),)
+    with use_kernel("streaming"):
+        assert kernel_choice() == "streaming"
+        with use_kernel("wgmma1"):
+            assert kernel_choice() == "wgmma1"
+        assert kernel_choice() == "streaming"
+    assert kernel_choice() == "wgmma"  # the override is gone, the environment applies again
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match=r"VITKERN_CUDA_ATTENTION_KERNEL must be one of auto, .*got 'fastest'"):
+        kernel_choice()
+    with pytest.raises(ValueError, match=r"use_kernel: name must be one of"):
+        with use_kernel("wgmma2"):
+            pass
+
+
+@pytest.mark.parametrize("cap, archs, expect", [
+    ((9, 0), "sm_90a", []),
+    ((9, 0), "sm_80", ["needs vitkern._C built for sm_90a; it was built for [sm_80]"]),
+    ((8, 0), "sm_90a,sm_80", ["needs an sm_90 GPU (H100/H200); cuda:0 is sm_80"]),
+    ((10, 0), "sm_90a", ["needs an sm_90 GPU (H100/H200); cuda:0 is sm_100"]),
+])
+def test_wgmma_kernels_need_sm90_and_an_sm90a_build(monkeypatch, cap, archs, expect):
+    """The sm_90a kernels are rejected with the reason (and the dispatcher falls back) wherever they cannot run;
+    the automatic kernels are not affected."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
+    monkeypatch.setattr(attention_cuda, "extension_status",
+                        lambda: type("Status", (), {"info": staticmethod(lambda: {"cuda_archs": archs})})())
+    for name in ("wgmma", "wgmma1"):
+        with use_kernel(name):
+            reasons = _backend().device_reasons(_problem(), 0)
+        assert [r.split("=", 1)[1] for r in reasons] == [f"{name} {e}" for e in expect], reasons
+    with use_kernel("auto"):
+        assert _backend().device_reasons(_problem(), 0) == []
 
 
 def test_vector_ready_layouts():
@@ -171,7 +215,7 @@ _LSE = (2, 3, 50)
          r"q.stride\(2\) must be a multiple of 8 elements"),
         (lambda o: o.attention_fwd(_meta(*_Q), _meta(2, 3, 50, 128)[..., ::2], _meta(*_Q), 0.1),
          r"k must be contiguous in its last dim"),
-        (lambda o: o.attention_fwd(_meta(*_Q), _meta(*_Q), _meta(*_Q), 0.1, 3), r"kernel_path must be 0"),
+        (lambda o: o.attention_fwd(_meta(*_Q), _meta(*_Q), _meta(*_Q), 0.1, 5), r"kernel_path must be 0"),
         (lambda o: o.attention_fwd(_meta(*_Q), _meta(*_Q), _meta(*_Q), float("inf")), r"scale must be finite"),
         (lambda o: o.attention_fwd.out(_meta(*_Q), _meta(*_Q), _meta(*_Q), 0.1, out=_meta(2, 3, 49, 64),
                                        lse=_meta(*_LSE, dtype=torch.float32)),
@@ -221,11 +265,14 @@ def run_packed_cuda(calls, B, H, N, D, dtype, scale=None, magnitude=1.0):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["auto", "wgmma", "wgmma1"])
 @pytest.mark.parametrize("D", CUDA_HEAD_DIMS)
 @pytest.mark.parametrize("N", NS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_cuda_packed_parity(force_cuda, dtype, N, D):
-    run_packed_cuda(force_cuda, 2, 3, N, D, dtype)
+def test_cuda_packed_parity(force_cuda, dtype, N, D, kernel):
+    _skip_unless_kernel_runs(kernel)
+    with use_kernel(kernel):
+        run_packed_cuda(force_cuda, 2, 3, N, D, dtype)
 
 
 @pytest.mark.gpu
@@ -236,8 +283,11 @@ def test_cuda_packed_parity(force_cuda, dtype, N, D):
     ids=["vit_s", "vit_b", "vit_l384", "vit_l_1025", "vit_h14", "vit_h_1025", "vit_b_b256", "d128"],
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_cuda_vit_shapes(force_cuda, dtype, B, H, N, D):
-    run_packed_cuda(force_cuda, B, H, N, D, dtype)
+@pytest.mark.parametrize("kernel", ["auto", "wgmma"])
+def test_cuda_vit_shapes(force_cuda, dtype, B, H, N, D, kernel):
+    _skip_unless_kernel_runs(kernel)
+    with use_kernel(kernel):
+        run_packed_cuda(force_cuda, B, H, N, D, dtype)
 
 
 @pytest.mark.gpu
@@ -314,8 +364,9 @@ def _resident_bytes(nk, d, itemsize=2):  # csrc/ops/attention.cuh resident_smem_
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernel_paths_match_float64(cuda_ops, dtype, B, H, nq, nk, D):
-    """kernel_path 1 (resident K/V; a clear error where it does not fit in shared memory) and 2 (streaming) called
-    directly, both against float64; the automatic choice (0) reproduces one of them bitwise. Outputs poisoned."""
+    """kernel_path 1 (resident K/V; a clear error where it does not fit in shared memory), 2 (streaming) and, on
+    sm_90, 3 / 4 (wgmma, 2 / 1 warpgroups; elsewhere a clear error) called directly, all against float64; the
+    automatic choice (0) reproduces path 1 or 2 bitwise. Outputs poisoned."""
     seed = seed_for("attn-cuda-path", B, H, nq, nk, D, dtype)
     q = randn((B, H, nq, D), dtype=dtype, device="cuda", seed=seed)
     k = randn((B, H, nk, D), dtype=dtype, device="cuda", seed=seed + 1)
@@ -323,9 +374,13 @@ def test_kernel_paths_match_float64(cuda_ops, dtype, B, H, nq, nk, D):
     scale = D ** -0.5
     results = {}
     with vitkern.testing.poison_outputs():
-        for path in (1, 2):
+        for path in (1, 2, 3, 4):
             if path == 1 and _resident_bytes(nk, D) > torch.cuda.get_device_properties(0).shared_memory_per_block_optin:
                 with pytest.raises(RuntimeError, match=r"kernel_path=1 \(resident K/V\) needs"):
+                    cuda_ops.attention_fwd(q, k, v, scale, path)
+                continue
+            if path >= 3 and torch.cuda.get_device_capability(0) != (9, 0):
+                with pytest.raises(RuntimeError, match=rf"kernel_path={path} \(wgmma\) needs an sm_90 GPU"):
                     cuda_ops.attention_fwd(q, k, v, scale, path)
                 continue
             results[path] = cuda_ops.attention_fwd(q, k, v, scale, path)
@@ -337,21 +392,29 @@ def test_kernel_paths_match_float64(cuda_ops, dtype, B, H, nq, nk, D):
         # lse: fp32 from fp32-accumulated tensor-core dots and an SFU exp2 (the Triton kernel's arithmetic); the
         # baseline rounds the scores to the input dtype first, so it bounds the error loosely but honestly
         assert_close(f"lse (path {path})", lse.cpu(), lse64.cpu(), lse_t.cpu())
-    assert any(torch.equal(auto[0], o) and torch.equal(auto[1], l) for o, l in results.values())
+    assert any(torch.equal(auto[0], o) and torch.equal(auto[1], l) for p, (o, l) in results.items() if p <= 2)
+
+
+def _skip_unless_kernel_runs(kernel):
+    if kernel in attention_cuda.WGMMA_KERNELS and torch.cuda.get_device_capability(0) != (9, 0):
+        pytest.skip(f"the {kernel} kernel runs on sm_90 only (this GPU: sm_%d%d); its rejection is tested on CPU"
+                    % torch.cuda.get_device_capability(0))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N, D", [(197, 64), (257, 80), (1025, 64), (50, 128)])
+@pytest.mark.parametrize("kernel", ["auto", "wgmma", "wgmma1"])
+@pytest.mark.parametrize("N, D", [(197, 64), (257, 80), (1025, 64), (50, 128), (1, 32), (577, 96)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_cuda_as_accurate_as_triton(cuda_ops, dtype, N, D):
-    """Forward out and lse of the op with the CUDA backend vs float64, with the Triton backend's error as the
-    baseline (err <= 2 x Triton's + atol x scale)."""
+def test_cuda_as_accurate_as_triton(cuda_ops, dtype, N, D, kernel):
+    """Forward out and lse of the op with the CUDA backend (each kernel choice) vs float64, with the Triton
+    backend's error as the baseline (err <= 2 x Triton's + atol x scale)."""
+    _skip_unless_kernel_runs(kernel)
     B, H = 4, 6
     seed = seed_for("attn-cuda-vs-triton", N, D, dtype)
     qkv = randn((B, N, 3 * H * D), dtype=dtype, device="cuda", seed=seed)
     runs = {}
     for name in ("cuda", "triton"):
-        with vitkern.use_backend(name, op=OP):
+        with vitkern.use_backend(name, op=OP), use_kernel(kernel):
             runs[name] = torch.ops.vitkern.attention_fwd(qkv, None, None, H, "packed", D ** -0.5)
     q, k, v = attn_op.head_views(qkv, "packed", H)
     o64, lse64 = _ref64(q, k, v, D ** -0.5)
@@ -405,7 +468,8 @@ def test_cuda_input_checks(cuda_ops):
 
 
 # ----------------------------------------------------------------------------------------------- compute-sanitizer
-# Small shapes of every kernel instantiation class: both attention paths (tails at N = 1, 50, 70, 197), and the
+# Small shapes of every kernel instantiation class: every attention path (tails at N = 1, 50, 70, 197; the wgmma
+# kernels on sm_90: their CTAs of 64 / 128 rows leave a whole idle warpgroup at N = 1, 33, 50), and the
 # window kernel (shifted + padded, pad_first, ws 12 with several query tiles per warp). Also runnable by hand:
 #   PYTHONPATH=. compute-sanitizer --tool memcheck --error-exitcode 3 python tests/test_attention_cuda.py
 # the body of a vitkern.testing.sanitizer.workload (which loads the extension as `ops`)
@@ -414,7 +478,7 @@ for dtype in (torch.bfloat16, torch.float16):
     for B, H, N, D in ((1, 2, 50, 64), (2, 1, 197, 80), (1, 1, 70, 128), (1, 1, 1, 32), (1, 1, 33, 96)):
         qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=dtype)
         q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
-        for path in (1, 2):
+        for path in (1, 2, 3, 4) if torch.cuda.get_device_capability() == (9, 0) else (1, 2):
             out, lse = ops.attention_fwd(q, k, v, D ** -0.5, path)
     for res, ws, shift, pad_first, bias in (((14, 14), (7, 7), (3, 3), False, True), ((11, 9), (4, 4), (2, 2), True, False),
                                             ((13, 13), (12, 12), (6, 6), False, True), ((5, 6), (2, 3), (0, 0), False, True)):

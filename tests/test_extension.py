@@ -32,6 +32,13 @@ DTYPES = {torch.float16: "float16/2", torch.bfloat16: "bfloat16/2", torch.float3
 # build config (no torch, no compiler needed)
 
 
+def test_generated_wgmma_header_is_current():
+    """csrc/ops/wgmma_ops.cuh is written by scripts/gen_wgmma.py; an edit of either alone fails here."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_wgmma.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_parse_cuda_archs():
     assert bc.parse_cuda_archs("90a") == ["90a"]
     assert bc.parse_cuda_archs("90a;80") == ["90a", "80"]

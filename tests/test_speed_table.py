@@ -67,6 +67,24 @@ def use_table(monkeypatch, tmp_path, *entries, name="table.json"):
 
 
 # ----------------------------------------------------------------------------------------------- the dispatcher
+def test_backend_settings_key_the_choice_cache_and_show_in_explain(fake):
+    """A backend setting outside the Problem (the CUDA attention kernel choice) can change what the backend
+    accepts: a cached choice made under another setting must not be reused, and the chosen backend's settings are
+    shown next to it."""
+    fake["triton"].rejects = ["not this one"]
+    setting = {"value": ()}
+    fake["cuda"].settings = lambda: setting["value"]
+    fake["cuda"].reject_reasons = lambda p: ["kernel k2 cannot run here"] if ("kernel", "k2") in setting["value"] else []
+    first = dispatch.select(problem())
+    assert first.backend_name == "cuda" and "-> cuda: " in str(first)
+    setting["value"] = (("kernel", "k2"),)
+    second = dispatch.select(problem())
+    assert second.backend_name == "reference" and "kernel k2 cannot run here" in str(second)
+    setting["value"] = (("kernel", "k1"),)
+    third = dispatch.select(problem())
+    assert third.backend_name == "cuda" and "-> cuda [kernel=k1]: " in str(third)
+
+
 def test_measured_winner_is_chosen_and_explained(fake, monkeypatch, tmp_path):
     use_table(monkeypatch, tmp_path, entry())
     choice = dispatch.select(problem())

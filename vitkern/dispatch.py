@@ -76,6 +76,11 @@ class Backend:
         """Why this backend cannot run ``problem`` (empty list = supported)."""
         raise NotImplementedError
 
+    def settings(self) -> tuple[tuple[str, Any], ...]:
+        """Process settings outside the Problem that change what this backend accepts or runs (e.g. which CUDA
+        kernel): part of the choice cache key, and shown by explain next to the chosen backend."""
+        return ()
+
 
 @dataclasses.dataclass
 class Choice:
@@ -88,7 +93,8 @@ class Choice:
 
     def __str__(self) -> str:
         lines = [f"vitkern.{self.problem.describe()}"]
-        lines.append(f"  -> {self.backend.name if self.backend else 'NONE'}: {self.why}")
+        settings = "".join(f" [{k}={v}]" for k, v in (self.backend.settings() if self.backend else ()))
+        lines.append(f"  -> {self.backend.name if self.backend else 'NONE'}{settings}: {self.why}")
         for name in self.considered:
             if self.backend is not None and name == self.backend.name:
                 continue
@@ -192,7 +198,8 @@ def select(problem: Problem) -> Choice:
     """Pick the backend for one call. Cached per (problem, forcing, speed table) so the hot path is a dict lookup."""
     forced = _forced_for(problem.op)
     table = speed_table.active()  # the entry also depends on the device name: fixed per process (speed_table.reset)
-    key = (problem, forced, table)
+    settings = tuple((b.name, s) for b in backends(problem.op).values() if (s := b.settings()))
+    key = (problem, forced, table, settings)
     choice = _choice_cache.get(key)
     if choice is not None:
         return choice

@@ -8,7 +8,9 @@
 // q/k/v/out: unit stride in the last dim, batch/head/row strides multiples of 8 elements and 16-byte aligned data
 // (16-byte cp.async / vector stores): true for the packed qkv linear output and every contiguous layout; the Python
 // backend copies anything else. kernel_path: 0 = automatic, 1 = resident K/V (errors if it does not fit in shared
-// memory), 2 = streaming; 1/2 exist for tests and tuning.
+// memory), 2 = streaming, 3 / 4 = wgmma with 2 / 1 warpgroups per CTA (sm_90a warpgroup MMAs,
+// csrc/ops/attention_wgmma.cuh; errors on other devices or builds without sm_90a); 1-4 exist for tests, benchmarks
+// and tuning. Auto never picks 3 or 4 until they have passed their GPU parity tests (see that header).
 // No backward here: the lse is exactly the Triton backward's input, and vitkern/ops/attention_cuda.py rejects
 // backward problems so the dispatcher (and vitkern.explain) routes them to Triton.
 #include <algorithm>
@@ -21,15 +23,17 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/config.h"
 #include "common/dispatch.h"
 #include "ops/attention.cuh"
 #include "ops/attention_launch.cuh"
+#include "ops/attention_wgmma.cuh"
 
 namespace vitkern {
 namespace {
 
 constexpr const char* kOp = "vitkern_C::attention_fwd";
-constexpr int kAuto = 0, kResident = 1, kStreaming = 2;
+constexpr int kAuto = 0, kResident = 1, kStreaming = 2, kWgmma2 = 3, kWgmma1 = 4;
 // The resident kernel is chosen when at least this many of its CTAs fit on an SM (shared memory bound): with one
 // 4-warp CTA per SM there is too little to hide load latency, and the streaming kernel wins.
 constexpr int kResidentMinCtasPerSm = 2;
@@ -72,8 +76,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_row_strides(k, "k");
   check_row_strides(v, "v");
   TORCH_CHECK(scale == scale && scale > -1e30 && scale < 1e30, kOp, ": scale must be finite, got ", scale);
-  TORCH_CHECK(path == kAuto || path == kResident || path == kStreaming, kOp,
-              ": kernel_path must be 0 (auto), 1 (resident K/V) or 2 (streaming), got ", path);
+  TORCH_CHECK(path == kAuto || path == kResident || path == kStreaming || path == kWgmma2 || path == kWgmma1, kOp,
+              ": kernel_path must be 0 (auto), 1 (resident K/V), 2 (streaming), 3 or 4 (wgmma with 2 or 1 warpgroups, "
+              "sm_90a), got ", path);
 }
 
 void check_outputs(const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
@@ -87,8 +92,10 @@ void check_outputs(const at::Tensor& q, const at::Tensor& out, const at::Tensor&
   check::contiguous(lse, kOp, "lse");
 }
 
+enum class Kernel { kResident, kStreaming, kWgmma2, kWgmma1 };
+
 struct Plan {
-  bool resident;
+  Kernel kernel;
   int64_t smem;
   int64_t grid;
   int ctas_per_head, tiles_per_cta;
@@ -98,6 +105,24 @@ struct Plan {
 template <typename T, int D>
 Plan make_plan(int64_t bh, int64_t n_q, int64_t n_k, int64_t path) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  Plan plan{};
+  if (path == kWgmma2 || path == kWgmma1) {
+    // sm_90a SASS runs on compute capability 9.0 only, and only a build with the 90a target has the kernel's body
+    TORCH_CHECK(prop->major == 9 && prop->minor == 0, kOp, ": kernel_path=", path,
+                " (wgmma) needs an sm_90 GPU (H100/H200), this device is sm_", prop->major, prop->minor,
+                "; use kernel_path 0");
+    TORCH_CHECK(compiled_cuda_archs().find("sm_90a") != std::string::npos, kOp, ": kernel_path=", path,
+                " (wgmma) needs vitkern._C built for sm_90a, it was built for ", compiled_cuda_archs());
+    const int groups = path == kWgmma2 ? 2 : 1;
+    plan.kernel = path == kWgmma2 ? Kernel::kWgmma2 : Kernel::kWgmma1;
+    plan.ctas_per_head = static_cast<int>((n_q + 64 * groups - 1) / (64 * groups));
+    plan.tiles_per_cta = 64 * groups / attn::kRowsPerWarp;
+    plan.smem = groups == 2 ? attn::wgmma_smem_bytes<T, D, 2>() : attn::wgmma_smem_bytes<T, D, 1>();
+    plan.grid = bh * plan.ctas_per_head;
+    TORCH_CHECK(plan.grid < (int64_t(1) << 31), kOp, ": B*H*query tiles = ", plan.grid,
+                " exceeds the grid limit 2^31-1");
+    return plan;
+  }
   const int64_t smem_res = attn::resident_smem_bytes<T, D>(static_cast<int>(n_k));
   const int64_t per_cta = smem_res + static_cast<int64_t>(prop->reservedSharedMemPerBlock);
   const int64_t res_per_sm = smem_res <= static_cast<int64_t>(prop->sharedMemPerBlockOptin)
@@ -107,8 +132,7 @@ Plan make_plan(int64_t bh, int64_t n_q, int64_t n_k, int64_t path) {
   TORCH_CHECK(!resident || res_per_sm >= 1, kOp, ": kernel_path=1 (resident K/V) needs ", smem_res,
               " bytes of shared memory for N_K=", n_k, ", head_dim=", D, " but this device allows ",
               prop->sharedMemPerBlockOptin, " per block; use kernel_path 0 or 2");
-  Plan plan{};
-  plan.resident = resident;
+  plan.kernel = resident ? Kernel::kResident : Kernel::kStreaming;
   if (resident) {
     const int64_t tiles = (n_q + attn::kRowsPerWarp - 1) / attn::kRowsPerWarp;
     // Enough CTAs for one full wave: split a head's query tiles over several CTAs only when there are fewer heads
@@ -176,7 +200,13 @@ void attention_fwd_out_cuda(const at::Tensor& q, const at::Tensor& k, const at::
       p.tiles_per_cta = plan.tiles_per_cta;
       const dim3 grid(static_cast<unsigned>(plan.grid));
       const size_t smem = static_cast<size_t>(plan.smem);
-      if (plan.resident) {
+      if (plan.kernel == Kernel::kWgmma2) {
+        attn::allow_max_dynamic_smem<attn::attention_fwd_wgmma_kernel<T, kD, 2>>(device);
+        attn::attention_fwd_wgmma_kernel<T, kD, 2><<<grid, 256, smem, stream>>>(p);
+      } else if (plan.kernel == Kernel::kWgmma1) {
+        attn::allow_max_dynamic_smem<attn::attention_fwd_wgmma_kernel<T, kD, 1>>(device);
+        attn::attention_fwd_wgmma_kernel<T, kD, 1><<<grid, 128, smem, stream>>>(p);
+      } else if (plan.kernel == Kernel::kResident) {
         attn::allow_max_dynamic_smem<attn::attention_fwd_resident_kernel<T, kD>>(device);
         attn::attention_fwd_resident_kernel<T, kD><<<grid, attn::kAttnThreads, smem, stream>>>(p);
       } else {

@@ -5,8 +5,9 @@
 // registers, and streams key blocks from shared memory with
 //     S = Q Kᵀ (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate)  ->  online softmax in fp32 (exp2, log2 domain)
 //     ->  O += P V (P re-packed from the S accumulators straight into A fragments, no shared-memory round trip).
-// Operands reach registers through ldmatrix (.trans for V). This runs on sm_80 and sm_90; an sm_90a wgmma/TMA
-// path (warpgroup-wide MMAs with operands in shared memory, async pipelines) is future work.
+// Operands reach registers through ldmatrix (.trans for V). This runs on sm_80 and sm_90. The sm_90a kernel of
+// csrc/ops/attention_wgmma.cuh reuses the softmax (online_softmax, p_fragment, RowState, finish_rows, store_rows)
+// with warpgroup MMAs whose accumulators have the same per-warp fragment layout.
 //
 // Shared-memory tiles: row-major [rows][D] with a row stride of D + 8 elements. The 16 padding bytes shift
 // consecutive rows by 4 banks, so the 8 row addresses of every ldmatrix 8x8 phase hit 8 distinct 16-byte bank
@@ -178,6 +179,63 @@ struct RowState {
   }
 };
 
+// The online-softmax step of one key block, shared by the mma.sync and wgmma kernels. s[t][i] holds the raw scores
+// of 8-key tile t in C-fragment layout (rows g / g+8 of the warp's 16, keys 8t + 2q + (i & 1)); tiles of 16-key chunks
+// >= `chunks` score -inf. On return s holds P = exp2(score - new max) (fp32, unnormalised), st.m / st.l are updated
+// and st.o is rescaled by exp2(old max - new max). `score` as in attend_block.
+template <int D, int kTiles, typename ScoreFn>
+__device__ __forceinline__ void online_softmax(RowState<D>& st, float (&s)[kTiles][4], int chunks, float scale_log2,
+                                               ScoreFn&& score, int lane) {
+  using Di = Dim<D>;
+  // scale, bias/mask, and the new running max (a row's 4 owners are the lanes of one quad: xor 1, 2)
+  float mx[2] = {st.m[0], st.m[1]};
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = t * 8 + (lane % 4) * 2 + (i & 1);
+      s[t][i] = (t / 2 < chunks) ? score(s[t][i] * scale_log2, i >> 1, key) : -INFINITY;
+      mx[i >> 1] = fmaxf(mx[i >> 1], s[t][i]);
+    }
+  }
+  float base[2], alpha[2], rowsum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    base[h] = mx[h] == -INFINITY ? 0.f : mx[h];  // a row with no finite score yet: keep exp2 away from -inf - -inf
+    alpha[h] = exp2_approx(st.m[h] - base[h]);   // 0 on the first block (m = -inf)
+    st.m[h] = mx[h];
+  }
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s[t][i] = exp2_approx(s[t][i] - base[i >> 1]);
+      rowsum[i >> 1] += s[t][i];
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) st.l[h] = st.l[h] * alpha[h] + rowsum[h];
+#pragma unroll
+  for (int t = 0; t < Di::kNTiles; ++t) {
+    st.o[t][0] *= alpha[0];
+    st.o[t][1] *= alpha[0];
+    st.o[t][2] *= alpha[1];
+    st.o[t][3] *= alpha[1];
+  }
+}
+
+// P of 16-key chunk c as an A fragment (m16n8k16 and, per warp, wgmma m64nNk16): the C fragments of 8-key tiles 2c
+// and 2c+1, rounded to T (as the Triton kernel does; the row sums are of the unrounded fp32 values).
+template <typename T, int kTiles>
+__device__ __forceinline__ void p_fragment(uint32_t (&a)[4], const float (&s)[kTiles][4], int c) {
+  a[0] = pack2<T>(s[2 * c][0], s[2 * c][1]);
+  a[1] = pack2<T>(s[2 * c][2], s[2 * c][3]);
+  a[2] = pack2<T>(s[2 * c + 1][0], s[2 * c + 1][1]);
+  a[3] = pack2<T>(s[2 * c + 1][2], s[2 * c + 1][3]);
+}
+
 // One key block of up to kBlockN keys: shared tiles `ks`/`vs` hold its rows (row stride Dim<D>::kStride). Only the
 // first `chunks` 16-key chunks are read (rows past them may not exist: the caller sizes shared memory to the keys
 // rounded up to 16); keys of later chunks get score -inf. `score(x, half, key)` turns the scaled log2-domain score
@@ -212,52 +270,16 @@ __device__ __forceinline__ void attend_block(RowState<D>& st, const uint32_t (&q
     }
   }
 
-  // scale, bias/mask, and the new running max (a row's 4 owners are the lanes of one quad: xor 1, 2)
-  float mx[2] = {st.m[0], st.m[1]};
-#pragma unroll
-  for (int t = 0; t < 2 * kChunks; ++t) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int key = t * 8 + (lane % 4) * 2 + (i & 1);
-      s[t][i] = (t / 2 < chunks) ? score(s[t][i] * scale_log2, i >> 1, key) : -INFINITY;
-      mx[i >> 1] = fmaxf(mx[i >> 1], s[t][i]);
-    }
-  }
-  float base[2], alpha[2], rowsum[2] = {0.f, 0.f};
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-    base[h] = mx[h] == -INFINITY ? 0.f : mx[h];  // a row with no finite score yet: keep exp2 away from -inf - -inf
-    alpha[h] = exp2_approx(st.m[h] - base[h]);   // 0 on the first block (m = -inf)
-    st.m[h] = mx[h];
-  }
-#pragma unroll
-  for (int t = 0; t < 2 * kChunks; ++t) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      s[t][i] = exp2_approx(s[t][i] - base[i >> 1]);
-      rowsum[i >> 1] += s[t][i];
-    }
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) st.l[h] = st.l[h] * alpha[h] + rowsum[h];
-#pragma unroll
-  for (int t = 0; t < Di::kNTiles; ++t) {
-    st.o[t][0] *= alpha[0];
-    st.o[t][1] *= alpha[0];
-    st.o[t][2] *= alpha[1];
-    st.o[t][3] *= alpha[1];
-  }
+  online_softmax<D, 2 * kChunks>(st, s, chunks, scale_log2, score, lane);
 
-  // O += P V. P (rounded to T, as the Triton kernel does; the row sum above is of the unrounded fp32 values) is the
-  // A operand straight from the S accumulators. V is stored [key][d] = row-major B: ldmatrix.trans. Lane l
-  // addresses key row 16c + 8*((l/8)%2) + l%8, column half l/16: matrices = (b0, b1) of d tile 2p, then of 2p+1.
+  // O += P V. P is the A operand straight from the S accumulators (p_fragment). V is stored [key][d] = row-major
+  // B: ldmatrix.trans. Lane l addresses key row 16c + 8*((l/8)%2) + l%8, column half l/16: matrices = (b0, b1) of
+  // d tile 2p, then of 2p+1.
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
     if (c < chunks) {
-      const uint32_t a[4] = {pack2<T>(s[2 * c][0], s[2 * c][1]), pack2<T>(s[2 * c][2], s[2 * c][3]),
-                             pack2<T>(s[2 * c + 1][0], s[2 * c + 1][1]), pack2<T>(s[2 * c + 1][2], s[2 * c + 1][3])};
+      uint32_t a[4];
+      p_fragment<T>(a, s, c);
 #pragma unroll
       for (int p = 0; p < Di::kNTiles / 2; ++p) {
         uint32_t b[4];
