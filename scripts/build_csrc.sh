@@ -143,10 +143,12 @@ done
 echo "build_csrc.sh: SASS present for: $(for a in $ARCHS; do printf 'sm_%s ' "$a"; done)"
 
 # The sm_90a attention kernels (csrc/ops/attention_wgmma.cuh) compile to a trap wherever the wgmma feature macro is
-# off: check their SASS really has the warpgroup MMAs, D/16 (Q Kᵀ) + 4 (P V) HGMMA per kernel.
+# off: check their sm_90a SASS really has the warpgroup MMAs, D/16 (Q Kᵀ) + 4 (P V) HGMMA per kernel (other targets'
+# copies are traps). Each cubin's "arch = sm_XX" header names its target exactly (see above).
 if [[ " $ARCHS " == *" 90a "* ]]; then
   if ! "$CUOBJDUMP" -sass "$SO" 2>/dev/null | awk '
-      /Function :/ { if (f != "") check(); f = ($3 ~ /attention_fwd_wgmma_kernel/) ? $3 : ""; n = 0 }
+      /^arch = sm_/ { if (f != "") check(); f = ""; arch = $3 }
+      /Function :/ { if (f != "") check(); f = (arch == "sm_90a" && $3 ~ /attention_fwd_wgmma_kernel/) ? $3 : ""; n = 0 }
       f != "" && /HGMMA/ { n++ }
       function check() {
         match(f, /Li[0-9]+E/); d = substr(f, RSTART + 2, RLENGTH - 3); want = d / 16 + 4

@@ -17,6 +17,8 @@
 // a block of 64 keys is stored [key / 8][d / 8][key % 8][d % 8]. The same bytes serve both products:
 //   K as B of Q Kᵀ (K-major: B[k = d][n = key]):     LBO = next 8 d (128 B), SBO = next 8 keys (16·D B);
 //   V as B of P V  (N-major: B[k = key][n = d]):      LBO = next 8 keys (16·D B), SBO = next 8 d (128 B).
+// (For N-major without swizzle the PTX prose is ambiguous; its canonical layout ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))
+// and CUTLASS's make_gmma_desc<Major::MN> for INTERLEAVE agree: SBO strides along N, LBO along K.)
 // A k-step advances the start address: 16 d = two core matrices (256 B) for K, 16 keys = two key groups (32·D B)
 // for V. cp.async fills the block in exactly this order (thread i writes bytes 16i..16i+15), so the shared-memory
 // stores are conflict-free and each warp reads 64 contiguous bytes of each of 8 global rows.
@@ -24,7 +26,7 @@
 // Ordering: cp.async writes through the generic proxy and wgmma reads through the async proxy, so every thread
 // issues fence.proxy.async after its copies landed and before the barrier that publishes them. wgmma_fence() comes
 // before each batch of MMAs (their accumulator / A registers were written by ordinary instructions) and
-// wgmma_wait<0>() after it; fence_operands() keeps the compiler from moving accumulator reads or writes across the
+// wgmma_wait<0>() after it; fence_operands() keeps the compiler from moving accumulator (and A-register) reads or writes across the
 // asynchronous window.
 //
 // Validation status: compiled for sm_90a in CI; parity and sanitizer runs are GPU tests (tests/test_attention_cuda.py,
@@ -66,6 +68,15 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The register-A operands too: their packing must be ordered before wgmma_fence() (FlashAttention-3 does the same).
+template <int N>
+__device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
+}
 
 // Shared-memory matrix descriptor, no swizzle (bits 0-13 start >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4; base offset
 // and swizzle mode 0).
@@ -97,6 +108,7 @@ __global__ void __launch_bounds__(128 * kGroups, 1) attention_fwd_wgmma_kernel(c
   using MmaS = wgmma::WgmmaRS<T, kWgmmaBlockN>;
   using MmaO = wgmma::WgmmaRS<T, D>;
   constexpr int kBlock = kWgmmaBlockN * D;  // elements of one K or V stage
+  static_assert(16 * D < (1 << 18), "LBO/SBO of 16·D bytes must fit the descriptor's 14-bit (>> 4) fields");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* ks = reinterpret_cast<T*>(smem_raw);  // 2 stages
   T* vs = ks + 2 * kBlock;                 // 2 stages
@@ -154,6 +166,7 @@ __global__ void __launch_bounds__(128 * kGroups, 1) attention_fwd_wgmma_kernel(c
       }
       auto& s_flat = reinterpret_cast<float(&)[MmaS::kAcc]>(s);
       fence_operands(s_flat);
+      fence_operands(qf);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < Di::kKSteps; ++kk) {
@@ -172,6 +185,7 @@ __global__ void __launch_bounds__(128 * kGroups, 1) attention_fwd_wgmma_kernel(c
       for (int c = 0; c < kWgmmaBlockN / kKeyChunk; ++c) p_fragment<T>(pa[c], s, c);
       auto& o_flat = reinterpret_cast<float(&)[MmaO::kAcc]>(st.o);
       fence_operands(o_flat);
+      fence_operands(pa);
       wgmma_fence();
 #pragma unroll
       for (int c = 0; c < kWgmmaBlockN / kKeyChunk; ++c) {
