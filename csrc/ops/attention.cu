@@ -101,28 +101,9 @@ struct Plan {
   int ctas_per_head, tiles_per_cta;
 };
 
-// Resident or streaming, and how the grid covers B·H heads. Depends on the device (SM count, shared memory).
+// The mma.sync kernels: resident K/V or streaming, and how the grid covers B·H heads (SM count, shared memory).
 template <typename T, int D>
-Plan make_plan(int64_t bh, int64_t n_q, int64_t n_k, int64_t path) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  Plan plan{};
-  if (path == kWgmma2 || path == kWgmma1) {
-    // sm_90a SASS runs on compute capability 9.0 only, and only a build with the 90a target has the kernel's body
-    TORCH_CHECK(prop->major == 9 && prop->minor == 0, kOp, ": kernel_path=", path,
-                " (wgmma) needs an sm_90 GPU (H100/H200), this device is sm_", prop->major, prop->minor,
-                "; use kernel_path 0");
-    TORCH_CHECK(compiled_cuda_archs().find("sm_90a") != std::string::npos, kOp, ": kernel_path=", path,
-                " (wgmma) needs vitkern._C built for sm_90a, it was built for ", compiled_cuda_archs());
-    const int groups = path == kWgmma2 ? 2 : 1;
-    plan.kernel = path == kWgmma2 ? Kernel::kWgmma2 : Kernel::kWgmma1;
-    plan.ctas_per_head = static_cast<int>((n_q + 64 * groups - 1) / (64 * groups));
-    plan.tiles_per_cta = 64 * groups / attn::kRowsPerWarp;
-    plan.smem = groups == 2 ? attn::wgmma_smem_bytes<T, D, 2>() : attn::wgmma_smem_bytes<T, D, 1>();
-    plan.grid = bh * plan.ctas_per_head;
-    TORCH_CHECK(plan.grid < (int64_t(1) << 31), kOp, ": B*H*query tiles = ", plan.grid,
-                " exceeds the grid limit 2^31-1");
-    return plan;
-  }
+void plan_mma_sync(Plan& plan, const cudaDeviceProp* prop, int64_t bh, int64_t n_q, int64_t n_k, int64_t path) {
   const int64_t smem_res = attn::resident_smem_bytes<T, D>(static_cast<int>(n_k));
   const int64_t per_cta = smem_res + static_cast<int64_t>(prop->reservedSharedMemPerBlock);
   const int64_t res_per_sm = smem_res <= static_cast<int64_t>(prop->sharedMemPerBlockOptin)
@@ -150,6 +131,28 @@ Plan make_plan(int64_t bh, int64_t n_q, int64_t n_k, int64_t path) {
     plan.ctas_per_head = static_cast<int>((n_q + attn::kStreamBlockM - 1) / attn::kStreamBlockM);
     plan.tiles_per_cta = attn::kStreamBlockM / attn::kRowsPerWarp;
     plan.smem = attn::streaming_smem_bytes<T, D>();
+  }
+}
+
+// Which kernel, and how the grid covers B·H heads. Depends on the device (SM count, shared memory).
+template <typename T, int D>
+Plan make_plan(int64_t bh, int64_t n_q, int64_t n_k, int64_t path) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  Plan plan{};
+  if (path == kWgmma2 || path == kWgmma1) {
+    // sm_90a SASS runs on compute capability 9.0 only, and only a build with the 90a target has the kernel's body
+    TORCH_CHECK(prop->major == 9 && prop->minor == 0, kOp, ": kernel_path=", path,
+                " (wgmma) needs an sm_90 GPU (H100/H200), this device is sm_", prop->major, prop->minor,
+                "; use kernel_path 0");
+    TORCH_CHECK(compiled_cuda_archs().find("sm_90a") != std::string::npos, kOp, ": kernel_path=", path,
+                " (wgmma) needs vitkern._C built for sm_90a, it was built for ", compiled_cuda_archs());
+    const int groups = path == kWgmma2 ? 2 : 1;
+    plan.kernel = path == kWgmma2 ? Kernel::kWgmma2 : Kernel::kWgmma1;
+    plan.ctas_per_head = static_cast<int>((n_q + 64 * groups - 1) / (64 * groups));
+    plan.tiles_per_cta = 64 * groups / attn::kRowsPerWarp;
+    plan.smem = groups == 2 ? attn::wgmma_smem_bytes<T, D, 2>() : attn::wgmma_smem_bytes<T, D, 1>();
+  } else {
+    plan_mma_sync<T, D>(plan, prop, bh, n_q, n_k, path);
   }
   plan.grid = bh * plan.ctas_per_head;
   TORCH_CHECK(plan.grid < (int64_t(1) << 31), kOp, ": B*H*query tiles = ", plan.grid, " exceeds the grid limit 2^31-1");

@@ -70,6 +70,23 @@ struct KeyTail {
   }
 };
 
+// Normalise the warp's 16 query rows row0.. of one head and write them (o: the head's output rows, row stride o_sn)
+// and their logsumexp (lse: the head's [N_Q] row); rows >= n_q are skipped. `stage` is the warp's own staging tile.
+template <typename T, int D>
+__device__ __forceinline__ void write_rows(RowState<D>& st, T* stage, T* o, int64_t o_sn, float* lse, int row0,
+                                           int n_q, int lane) {
+  float row_lse[2];
+  finish_rows<D>(st, row_lse);
+  store_rows<T, D>(st, stage, [=](int r) { return row0 + r < n_q ? o + int64_t(row0 + r) * o_sn : nullptr; }, lane);
+  if (lane % 4 == 0) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = row0 + lane / 4 + 8 * hh;
+      if (row < n_q) lse[row] = row_lse[hh];
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kAttnThreads, kAttnMinCtasPerSm) attention_fwd_resident_kernel(const AttnParams p) {
   using Di = Dim<D>;
@@ -124,19 +141,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinCtasPerSm) attention_fwd
       attend_block<T, D, kAttnBlockN>(st, qf, ks + key0 * Di::kStride, vs + key0 * Di::kStride, chunks, p.scale_log2,
                                       KeyTail{key0, p.n_k}, lane);
     }
-    float row_lse[2];
-    finish_rows<D>(st, row_lse);
-    // (captures copies: taking the address of the kernel parameter `p` would copy it to the stack)
-    const int n_q = p.n_q;
-    const int64_t o_sn = p.o_sn;
-    store_rows<T, D>(st, qs, [=](int r) { return row0 + r < n_q ? o + int64_t(row0 + r) * o_sn : nullptr; }, lane);
-    if (lane % 4 == 0) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = row0 + lane / 4 + 8 * hh;
-        if (row < p.n_q) lse[row] = row_lse[hh];
-      }
-    }
+    write_rows<T, D>(st, qs, o, p.o_sn, lse, row0, p.n_q, lane);
   }
 }
 
@@ -191,19 +196,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinCtasPerSm) attention_fwd
     __syncthreads();  // stage j&1 is overwritten by the prefetch of iteration j+1
   }
 
-  float row_lse[2];
-  finish_rows<D>(st, row_lse);
-  const int wrow0 = row0 + warp * kRowsPerWarp;
-  const int n_q = p.n_q;
-  const int64_t o_sn = p.o_sn;
-  store_rows<T, D>(st, q_warp, [=](int r) { return wrow0 + r < n_q ? o + int64_t(wrow0 + r) * o_sn : nullptr; }, lane);
-  if (lane % 4 == 0) {
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = wrow0 + lane / 4 + 8 * hh;
-      if (row < p.n_q) p.lse[bh * p.n_q + row] = row_lse[hh];
-    }
-  }
+  write_rows<T, D>(st, q_warp, o, p.o_sn, p.lse + bh * p.n_q, row0 + warp * kRowsPerWarp, p.n_q, lane);
 }
 
 }  // namespace attn

@@ -6,7 +6,7 @@
 //     S = Q Kᵀ (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate)  ->  online softmax in fp32 (exp2, log2 domain)
 //     ->  O += P V (P re-packed from the S accumulators straight into A fragments, no shared-memory round trip).
 // Operands reach registers through ldmatrix (.trans for V). This runs on sm_80 and sm_90. The sm_90a kernel of
-// csrc/ops/attention_wgmma.cuh reuses the softmax (online_softmax, p_fragment, RowState, finish_rows, store_rows)
+// csrc/ops/attention_wgmma.cuh reuses the softmax (online_softmax, p_fragment, RowState) and the epilogue (write_rows)
 // with warpgroup MMAs whose accumulators have the same per-warp fragment layout.
 //
 // Shared-memory tiles: row-major [rows][D] with a row stride of D + 8 elements. The 16 padding bytes shift

@@ -199,19 +199,7 @@ __global__ void __launch_bounds__(128 * kGroups, 1) attention_fwd_wgmma_kernel(c
   }
 
   if (!active) return;
-  float row_lse[2];
-  finish_rows<D>(st, row_lse);
-  const int wrow0 = row0 + warp * kRowsPerWarp;
-  const int n_q = p.n_q;
-  const int64_t o_sn = p.o_sn;
-  store_rows<T, D>(st, q_warp, [=](int r) { return wrow0 + r < n_q ? o + int64_t(wrow0 + r) * o_sn : nullptr; }, lane);
-  if (lane % 4 == 0) {
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = wrow0 + lane / 4 + 8 * hh;
-      if (row < p.n_q) p.lse[bh * p.n_q + row] = row_lse[hh];
-    }
-  }
+  write_rows<T, D>(st, q_warp, o, p.o_sn, p.lse + bh * p.n_q, row0 + warp * kRowsPerWarp, p.n_q, lane);
 #else
   __trap();  // built without sm_90a: the host never launches this (attention.cu checks the device and the build)
 #endif
