@@ -267,6 +267,32 @@ def test_fp16_small_layer_scale_keeps_the_mlp_gradients(backend, gamma):
                    grads=["norm2.weight", "mlp.fc1.weight", "mlp.fc1.bias"], grad_tol=Tolerance(k=2.0, atol=1e-4))
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("a_dtype, dtype", [(FP16, FP16), (FP32, FP16), (FP32, FP32)],
+                         ids=["fp16", "fp32-dy-fp16-w", "fp32"])
+@pytest.mark.parametrize("act_bwd", [False, True], ids=["plain", "gelu-bwd"])
+def test_a_scale_prologue_equals_the_scaled_operand(a_dtype, dtype, act_bwd):
+    """The GEMM's SCALE_A prologue (fp16's dy·γ, ops.ln_linear.layer_scaled_dy_gemm) rounds a·s[k] once to B's dtype
+    and then runs the same tiles as the GEMM on that operand written out: the results are bit-identical. Shapes
+    leave partial tiles in M, N and K; dy is a column slice (non-unit row stride)."""
+    from vitkern.kernels.triton import ln_linear as lnl_k
+
+    M, K, N = 50, 200, 72
+    dy = torch.randn(M, K + 8, dtype=a_dtype)[:, 3:3 + K]
+    w = torch.randn(K, N, dtype=dtype) * 0.05
+    s = torch.rand(K, dtype=dtype) * 1e-3 + 1e-6  # layer-scale sized: dy·γ small, not underflowing in fp32
+    pre = torch.randn(M, N, dtype=dtype) if act_bwd else None
+    kw = dict(act=lnl_k.ACT_GELU_ERF, pre=pre, act_bwd=True) if act_bwd else {}
+    got = torch.full((M, N), float("nan"), dtype=dtype)
+    lnl_k.fused_linear(dy, w, got, a_scale=s, **kw)
+    want = torch.full((M, N), float("nan"), dtype=dtype)
+    lnl_k.fused_linear((dy.float() * s.float()).to(dtype), w, want, **kw)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="exclusive"):
+        stats = torch.zeros(M), torch.ones(M), None, None
+        lnl_k.fused_linear(dy, w, got, ln=stats, a_scale=s)
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 VIT_WIDTHS = [384, 768, 1024, 1280]  # ViT-S/B/L/H
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]

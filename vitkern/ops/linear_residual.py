@@ -10,8 +10,8 @@ Contract (backend-independent; dtypes as in vitkern.ops.ln_linear: y in the resi
   backward(dy, x, weight, bias?, layer_scale?) -> dx [M, K], dweight [N, K], dbias, dlayer_scale (empty where the
       parameter is absent); the residual's gradient is dy itself (no op, no copy).
 
-Backward: dx = (dy·γ) @ W on the Triton GEMM (γ folded into W's rows, or into dy in fp16: ``layer_scaled_dy_gemm``,
-as in LayerNorm+MLP's backward); dW, db and
+Backward: dx = (dy·γ) @ W on the Triton GEMM (γ folded into W's rows, or in fp16 on dy in the GEMM's prologue:
+``layer_scaled_dy_gemm``, as in LayerNorm+MLP's backward); dW, db and
 dγ from :func:`vitkern.ops.ln_linear.scaled_linear_grads` (torch/cuBLAS, deterministic, the GEMM output is neither
 kept nor recomputed).
 """
@@ -60,8 +60,7 @@ def linear_residual_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dy = _unit_col_stride(dy)  # autograd may hand us expanded (stride-0) gradients
     backend = dispatch.select(_problem(dispatch.BACKWARD, x, weight, bias, None, layer_scale)).backend
-    dys, ws = layer_scaled_dy_gemm(dy, weight, layer_scale)  # (dy·γ) @ W: [M, N] @ [N, K]
-    dx, _ = backend.linear(dys, ws)  # in the GEMM's dtype: x's
+    dx = layer_scaled_dy_gemm(backend, dy, weight, layer_scale)  # (dy·γ) @ W: [M, N] @ [N, K], in x's dtype
     dw, db, dls = scaled_linear_grads(dy, x, weight, bias, layer_scale)
     return dx, dw, db, dls
 

@@ -78,9 +78,14 @@ class LnLinearReference(ReferenceBackend):
         xn = xn * w.to(mean.dtype) if w is not None else xn
         return (xn + b.to(mean.dtype) if b is not None else xn).to(dtype or x.dtype)
 
-    def linear(self, a, b, *, ln=None, bias=None, gelu=None, want_pre=False, pre=None, act_bwd=False, residual=None,
-               layer_scale=None):
-        a = self.normalize(a, *ln, dtype=b.dtype) if ln is not None else a.to(b.dtype)
+    def linear(self, a, b, *, ln=None, a_scale=None, bias=None, gelu=None, want_pre=False, pre=None, act_bwd=False,
+               residual=None, layer_scale=None):
+        if ln is not None:
+            a = self.normalize(a, *ln, dtype=b.dtype)
+        elif a_scale is not None:  # A's columns scaled in fp32, rounded once (as the Triton prologue)
+            a = (a.to(stat_dtype(a)) * a_scale.to(stat_dtype(a))).to(b.dtype)
+        else:
+            a = a.to(b.dtype)
         # F.linear's addmm: the bias in the GEMM's dtype (autocast casts it so), added before the one rounding
         z = torch.addmm(bias.to(b.dtype), a, b) if bias is not None else a @ b
         if act_bwd:
@@ -156,8 +161,8 @@ class LnLinearTriton(TritonBackend):
         k.ln_apply(x, mean, rstd, w, b, y)
         return y
 
-    def linear(self, a, b, *, ln=None, bias=None, gelu=None, want_pre=False, pre=None, act_bwd=False, residual=None,
-               layer_scale=None):
+    def linear(self, a, b, *, ln=None, a_scale=None, bias=None, gelu=None, want_pre=False, pre=None, act_bwd=False,
+               residual=None, layer_scale=None):
         from vitkern.kernels.triton import ln_linear as k
 
         m, n = a.shape[0], b.shape[1]
@@ -165,8 +170,8 @@ class LnLinearTriton(TritonBackend):
         if want_pre:
             pre = memory.empty((m, n), b.dtype, a.device)
         act = k.GELU_CODES[gelu] if gelu is not None else k.ACT_NONE
-        k.fused_linear(a, b, out, ln=ln, bias=bias, act=act, pre=pre, act_bwd=act_bwd, residual=residual,
-                       layer_scale=layer_scale)
+        k.fused_linear(a, b, out, ln=ln, a_scale=a_scale, bias=bias, act=act, pre=pre, act_bwd=act_bwd,
+                       residual=residual, layer_scale=layer_scale)
         return out, (pre if want_pre else None)
 
 
@@ -209,19 +214,20 @@ def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-def layer_scaled_dy_gemm(dy: Tensor, weight: Tensor, layer_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """The operands (A [M, N], B [N, K]) of the input gradient (dy·γ) @ W of y = residual + γ · (a @ Wᵀ + b).
+def layer_scaled_dy_gemm(backend, dy: Tensor, weight: Tensor, layer_scale: Optional[Tensor], **epilogue) -> Tensor:
+    """The input gradient (dy·γ) @ W [M, K] of y = residual + γ · (a @ Wᵀ + b) (dy [M, N], W [N, K]) on
+    ``backend.linear``, with ``epilogue`` (e.g. GELU' for fc2 of the MLP).
 
     γ is folded into W's rows (N·K elements, independent of M), except in fp16: there γ·W underflows for the small
     γ a layer scale starts from (1e-5, 1e-6: DeiT III, CaiT; W ~ 0.02 puts γ·W below fp16's smallest subnormal),
-    while dy·γ, what the unfused graph computes, keeps the loss scale GradScaler puts into dy. So fp16 scales dy
-    (in fp32, rounded once), at the cost of one pass over dy."""
+    while dy·γ, what the unfused graph computes, keeps the loss scale GradScaler puts into dy. So fp16 scales dy's
+    columns (in fp32, rounded once) in the GEMM's prologue (the Triton kernel's SCALE_A: no pass over dy)."""
     if layer_scale is None:
-        return dy, weight
+        return backend.linear(dy, weight, **epilogue)[0]
     if weight.dtype == torch.float16:
-        return (dy.float() * layer_scale.float()).to(weight.dtype), weight
+        return backend.linear(dy, weight, a_scale=layer_scale, **epilogue)[0]
     # fp32 γ under autocast would promote the product: back to the GEMM's dtype
-    return dy, (weight * layer_scale[:, None]).to(weight.dtype)
+    return backend.linear(dy, (weight * layer_scale[:, None]).to(weight.dtype), **epilogue)[0]
 
 
 def scaled_linear_grads(dy: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor]):

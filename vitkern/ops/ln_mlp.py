@@ -17,7 +17,7 @@ Backward, and why the pre-activation is kept rather than recomputed: GELU'(pre) 
 whole fc1 GEMM (2·M·D·H flops) against one extra M×H store in the forward; h is kept too because dW2 = dyᵀ @ h needs
 it and re-deriving it from pre is another M×H pass.
   dpre  = ((dy · γ_ls) @ W2) · GELU'(pre)     Triton GEMM, GELU' in the epilogue (γ_ls folded into W2's rows;
-                                               into dy in fp16, see layer_scaled_dy_gemm)
+                                               in fp16 on dy in the prologue, see layer_scaled_dy_gemm)
   dLN   = dpre @ W1                            Triton GEMM
   dx    = LN-backward(dLN) + dy                LayerNorm backward kernel (residual gradient added in the same pass)
   weight gradients with torch/cuBLAS (deterministic, no atomics; see vitkern.ops.ln_linear):
@@ -88,8 +88,8 @@ def ln_mlp_bwd(
     dy = _unit_col_stride(dy)  # autograd may hand us expanded (stride-0) gradients
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
     backend = dispatch.select(_problem(dispatch.BACKWARD, x, *params)).backend
-    dys, w2s = layer_scaled_dy_gemm(dy, fc2_weight, layer_scale)  # (dy·γ_ls) @ W2: [M, D] @ [D, H]
-    dpre, _ = backend.linear(dys, w2s, gelu=approximate, act_bwd=True, pre=pre)  # [M, H]
+    # dpre = ((dy·γ_ls) @ W2) · GELU'(pre): [M, D] @ [D, H] -> [M, H]
+    dpre = layer_scaled_dy_gemm(backend, dy, fc2_weight, layer_scale, gelu=approximate, act_bwd=True, pre=pre)
     dxn, _ = backend.linear(dpre, fc1_weight)  # [M, D]
     dx, dlnw, dlnb, xn = ln_weight_grads(backend, dxn, dy, x, ln_weight, ln_bias, mean, rstd)
     dw1 = dpre.t() @ xn  # dpre and xn are both in the GEMM's dtype

@@ -5,8 +5,11 @@ One kernel family serves LayerNorm+Linear (qkv) and both GEMMs of LayerNorm+MLP,
     C[M, N] = epilogue(prologue(A)[M, K] @ B[K, N])        (general strides: B = Wᵀ, or W itself in backward)
 
     prologue (LN_A):  a ← (a − mean[m]) · rstd[m] · γ[k] + β[k], in fp32, rounded to B's dtype
-                      (exactly the tensor an unfused LayerNorm would have written), then tl.dot. Without LN_A, a is
-                      rounded to B's dtype on load (no-op when they agree: A may be wider, e.g. fp32 under bf16 B).
+                      (exactly the tensor an unfused LayerNorm would have written), then tl.dot.
+             (SCALE_A): a ← a · s[k] in fp32, rounded to B's dtype (fp16's dy·γ of a layer-scaled output: the
+                      tensor the unfused graph multiplies out, without its pass over memory).
+                      Otherwise a is rounded to B's dtype on load (no-op when they agree: A may be wider, e.g. fp32
+                      under bf16 B).
     C, RES, PRE and the vectors may each have their own dtype (all epilogue math is fp32; C is rounded once).
     epilogue:         + bias[n]; store the pre-activation (STORE_PRE); GELU (ACT: 1 erf, 2 tanh);
                       or × GELU'(PRE) (ACT_BWD: backward through the activation); C = RES + LS[n] · acc (HAS_RES).
@@ -98,12 +101,13 @@ def _gelu_grad(x, ACT: tl.constexpr):
 def fused_linear_kernel(
     A, B, C,  # A: [M, K] (strides stride_am, stride_ak); B: [K, N] (stride_bk, stride_bn); C: [M, N] (stride_cm, 1)
     MEAN, RSTD, LN_W, LN_B,  # LayerNorm of A's rows (LN_A): MEAN, RSTD [M] fp32; LN_W, LN_B [K]
+    A_SCALE,  # [K]: A's column scales (SCALE_A)
     BIAS,  # [N]
     PRE,  # [M, N] (stride_pm, 1): pre-activation written (STORE_PRE) or read (ACT_BWD)
     RES, LS,  # RES: [M, N] (stride_rm, 1) residual; LS: [N] layer scale. C = RES + LS · acc
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, stride_rm,
     M_TUNE, K_TUNE,  # unused by the kernel: the autotune key's size classes of M and K (see _tuned_linear)
-    LN_A: tl.constexpr, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LN_A: tl.constexpr, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, SCALE_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, STORE_PRE: tl.constexpr, ACT_BWD: tl.constexpr, HAS_RES: tl.constexpr, HAS_LS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -139,12 +143,58 @@ def fused_linear_kernel(
             if HAS_LN_B:
                 an = an + tl.load(LN_B + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             a = tl.where(k_ok[None, :], an, 0.0).to(B.dtype.element_ty)
+        elif SCALE_A:  # masked-out columns are 0 already (other=0.0 on both loads)
+            a = (a.to(tl.float32) * tl.load(A_SCALE + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(
+                B.dtype.element_ty)
         else:  # B's dtype is the GEMM's: a wider A (an fp32 residual-stream gradient) is rounded to it
             a = a.to(B.dtype.element_ty)
         b = tl.load(B + ks[:, None] * stride_bk + rn[None, :] * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    # epilogue on the fp32 accumulator
+    # epilogue by column slices of the fp32 accumulator: each slice's loads, math and store finish before the next
+    # starts, so fewer registers are live than for the whole tile (whole-tile epilogues spilled at 128×128 per
+    # warpgroup: ~0.3 KB with GELU, ~1.3 KB with GELU'; sm_90 ptxas, tests/test_sm90_compile.py). Halves suffice
+    # except for GELU' (ACT_BWD), which also holds the loaded pre-activation and its exp/erf: quarters.
+    rn0 = pid_n * BLOCK_N
+    acc_lo, acc_hi = _column_halves(acc)
+    _epilogue_slice(acc_lo, rm64, m_ok, rn0, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm, stride_rm,
+                    HAS_BIAS, ACT, STORE_PRE, ACT_BWD, HAS_RES, HAS_LS, SPLIT_AGAIN=ACT_BWD)
+    _epilogue_slice(acc_hi, rm64, m_ok, rn0 + BLOCK_N // 2, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm,
+                    stride_rm, HAS_BIAS, ACT, STORE_PRE, ACT_BWD, HAS_RES, HAS_LS, SPLIT_AGAIN=ACT_BWD)
+
+
+@triton.jit
+def _column_halves(x):
+    """[R, W] -> its columns [0, W/2) and [W/2, W) (a register split: no data movement in the MMA layout)."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, (R, 2, W // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue_slice(acc, rm64, m_ok, n0, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm, stride_rm,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, ACT_BWD: tl.constexpr,
+                    HAS_RES: tl.constexpr, HAS_LS: tl.constexpr, SPLIT_AGAIN: tl.constexpr):
+    """The epilogue of acc = columns [n0, n0 + W) of the tile, or of its two halves one after the other."""
+    if SPLIT_AGAIN:
+        W: tl.constexpr = acc.shape[1]
+        lo, hi = _column_halves(acc)
+        _epilogue(lo, rm64, m_ok, n0, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm, stride_rm,
+                  HAS_BIAS, ACT, STORE_PRE, ACT_BWD, HAS_RES, HAS_LS)
+        _epilogue(hi, rm64, m_ok, n0 + W // 2, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm, stride_rm,
+                  HAS_BIAS, ACT, STORE_PRE, ACT_BWD, HAS_RES, HAS_LS)
+    else:
+        _epilogue(acc, rm64, m_ok, n0, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm, stride_rm,
+                  HAS_BIAS, ACT, STORE_PRE, ACT_BWD, HAS_RES, HAS_LS)
+
+
+@triton.jit
+def _epilogue(acc, rm64, m_ok, n0, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm, stride_rm,
+              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, ACT_BWD: tl.constexpr,
+              HAS_RES: tl.constexpr, HAS_LS: tl.constexpr):
+    """acc [BLOCK_M, W] fp32: columns [n0, n0 + W) of the tile. + bias; store pre / GELU / × GELU'(pre); residual."""
+    rn = n0 + tl.arange(0, acc.shape[1])
+    n_ok = rn < N
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -168,7 +218,8 @@ def fused_linear_kernel(
 # time the interpreter).
 
 INTERP_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)
-_FLAGS = ["LN_A", "HAS_LN_W", "HAS_LN_B", "HAS_BIAS", "ACT", "STORE_PRE", "ACT_BWD", "HAS_RES", "HAS_LS", "DOT_PRECISION"]
+_FLAGS = ["LN_A", "HAS_LN_W", "HAS_LN_B", "SCALE_A", "HAS_BIAS", "ACT", "STORE_PRE", "ACT_BWD", "HAS_RES", "HAS_LS",
+          "DOT_PRECISION"]
 
 
 def _gpu_configs() -> list[triton.Config]:
@@ -228,6 +279,7 @@ def fused_linear(
     out: torch.Tensor,  # [M, N], stride(1) == 1
     *,
     ln: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,  # mean, rstd, γ, β
+    a_scale: torch.Tensor | None = None,  # [K]: A's columns scaled in the prologue (not with ln)
     bias: torch.Tensor | None = None,  # [N]
     act: int = ACT_NONE,
     pre: torch.Tensor | None = None,  # [M, N], stride(1) == 1: written (act forward) or read (act_bwd)
@@ -238,22 +290,25 @@ def fused_linear(
     M, K = a.shape
     N = b.shape[1]
     mean, rstd, ln_w, ln_b = ln if ln is not None else (None, None, None, None)
-    ln_w, ln_b, bias, layer_scale = (dense_vector(t) for t in (ln_w, ln_b, bias, layer_scale))
+    ln_w, ln_b, a_scale, bias, layer_scale = (dense_vector(t) for t in (ln_w, ln_b, a_scale, bias, layer_scale))
+    if ln is not None and a_scale is not None:
+        raise ValueError("fused_linear: ln and a_scale are exclusive prologues (fold the scale into ln's γ)")
     dummy = out
     args = (
         a, b, out,
         mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy,
-        bias if bias is not None else dummy, pre if pre is not None else dummy,
+        a_scale if a_scale is not None else dummy, bias if bias is not None else dummy,
+        pre if pre is not None else dummy,
         residual if residual is not None else dummy, layer_scale if layer_scale is not None else dummy,
         M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
         pre.stride(0) if pre is not None else 0, residual.stride(0) if residual is not None else 0,
         tuning.size_class(M), tuning.size_class(K),
     )
     flags = dict(
-        LN_A=ln is not None, HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None, HAS_BIAS=bias is not None,
-        ACT=act, STORE_PRE=pre is not None and not act_bwd, ACT_BWD=act_bwd, HAS_RES=residual is not None,
-        HAS_LS=layer_scale is not None, DOT_PRECISION=_dot_precision(b.dtype),
+        LN_A=ln is not None, HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None, SCALE_A=a_scale is not None,
+        HAS_BIAS=bias is not None, ACT=act, STORE_PRE=pre is not None and not act_bwd, ACT_BWD=act_bwd,
+        HAS_RES=residual is not None, HAS_LS=layer_scale is not None, DOT_PRECISION=_dot_precision(b.dtype),
     )
     if _interpreted(a):
         cfg = INTERP_CONFIG
