@@ -426,6 +426,27 @@ def test_fp32_windows_past_the_shared_memory_budget_fall_back_with_the_reason():
             assert vitkern.explain(window_attention, qkv, table.to(qkv.dtype), 1, 12).backend_name == "triton"
 
 
+@pytest.mark.parametrize("kernel, ws, head_dim, warps", [
+    ("bwd", 7, 32, {4, 8}),  # 2 warps: 288 live fp32 per thread, spilled 0.4-1.5 KB on sm_90
+    ("bwd", 16, 32, {4, 8}),  # 64-key blocks: the same tiles as ws 7
+    ("bwd", 16, 128, {8}),
+    ("bwd", 16, 256, {8}),  # over the bound at every count: the most warps, not nothing
+    ("fwd", 7, 32, {2, 4, 8}),
+    ("fwd", 16, 32, {4, 8}),  # all 256 keys in one tile
+    ("fwd", 16, 128, {8}),
+])
+def test_gpu_configs_are_pruned_by_live_registers(kernel, ws, head_dim, warps):
+    """The autotune prune keeps the warp counts whose live fp32 tiles fit MAX_FP32_PER_THREAD (beyond it ptxas
+    spilled, see window_attention.py); the first config kept is what VITKERN_AUTOTUNE=0 runs."""
+    from vitkern.kernels.triton import window_attention as win_k
+
+    n = ws * ws
+    block_n = win_k._block_n_bwd(n, False) if kernel == "bwd" else win_k._block_n(n)
+    kept = win_k._prune_for(kernel)(win_k._gpu_configs(), {}, BLOCK_M=win_k._block_m(n, False), BLOCK_N=block_n,
+                                    BLOCK_D=win_k._block_d(head_dim))
+    assert {c.num_warps for c in kept} == warps
+
+
 def test_cpu_default_is_reference_and_explain_lists_triton():
     choice = vitkern.explain(window_attention, **_good())
     assert choice.backend_name == "reference" and "triton" in str(choice)
@@ -550,8 +571,9 @@ def test_gpu_block_parity(B, res, ws, shift, heads, D, dtype):
 @pytest.mark.parametrize("dtype, ws", [(torch.bfloat16, 7), (torch.bfloat16, 12), (torch.float32, 7)],
                          ids=["bf16-ws7", "bf16-ws12", "fp32-ws7"])  # fp32: the exact (ieee) dots compile apart
 def test_gpu_every_config(dtype, ws):
-    """Every warps/stages config the forward and backward autotune over (ws 12 prunes the 2-warp ones), shifted and
-    padded, not only the one the autotuner picks or VITKERN_AUTOTUNE=0 runs."""
+    """Every warps/stages config the forward and backward autotune over (the register bound prunes 2 warps from the
+    backward, and from the forward at ws 12), shifted and padded, not only the one the autotuner picks or
+    VITKERN_AUTOTUNE=0 runs."""
     run_every_triton_config(lambda: run_functional_parity(2, (2 * ws + 3, 2 * ws + 1), (ws, ws), (ws // 2, ws // 2), 3,
                                                           32, dtype, "cuda"))
 

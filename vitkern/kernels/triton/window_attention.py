@@ -131,14 +131,17 @@ def window_attention_bwd_kernel(
     HAS_MASK: tl.constexpr, PAD_FIRST: tl.constexpr, NEED_DTABLE: tl.constexpr, NEED_DBIAS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # one program: a chunk of windows of one head. Outer loop over query blocks (one block when N <= BLOCK_M), so the
-    # dS sum per block row stays in registers across windows; dK/dV of later blocks add onto what earlier ones stored.
+    # one program: a chunk of windows of one head, block by block of the [N, N] scores: for each (query block, key
+    # block) the window loop runs innermost, so that block's dS sum over windows (the bias gradient) stays in
+    # registers. dQ of later key blocks and dK/dV of later query blocks add onto what earlier blocks stored (this
+    # program owns those rows: no race). Key blocks of 64 keep every [BLOCK_M, BLOCK_N] fp32 tile at <= 32 registers
+    # per thread at 4 warps: one [64, 256] tile per window at ws 12/16 spilled 3-17 KB per thread.
     N: tl.constexpr = WH * WW
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)  # (chunk g of windows, head), head fastest
     h = pid % heads
     g = pid // heads
-    tk = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = (d < HEAD_DIM)[None, :]
     C = heads * HEAD_DIM
@@ -151,56 +154,64 @@ def window_attention_bwd_kernel(
 
     for mb in range(NUM_M):
         tq = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        ds_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for bw in range(bw_start, bw_end):
-            win, image = bw % nw, (bw // nw).to(tl.int64)
-            rq, cq, valid_q, real_q, pos_q, region_q = _window_tokens(tq, win, nwx, H, W, Hp, Wp, sh, sw, WH, WW,
-                                                                      PAD_FIRST)
-            rk, ck, valid_k, real_k, pos_k, region_k = _window_tokens(tk, win, nwx, H, W, Hp, Wp, sh, sw, WH, WW,
-                                                                      PAD_FIRST)
-            rows_q = (image * H * W + pos_q) * (3 * C)
-            rows_k = (image * H * W + pos_k) * (3 * C)
-            q = _load_head(QKV, rows_q, real_q, QKV_BIAS, h * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM, BLOCK_D)
-            k = _load_head(QKV, rows_k, real_k, QKV_BIAS, (heads + h) * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM, BLOCK_D)
-            v = _load_head(QKV, rows_k, real_k, QKV_BIAS, (2 * heads + h) * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM,
-                           BLOCK_D)
-            # padded queries were cropped away: their dO is zero, so their rows of dS vanish
-            out_offs = ((image * H * W + pos_q) * C + h * HEAD_DIM)[:, None] + d[None, :]
-            o = tl.load(OUT + out_offs, mask=real_q[:, None] & d_ok, other=0.0)
-            do = tl.load(DOUT + out_offs, mask=real_q[:, None] & d_ok, other=0.0)
-            lse = tl.load(LSE + (bw * heads + h) * N + tq, mask=valid_q, other=0.0)
+        for nb in range(NUM_N):
+            tk = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            ds_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for bw in range(bw_start, bw_end):
+                win, image = bw % nw, (bw // nw).to(tl.int64)
+                rq, cq, valid_q, real_q, pos_q, region_q = _window_tokens(tq, win, nwx, H, W, Hp, Wp, sh, sw, WH,
+                                                                          WW, PAD_FIRST)
+                rk, ck, valid_k, real_k, pos_k, region_k = _window_tokens(tk, win, nwx, H, W, Hp, Wp, sh, sw, WH,
+                                                                          WW, PAD_FIRST)
+                rows_q = (image * H * W + pos_q) * (3 * C)
+                rows_k = (image * H * W + pos_k) * (3 * C)
+                q = _load_head(QKV, rows_q, real_q, QKV_BIAS, h * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM, BLOCK_D)
+                k = _load_head(QKV, rows_k, real_k, QKV_BIAS, (heads + h) * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM,
+                               BLOCK_D)
+                v = _load_head(QKV, rows_k, real_k, QKV_BIAS, (2 * heads + h) * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM,
+                               BLOCK_D)
+                # padded queries were cropped away: their dO is zero, so their rows of dS vanish
+                out_offs = ((image * H * W + pos_q) * C + h * HEAD_DIM)[:, None] + d[None, :]
+                o = tl.load(OUT + out_offs, mask=real_q[:, None] & d_ok, other=0.0)
+                do = tl.load(DOUT + out_offs, mask=real_q[:, None] & d_ok, other=0.0)
+                lse = tl.load(LSE + (bw * heads + h) * N + tq, mask=valid_q, other=0.0)
 
-            s = _scores_log2(q, k, rq, cq, valid_q, region_q, rk, ck, valid_k, region_k, TABLE, h, heads,
-                             scale_log2, mask_log2, WH, WW, HAS_MASK, PRECISION)
-            p = tl.where(valid_q[:, None], tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-            ds = p * (dp - delta[:, None])  # d loss / d (pre-softmax score) = d loss / d bias entry
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+                s = _scores_log2(q, k, rq, cq, valid_q, region_q, rk, ck, valid_k, region_k, TABLE, h, heads,
+                                 scale_log2, mask_log2, WH, WW, HAS_MASK, PRECISION)
+                p = tl.where(valid_q[:, None], tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+                ds = p * (dp - delta[:, None])  # d loss / d (pre-softmax score) = d loss / d bias entry
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+                if NEED_DBIAS:
+                    # padded tokens are never stored, so these are this block's parts alone: sum them up
+                    pad_k = (valid_k & ~real_k)[:, None]
+                    dq_pad += tl.sum(tl.where((valid_q & ~real_q)[:, None], dq, 0.0), axis=0)
+                    dk_pad += tl.sum(tl.where(pad_k, dk, 0.0), axis=0)
+                    dv_pad += tl.sum(tl.where(pad_k, dv, 0.0), axis=0)
 
-            tl.store(DQKV + rows_q[:, None] + h * HEAD_DIM + d[None, :], dq.to(ty), mask=real_q[:, None] & d_ok)
-            dk_ptrs = DQKV + rows_k[:, None] + (heads + h) * HEAD_DIM + d[None, :]
-            dv_ptrs = dk_ptrs + C
-            kv_mask = real_k[:, None] & d_ok
-            if mb > 0:  # add onto the earlier query blocks' part (this program owns these rows: no race)
-                tl.debug_barrier()
-                dk += tl.load(dk_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
-                dv += tl.load(dv_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
-            tl.store(dk_ptrs, dk.to(ty), mask=kv_mask)
-            tl.store(dv_ptrs, dv.to(ty), mask=kv_mask)
+                dq_ptrs = DQKV + rows_q[:, None] + h * HEAD_DIM + d[None, :]
+                dk_ptrs = DQKV + rows_k[:, None] + (heads + h) * HEAD_DIM + d[None, :]
+                dv_ptrs = dk_ptrs + C
+                q_mask = real_q[:, None] & d_ok
+                kv_mask = real_k[:, None] & d_ok
+                if mb + nb > 0:  # make the earlier blocks' stores (other threads') visible before adding onto them
+                    tl.debug_barrier()
+                if nb > 0:
+                    dq += tl.load(dq_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+                if mb > 0:
+                    dk += tl.load(dk_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
+                    dv += tl.load(dv_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
+                tl.store(dq_ptrs, dq.to(ty), mask=q_mask)
+                tl.store(dk_ptrs, dk.to(ty), mask=kv_mask)
+                tl.store(dv_ptrs, dv.to(ty), mask=kv_mask)
+                if NEED_DTABLE:
+                    ds_sum += ds
             if NEED_DTABLE:
-                ds_sum += ds
-            if NEED_DBIAS:
-                # padded keys are never stored, so dk/dv rows of them hold only this query block's part
-                pad_k = (valid_k & ~real_k)[:, None]
-                dq_pad += tl.sum(tl.where((valid_q & ~real_q)[:, None], dq, 0.0), axis=0)
-                dk_pad += tl.sum(tl.where(pad_k, dk, 0.0), axis=0)
-                dv_pad += tl.sum(tl.where(pad_k, dv, 0.0), axis=0)
-        if NEED_DTABLE:
-            both = (tq < N)[:, None] & (tk < N)[None, :]
-            tl.store(DTABLE_PART + ((g * heads + h) * N + tq[:, None]) * N + tk[None, :], ds_sum, mask=both)
+                both = (tq < N)[:, None] & (tk < N)[None, :]
+                tl.store(DTABLE_PART + ((g * heads + h) * N + tq[:, None]) * N + tk[None, :], ds_sum, mask=both)
 
     if NEED_DBIAS:
         part = DBIAS_PART + g * (3 * C) + h * HEAD_DIM + d
@@ -228,6 +239,12 @@ def _block_m(n: int, interpreted: bool) -> int:
     return 16 if interpreted else min(64, _block_n(n))
 
 
+def _block_n_bwd(n: int, interpreted: bool) -> int:
+    """Keys per tile in the backward (the forward takes the whole window: exact softmax). GPU: as _block_m; the
+    interpreter: 32, so tests cover several key blocks and a partial last one (ws 7: 49 = 32 + 17)."""
+    return min(32 if interpreted else 64, _block_n(n))
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 must not silently drop to tf32; ignored for 16-bit
 
@@ -237,15 +254,25 @@ def _gpu_configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8, 2) for s in (1, 2)]
 
 
-MAX_SCORES_PER_THREAD = 128  # fp32 [BLOCK_M, BLOCK_N] score elements per thread
+MAX_FP32_PER_THREAD = 144  # live fp32 tile elements per thread (_fp32_live / threads) that compile without spills
 
 
-def _prune(configs, named_args, **kwargs):
-    # ptxas -v at ws 12/16 (BLOCK_M 64 x BLOCK_N 256, tests/test_sm90_compile.py tooling): 2 warps hold 256 scores per
-    # thread and spill 17-22 KB (forward) / 38-46 KB (backward) per thread; 4 and 8 warps spill <= 7 KB. Drop them.
-    per_thread = kwargs["BLOCK_M"] * kwargs["BLOCK_N"] // 32
-    kept = [c for c in configs if per_thread // c.num_warps <= MAX_SCORES_PER_THREAD]
-    return kept or configs[:1]
+def _fp32_live(kernel_name: str, m: int, n: int, d: int) -> int:
+    """fp32 tile elements live at once: forward scores/probabilities and the output; backward s/p, dp/dS, the dS sum
+    over windows, dQ, dK and dV."""
+    return m * n + m * d if kernel_name == "fwd" else 3 * m * n + m * d + 2 * n * d
+
+
+def _prune_for(kernel_name: str):
+    # ptxas -v on sm_90 (tests/test_sm90_compile.py tooling), backward at D 32: 144 per thread spills 0-8 B (ws 7-12,
+    # 4 warps), 288 spills 0.4-1.5 KB (2 warps); forward at ws 16, 4 warps: 144 spills 0.5 KB (D 32), 192 2.5 KB
+    # (D 128). Configs over the bound are dropped; if none is left, the one with the most warps runs.
+    def prune(configs, named_args, **kwargs):
+        live = _fp32_live(kernel_name, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"])
+        kept = [c for c in configs if live <= MAX_FP32_PER_THREAD * 32 * c.num_warps]
+        return kept or [max(configs, key=lambda c: c.num_warps)]
+
+    return prune
 
 
 @functools.lru_cache(maxsize=None)
@@ -254,7 +281,7 @@ def _tuned(kernel_name: str):
     key = ["WH", "WW", "HEAD_DIM", "HAS_QKV_BIAS", "HAS_MASK", "PAD_FIRST", "PRECISION", "BLOCK_M"]
     if kernel_name == "bwd":
         key += ["NEED_DTABLE", "NEED_DBIAS"]
-    return tuning.autotune(kernel, _gpu_configs(), key, prune=_prune)
+    return tuning.autotune(kernel, _gpu_configs(), key, prune=_prune_for(kernel_name))
 
 
 @functools.lru_cache(maxsize=None)
@@ -311,7 +338,8 @@ def window_attention_bwd(
     g = _geometry(qkv, heads, window, shift)
     n = window[0] * window[1]
     num_windows = g["B"] * g["nw"]
-    if qkv.device.type == "cpu":
+    interpreted = qkv.device.type == "cpu"
+    if interpreted:
         chunks = min(3, num_windows)  # several chunks even in tests: exercises the partial reduction
     else:
         chunks = max(1, min(num_windows, triton.cdiv(4 * _num_sms(qkv.device.index or 0), heads)))
@@ -327,10 +355,10 @@ def window_attention_bwd(
     )
     flags = dict(WH=window[0], WW=window[1], HEAD_DIM=g["D"], HAS_QKV_BIAS=qkv_bias is not None,
                  HAS_MASK=any(shift), PAD_FIRST=pad_first, NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias,
-                 PRECISION=_precision(qkv.dtype), BLOCK_M=_block_m(n, qkv.device.type == "cpu"), BLOCK_N=_block_n(n),
-                 BLOCK_D=_block_d(g["D"]))
+                 PRECISION=_precision(qkv.dtype), BLOCK_M=_block_m(n, interpreted),
+                 BLOCK_N=_block_n_bwd(n, interpreted), BLOCK_D=_block_d(g["D"]))
     grid = (chunks * heads,)
-    if qkv.device.type == "cpu":
+    if interpreted:
         window_attention_bwd_kernel[grid](*args, **flags, num_warps=4)
     else:
         _tuned("bwd")[grid](*args, **flags)
