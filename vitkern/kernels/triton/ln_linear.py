@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from vitkern.kernels.triton import tuning
+from vitkern.kernels.triton.tiles import column_halves
 from vitkern.validation import dense_vector
 
 ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH = 0, 1, 2
@@ -156,19 +157,11 @@ def fused_linear_kernel(
     # warpgroup: ~0.3 KB with GELU, ~1.3 KB with GELU'; sm_90 ptxas, tests/test_sm90_compile.py). Halves suffice
     # except for GELU' (ACT_BWD), which also holds the loaded pre-activation and its exp/erf: quarters.
     rn0 = pid_n * BLOCK_N
-    acc_lo, acc_hi = _column_halves(acc)
+    acc_lo, acc_hi = column_halves(acc)
     _epilogue_slice(acc_lo, rm64, m_ok, rn0, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm, stride_rm,
                     HAS_BIAS, ACT, STORE_PRE, ACT_BWD, HAS_RES, HAS_LS, SPLIT_AGAIN=ACT_BWD)
     _epilogue_slice(acc_hi, rm64, m_ok, rn0 + BLOCK_N // 2, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm,
                     stride_rm, HAS_BIAS, ACT, STORE_PRE, ACT_BWD, HAS_RES, HAS_LS, SPLIT_AGAIN=ACT_BWD)
-
-
-@triton.jit
-def _column_halves(x):
-    """[R, W] -> its columns [0, W/2) and [W/2, W) (a register split: no data movement in the MMA layout)."""
-    R: tl.constexpr = x.shape[0]
-    W: tl.constexpr = x.shape[1]
-    return tl.split(tl.permute(tl.reshape(x, (R, 2, W // 2)), (0, 2, 1)))
 
 
 @triton.jit
@@ -178,7 +171,7 @@ def _epilogue_slice(acc, rm64, m_ok, n0, C, BIAS, PRE, RES, LS, N, stride_cm, st
     """The epilogue of acc = columns [n0, n0 + W) of the tile, or of its two halves one after the other."""
     if SPLIT_AGAIN:
         W: tl.constexpr = acc.shape[1]
-        lo, hi = _column_halves(acc)
+        lo, hi = column_halves(acc)
         _epilogue(lo, rm64, m_ok, n0, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm, stride_rm,
                   HAS_BIAS, ACT, STORE_PRE, ACT_BWD, HAS_RES, HAS_LS)
         _epilogue(hi, rm64, m_ok, n0 + W // 2, C, BIAS, PRE, RES, LS, N, stride_cm, stride_pm, stride_rm,
