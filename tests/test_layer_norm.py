@@ -178,6 +178,23 @@ def test_gpu_torch_compile_and_cuda_graph():
 
 
 # ----------------------------------------------------------------------------------------------- dispatch, modules
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("width", [384, 768, 1280, 8192])
+def test_gpu_configs_are_pruned_by_elements_per_thread(kernel, width):
+    """The autotune prune drops the configs whose row tile holds more elements per thread than compiled without
+    spills on sm_90 (ln_k.MAX_PER_THREAD) and keeps the rest, in list order (the first is what VITKERN_AUTOTUNE=0
+    runs)."""
+    from vitkern.kernels.triton import layer_norm as ln_k
+
+    bn = ln_k._block_n(width)
+    configs = ln_k._gpu_configs()
+    kept = ln_k._prune_for(kernel)(configs, {"BLOCK_N": bn})
+    per_thread = {id(c): c.kwargs["BLOCK_M"] * bn / (32 * c.num_warps) for c in configs}
+    fits = [c for c in configs if per_thread[id(c)] <= ln_k.MAX_PER_THREAD[kernel]
+            and c.kwargs["BLOCK_M"] * bn <= ln_k.MAX_TILE]
+    assert kept == fits and kept
+
+
 def test_cpu_default_is_reference_and_explain_lists_triton():
     x = torch.randn(3, 192)
     choice = vitkern.explain(vitkern.functional.layer_norm, x, 192)

@@ -128,10 +128,19 @@ def _gpu_configs() -> list[triton.Config]:
     return out
 
 
-def _prune(configs, named_args, **kwargs):
-    bn = named_args.get("BLOCK_N", kwargs.get("BLOCK_N"))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * bn <= MAX_TILE]
-    return kept or configs[:1]
+# Tile elements per thread beyond which ptxas spilled on sm_90 (tests/test_sm90_compile.py tooling, bf16, N 384-1280):
+# the forward at 256 (0.4-1 KB), the backward (dy, x̂ and dx live together) at 128 (0.5-0.8 KB; 7-9 KB at 256).
+MAX_PER_THREAD = {"fwd": 128, "bwd": 64}
+
+
+def _prune_for(kernel_name: str):
+    def prune(configs, named_args, **kwargs):
+        bn = named_args.get("BLOCK_N", kwargs.get("BLOCK_N"))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] * bn <= MAX_TILE
+                and c.kwargs["BLOCK_M"] * bn <= MAX_PER_THREAD[kernel_name] * 32 * c.num_warps]
+        return kept or configs[:1]
+
+    return prune
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,12 +148,13 @@ def _tuned(kernel_name: str):
     kernel = {"fwd": layer_norm_fwd_kernel, "bwd": layer_norm_bwd_kernel}[kernel_name]
     key = ["N", "HAS_RES", "HAS_W", "HAS_B"] if kernel_name == "fwd" else ["N", "HAS_DSUM", "HAS_W", "NEED_DW", "NEED_DB"]
     # cache_results: the choice per (N, dtype, flags) persists in Triton's cache across processes
-    return tuning.autotune(kernel, _gpu_configs(), key, prune=_prune, do_bench=_quick_bench, cache_results=True)
+    return tuning.autotune(kernel, _gpu_configs(), key, prune=_prune_for(kernel_name), do_bench=_quick_bench,
+                           cache_results=True)
 
 
 def _quick_bench(kernel_call, quantiles):
     # a memory-bound kernel of microseconds: 5 ms warm-up / 25 ms of reps separates configs well, and keeps the
-    # first call per shape (15 configs) well under a second
+    # first call per shape (up to 15 configs) well under a second
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
