@@ -1,7 +1,8 @@
 """Triton shifted-window attention (Swin) on the un-partitioned layout, forward and backward.
 
-One program owns BLOCK_M queries of one (image, window, head) against all N <= 256 keys of the window in the forward
-(BLOCK_M = the whole window up to ws 8), and a chunk of windows of one head in the backward.
+One program owns BLOCK_M queries of one (image, window, head) against the N <= 256 keys of the window in the forward
+(online softmax over 64-key blocks; BLOCK_M and BLOCK_N = the whole window up to ws 8), and a chunk of windows of one
+head in the backward (64 × 64 blocks of the scores).
 Token t = (r, c) of window (wy, wx) sits at (py, px) = (wy·WH + r, wx·WW + c) of timm's rolled-then-padded map, so
 its q/k/v are read straight from the packed qkv rows of image position ((py + sh) mod H, (px + sw) mod W) and its
 output is written back to that same position: no roll, partition, reverse, crop or mask tensor in memory.
@@ -15,9 +16,9 @@ timm semantics kept exactly (see vitkern/reference/swin.py):
 Scores live in the log2 domain (scale and bias pre-multiplied by log2 e) so the softmax is an exp2; the forward
 saves the natural-log logsumexp per query for the backward. Backward (recomputes P from the LSE):
 dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K·scale, dK = dSᵀ Q·scale. Each program keeps the sum of dS
-over its windows in registers and writes one [N, N] fp32 partial per (chunk, head); torch sums the partials and
-folds them onto the table entries in a fixed order: bitwise repeatable, no atomics. The gradient reaching the
-padded tokens' q/k/v is the qkv bias's (partials [chunks, 3·heads·D], summed likewise).
+over its windows in registers, block by block, and writes one [N, N] fp32 partial per (chunk, head); torch sums the
+partials and folds them onto the table entries in a fixed order: bitwise repeatable, no atomics. The gradient
+reaching the padded tokens' q/k/v is the qkv bias's (partials [chunks, 3·heads·D], summed likewise).
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def window_attention_fwd_kernel(
     HAS_MASK: tl.constexpr, PAD_FIRST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # one program: BLOCK_M queries of one (image, window, head) against all the window's keys (BLOCK_N >= N)
+    # one program: BLOCK_M queries of one (image, window, head) against the window's keys, BLOCK_N at a time
     NUM_M: tl.constexpr = (WH * WW + BLOCK_M - 1) // BLOCK_M
+    NUM_N: tl.constexpr = (WH * WW + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)  # ((image, window), head, query block), query block fastest
     m0 = (pid % NUM_M) * BLOCK_M
     h = (pid // NUM_M) % heads
@@ -100,26 +102,36 @@ def window_attention_fwd_kernel(
     win, image = bw % nw, (bw // nw).to(tl.int64)  # int64: B·H·W·3·heads·D can exceed 2^31
     tq = m0 + tl.arange(0, BLOCK_M)
     rq, cq, valid_q, real_q, pos_q, region_q = _window_tokens(tq, win, nwx, H, W, Hp, Wp, sh, sw, WH, WW, PAD_FIRST)
-    rk, ck, valid_k, real_k, pos_k, region_k = _window_tokens(tl.arange(0, BLOCK_N), win, nwx, H, W, Hp, Wp, sh, sw,
-                                                              WH, WW, PAD_FIRST)
     rows_q = (image * H * W + pos_q) * (3 * heads * HEAD_DIM)
-    rows_k = (image * H * W + pos_k) * (3 * heads * HEAD_DIM)
     q = _load_head(QKV, rows_q, real_q, QKV_BIAS, h * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM, BLOCK_D)
-    k = _load_head(QKV, rows_k, real_k, QKV_BIAS, (heads + h) * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM, BLOCK_D)
-    v = _load_head(QKV, rows_k, real_k, QKV_BIAS, (2 * heads + h) * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM, BLOCK_D)
 
-    # all keys of the window are one tile: exact softmax, no online rescaling
-    s = _scores_log2(q, k, rq, cq, valid_q, region_q, rk, ck, valid_k, region_k, TABLE, h, heads, scale_log2,
-                     mask_log2, WH, WW, HAS_MASK, PRECISION)
-    m = tl.max(s, axis=1)
-    p = tl.exp2(s - m[:, None])
-    l = tl.sum(p, axis=1)
-    o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l[:, None]
+    # online softmax over the key blocks (one block up to ws 8: N <= 64)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for nb in range(NUM_N):
+        tk = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk, ck, valid_k, real_k, pos_k, region_k = _window_tokens(tk, win, nwx, H, W, Hp, Wp, sh, sw, WH, WW,
+                                                                  PAD_FIRST)
+        rows_k = (image * H * W + pos_k) * (3 * heads * HEAD_DIM)
+        k = _load_head(QKV, rows_k, real_k, QKV_BIAS, (heads + h) * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM, BLOCK_D)
+        v = _load_head(QKV, rows_k, real_k, QKV_BIAS, (2 * heads + h) * HEAD_DIM, HAS_QKV_BIAS, HEAD_DIM, BLOCK_D)
+        s = _scores_log2(q, k, rq, cq, valid_q, region_q, rk, ck, valid_k, region_k, TABLE, h, heads, scale_log2,
+                         mask_log2, WH, WW, HAS_MASK, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a -inf shift mask can hide a whole key block from a query: keep exp2's argument finite (-inf - -inf)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    o = acc / l_i[:, None]  # every query sees its own key (same region, unmasked): l_i > 0
 
     d = tl.arange(0, BLOCK_D)
     out_ptrs = OUT + ((image * H * W + pos_q) * (heads * HEAD_DIM) + h * HEAD_DIM)[:, None] + d[None, :]
     tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=real_q[:, None] & (d < HEAD_DIM)[None, :])
-    tl.store(LSE + (bw * heads + h) * (WH * WW) + tq, (m + tl.log2(l)) * 0.6931471805599453, mask=valid_q)
+    tl.store(LSE + (bw * heads + h) * (WH * WW) + tq, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=valid_q)
 
 
 @triton.jit
@@ -239,8 +251,8 @@ def _block_m(n: int, interpreted: bool) -> int:
     return 16 if interpreted else min(64, _block_n(n))
 
 
-def _block_n_bwd(n: int, interpreted: bool) -> int:
-    """Keys per tile in the backward (the forward takes the whole window: exact softmax). GPU: as _block_m; the
+def _block_kv(n: int, interpreted: bool) -> int:
+    """Keys per tile. GPU: as _block_m (ws 12's 144 keys are 3 blocks of 64, not one padded to 256); the
     interpreter: 32, so tests cover several key blocks and a partial last one (ws 7: 49 = 32 + 17)."""
     return min(32 if interpreted else 64, _block_n(n))
 
@@ -265,8 +277,8 @@ def _fp32_live(kernel_name: str, m: int, n: int, d: int) -> int:
 
 def _prune_for(kernel_name: str):
     # ptxas -v on sm_90 (tests/test_sm90_compile.py tooling), backward at D 32: 144 per thread spills 0-8 B (ws 7-12,
-    # 4 warps), 288 spills 0.4-1.5 KB (2 warps); forward at ws 16, 4 warps: 144 spills 0.5 KB (D 32), 192 2.5 KB
-    # (D 128). Configs over the bound are dropped; if none is left, the one with the most warps runs.
+    # 4 warps), 288 spills 0.4-1.5 KB (2 warps); the forward over all 256 keys of ws 16 at 4 warps: 144 spilled
+    # 0.5 KB (D 32), 192 2.5 KB (D 128). Configs over the bound are dropped; if none is left, the most warps run.
     def prune(configs, named_args, **kwargs):
         live = _fp32_live(kernel_name, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"])
         kept = [c for c in configs if live <= MAX_FP32_PER_THREAD * 32 * c.num_warps]
@@ -315,7 +327,7 @@ def window_attention_fwd(
     block_m = _block_m(n, interpreted)
     flags = dict(WH=window[0], WW=window[1], HEAD_DIM=g["D"], HAS_QKV_BIAS=qkv_bias is not None,
                  HAS_MASK=any(shift), PAD_FIRST=pad_first, PRECISION=_precision(qkv.dtype),
-                 BLOCK_M=block_m, BLOCK_N=_block_n(n), BLOCK_D=_block_d(g["D"]))
+                 BLOCK_M=block_m, BLOCK_N=_block_kv(n, interpreted), BLOCK_D=_block_d(g["D"]))
     grid = (g["B"] * g["nw"] * heads * triton.cdiv(n, block_m),)
     if interpreted:
         window_attention_fwd_kernel[grid](*args, **flags, num_warps=4)
@@ -356,7 +368,7 @@ def window_attention_bwd(
     flags = dict(WH=window[0], WW=window[1], HEAD_DIM=g["D"], HAS_QKV_BIAS=qkv_bias is not None,
                  HAS_MASK=any(shift), PAD_FIRST=pad_first, NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias,
                  PRECISION=_precision(qkv.dtype), BLOCK_M=_block_m(n, interpreted),
-                 BLOCK_N=_block_n_bwd(n, interpreted), BLOCK_D=_block_d(g["D"]))
+                 BLOCK_N=_block_kv(n, interpreted), BLOCK_D=_block_d(g["D"]))
     grid = (chunks * heads,)
     if interpreted:
         window_attention_bwd_kernel[grid](*args, **flags, num_warps=4)
