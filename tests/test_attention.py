@@ -486,7 +486,7 @@ GPU_IDS = ["bf16", "fp16", "fp32"]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", DS + [72, 88, 128])  # + SigLIP so400m (72), ViT-g/14 (88), padded to 128 lanes
+@pytest.mark.parametrize("D", DS + [72, 88, 128])  # + SigLIP so400m (72), ViT-g/14 (88): 64 + 16 / 64 + 32 lanes
 @pytest.mark.parametrize("N", NS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_IDS)
 def test_triton_gpu_packed_parity(dtype, N, D):

@@ -184,6 +184,9 @@ class Case:
         """e.g. "M128 N64 w8 s3": the tile sizes (autotune config, or the fixed launch's) and warps / stages."""
         kw, warps, stages = self.launch.configs[self.index]
         tiles = {**{k: v for k, v in self.launch.kwargs.items() if k.startswith("BLOCK_")}, **kw}
+        if tiles.get("BLOCK_D2"):  # a head dim in two chunks (attention): "D64+16"
+            tiles["BLOCK_D"] = f"{tiles['BLOCK_D']}+{tiles['BLOCK_D2']}"
+        tiles.pop("BLOCK_D2", None)
         order = {"BLOCK_M": 0, "BLOCK_N": 1, "BLOCK_K": 2, "BLOCK_D": 3}
         return " ".join([f"{k.removeprefix('BLOCK_')}{tiles[k]}" for k in sorted(tiles, key=lambda k: order.get(k, 9))]
                         + [f"w{warps}", f"s{stages}"])

@@ -36,6 +36,15 @@ def block_d(head_dim: int) -> int:
     return max(MIN_BLOCK, triton.next_power_of_2(head_dim))
 
 
+def head_dim_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the head dim as one power-of-two tile, or as two when that covers less padding
+    (80 -> 64 + 16, 72 -> 64 + 16, 88 / 96 -> 64 + 32, 160 -> 128 + 32; 112 stays 128). tl.dot needs >= 16."""
+    whole = block_d(head_dim)
+    main = max(MIN_BLOCK, triton.next_power_of_2(head_dim) // 2)
+    tail = max(MIN_BLOCK, triton.next_power_of_2(head_dim - main)) if head_dim > main else 0
+    return (main, tail) if tail and main + tail < whole else (whole, 0)
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
 
@@ -68,7 +77,7 @@ def _max_tile(bd: int, elt: int) -> int:
 
 def _prune(configs, named_args, **kwargs):
     nq, nk = named_args["N_Q"], named_args["N_K"]
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) + kwargs.get("BLOCK_D2", named_args.get("BLOCK_D2", 0))
     widest = _max_tile(bd, named_args["Q"].element_size())
     cap_m, cap_n = max(MIN_BLOCK, triton.next_power_of_2(nq)), max(MIN_BLOCK, triton.next_power_of_2(nk))
     kept = [c for c in configs
@@ -134,7 +143,8 @@ def attention_fwd(
     for q, k, v, o, lse in _bh_pieces(q, k, v, o, lse):
         B, H = q.shape[:2]
         args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, nq, nk, scale * LOG2E)
-        _launch("fwd", attention_fwd_kernel, q, nq, B * H, args, HEAD_DIM=D, BLOCK_D=block_d(D),
+        bd, bd2 = head_dim_blocks(D)
+        _launch("fwd", attention_fwd_kernel, q, nq, B * H, args, HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2,
                 PRECISION=_precision(q.dtype), N_TILE_HINT=max(nq, nk))
 
 
@@ -149,14 +159,14 @@ def attention_bwd(
     from vitkern import memory
 
     nq, D, nk = q.shape[2], q.shape[3], k.shape[2]
-    bd = block_d(D)
+    bd, bd2 = head_dim_blocks(D)
     delta = memory.empty(q.shape[:3], torch.float32, q.device)
     delta_block = MIN_BLOCK if _interpreted(q) else 64
-    meta = dict(HEAD_DIM=D, BLOCK_D=bd, PRECISION=_precision(q.dtype), N_TILE_HINT=max(nq, nk))
+    meta = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, PRECISION=_precision(q.dtype), N_TILE_HINT=max(nq, nk))
     for do, q, k, v, o, lse, delta, dq, dk, dv in _bh_pieces(do, q, k, v, o, lse, delta, dq, dk, dv):
         B, H = q.shape[:2]
         attention_bwd_delta_kernel[(triton.cdiv(nq, delta_block), B * H)](
-            o, do, delta, *o.stride(), *do.stride(), H, nq, HEAD_DIM=D, BLOCK_M=delta_block, BLOCK_D=bd)
+            o, do, delta, *o.stride(), *do.stride(), H, nq, HEAD_DIM=D, BLOCK_M=delta_block, BLOCK_D=block_d(D))
         common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
         _launch("dkdv", attention_bwd_dkdv_kernel, q, nk, B * H,
                 (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), H, nq, nk, scale), **meta)
