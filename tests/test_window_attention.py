@@ -79,7 +79,7 @@ def _block_reference(path):
 
 # ----------------------------------------------------------------------------------------------- CPU interpreter
 # (B, feature map, window, shift, heads, head_dim, dtype): divisible and padded maps, non-square maps, window >= map
-# on one or both axes (timm clamps: window = map there, no shift), heads 1/3, D 16/32, ws 2/3/4/7.
+# on one or both axes (timm clamps: window = map there, no shift), heads 1/2/3, D 16/32, ws 2/3/4/7.
 BLOCK_CASES = [
     (2, (8, 8), 4, 2, 3, 16, torch.float32),  # divisible, shifted
     (1, (11, 9), 4, 2, 3, 16, torch.float32),  # padding on both axes + shift: regions off the roll's seam
@@ -92,6 +92,8 @@ BLOCK_CASES = [
     (1, (6, 5), 2, 0, 2, 16, torch.float32),  # ws 2, no shift, padding on W
     (2, (8, 8), 4, 0, 3, 16, torch.float16),  # ws 4, no shift, divisible, fp16
     (1, (9, 15), 7, 0, 2, 16, torch.float32),  # ws 7, no shift, padding on both axes (2 x 3 windows)
+    # fp16 across key blocks (interpreter: 32 keys, 16 queries): dQ and dK/dV add onto earlier blocks' fp16 stores
+    (1, (14, 14), 7, 3, 2, 16, torch.float16),
 ]
 
 BLOCK_IDS = [f"{r[0]}x{r[1]}-ws{w}-s{s}-h{h}-d{d}-{str(t)[6:]}" for _, r, w, s, h, d, t in BLOCK_CASES]
