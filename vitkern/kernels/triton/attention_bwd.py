@@ -32,13 +32,10 @@ def attention_bwd_delta_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (rows < N_Q)[:, None] & (dims < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + dims[None, :] * stride_gd,
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * N_Q + rows, tl.sum(o * do, 1), mask=rows < N_Q)
+    row_ok = rows < N_Q
+    o = load_cols(O + b * stride_ob + h * stride_oh, rows, row_ok, stride_on, stride_od, 0, BLOCK_D, HEAD_DIM)
+    do = load_cols(DO + b * stride_gb + h * stride_gh, rows, row_ok, stride_gn, stride_gd, 0, BLOCK_D, HEAD_DIM)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
 
 
 @triton.jit

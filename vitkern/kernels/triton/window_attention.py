@@ -169,6 +169,8 @@ def window_attention_bwd_kernel(
         for nb in range(NUM_N):
             tk = nb * BLOCK_N + tl.arange(0, BLOCK_N)
             ds_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if mb + nb > 0:  # make the earlier blocks' stores (other threads') visible before adding onto them
+                tl.debug_barrier()
             for bw in range(bw_start, bw_end):
                 win, image = bw % nw, (bw // nw).to(tl.int64)
                 rq, cq, valid_q, real_q, pos_q, region_q = _window_tokens(tq, win, nwx, H, W, Hp, Wp, sh, sw, WH,
@@ -209,8 +211,6 @@ def window_attention_bwd_kernel(
                 dv_ptrs = dk_ptrs + C
                 q_mask = real_q[:, None] & d_ok
                 kv_mask = real_k[:, None] & d_ok
-                if mb + nb > 0:  # make the earlier blocks' stores (other threads') visible before adding onto them
-                    tl.debug_barrier()
                 if nb > 0:
                     dq += tl.load(dq_ptrs, mask=q_mask, other=0.0).to(tl.float32)
                 if mb > 0:
