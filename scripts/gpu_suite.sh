@@ -4,19 +4,23 @@
 #
 #   scripts/gpu_suite.sh [--quick] [--only NAME[,NAME]] [--tests "PATH ..."] [--no-tests] [--no-bench] [--sanitize]
 #                        [--autotune] [--jobs N] [-- extra pytest args]
-#   --sanitize: compute-sanitizer memcheck/racecheck/synccheck over small shapes of the CUDA attention kernels
+#   --sanitize: the CUDA C++ files' test_compute_sanitizer tests (memcheck / racecheck / synccheck / initcheck over
+#               small shapes of every CUDA kernel family), in the background while the other tests run
 #   --autotune: let the GPU tests autotune too. By default they run with VITKERN_AUTOTUNE=0 (each Triton launch runs
 #               its first config; vitkern/kernels/triton/tuning.py): autotuning compiles every config of every
 #               (shape, dtype, flags) key, minutes of compiling over hundreds of test shapes. The *_every_config tests
 #               check the other configs; the benchmarks always autotune.
-#   --jobs N:   run the test files in N pytest processes at once (default 4; round-robin over the files in the order
-#               given, so list the heavy ones first). Triton compiles on one CPU core per process, and the GPU tests
-#               are mostly compilation on a fresh machine; a crash (e.g. a sticky CUDA error) also ends one process only.
+#   --jobs N:   pytest workers (default 8). With pytest-xdist (in the GPU image) the tests are dealt out one by one
+#               (`-n N --dist load`); without it, the files go round-robin to N pytest processes (heavy ones first).
+#               Triton compiles on one CPU core per process, and the GPU tests are mostly compilation on a fresh
+#               machine; xdist replaces a crashed worker, a round-robin crash ends one process only.
 #
-#   --step N:   the first GPU session's plan (benchmarks/NOTES.md), one device call per step; arguments after it are
-#               added (e.g. --step 1 --jobs 6):
-#                 1 kernels' GPU parity, Triton and CUDA C++     2 model integration at real size + sanitizers
-#                 3 op benchmarks                                4 end-to-end model benchmarks (--quick)
+#   --step N:   the GPU session's plan (benchmarks/NOTES.md), one device call per step; arguments after it are
+#               added (e.g. --step 1 --jobs 12):
+#                 1 kernels' GPU parity, Triton and CUDA C++, + CUDA sanitizers
+#                 2 op benchmarks (table off: the `vitkern` rows are Triton's)
+#                 3 model integration at real size + end-to-end model benchmarks (--quick)
+#                 4 end-to-end model benchmarks, the full list (a later session's)
 #
 # The whole suite outgrows one 10-minute device command as op families land: split it per family, e.g.
 #   scripts/gpu_suite.sh --only layernorm --tests "tests/test_layer_norm.py tests/test_layer_norm_cuda.py tests/test_extension.py"
@@ -25,9 +29,10 @@
 #      VITKERN_COMMIT=<sha>   recorded in the results when the tree has no .git (the GPU machine gets a copy)
 #      OUT=<dir>              where logs + a results tarball go (the device tool sets it)
 #      SUITE_BUDGET_S=570     wall-clock budget for the whole script (a device command may run 600 s)
+#      TEST_CAP_S=240         the tests' cap when benchmarks follow in the same call (they keep the rest)
 #      PYTHON=python3
 # No pip, no network: it uses the python3 that already has torch/triton/timm/transformers/pytest.
-# Exit status: 1 if the GPU tests failed, 2 if the tests passed but the benchmark run crashed or timed out, else 0.
+# Exit status: 1 if the GPU tests (or the sanitizer tests) failed, 2 if the tests passed but the benchmark run crashed or timed out, else 0.
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,18 +48,21 @@ kernel_tests="tests/test_attention.py tests/test_window_attention.py tests/test_
   tests/test_op_layouts.py"
 model_tests="tests/test_integration_timm.py tests/test_integration_torchvision.py tests/test_integration_hf.py
   tests/test_cli_bench.py"
+cuda_test_files="tests/test_attention_cuda.py tests/test_window_attention_cuda.py tests/test_ln_mlp_cuda.py
+  tests/test_patch_embed_cuda.py tests/test_layer_norm_cuda.py"
 if [ "${1:-}" = "--step" ]; then
   step="${2:-}"; shift 2 || { echo "--step needs a number (1-4)" >&2; exit 2; }
   case "$step" in
-    1) set -- --no-bench --tests "$(echo $kernel_tests)" "$@" -- -m "gpu and not slow" ;;
-    2) set -- --no-bench --sanitize --tests "$(echo $model_tests)" "$@" ;;
-    3) set -- --no-tests --only layernorm,attention,window_attention,ln_mlp,linear_residual,patch_embed "$@" ;;
-    4) set -- --no-tests --only models --quick "$@" ;;
+    1) set -- --no-bench --sanitize --tests "$(echo $kernel_tests)" "$@" -- -m "gpu and not slow" ;;
+    2) export VITKERN_SPEED_TABLE=0
+       set -- --no-tests --only layernorm,attention,window_attention,ln_mlp,linear_residual,patch_embed "$@" ;;
+    3) set -- --tests "$(echo $model_tests)" --only models --quick "$@" ;;
+    4) set -- --no-tests --only models "$@" ;;
     *) echo "--step: expected 1, 2, 3 or 4, got '$step'" >&2; exit 2 ;;
   esac
   echo "[gpu_suite] step $step: $*"
 fi
-quick=() only=() run_tests=1 run_bench=1 run_sanitizer=0 test_autotune=0 jobs=4 pytest_extra=() test_paths=(tests/)
+quick=() only=() run_tests=1 run_bench=1 run_sanitizer=0 test_autotune=0 jobs=8 pytest_extra=() test_paths=(tests/)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=(--quick) ;;
@@ -122,56 +130,75 @@ if [ "${VITKERN_BUILD_CUDA:-1}" = "1" ]; then
   fi
 fi
 
+have_xdist=0
+"$PY" -c "import xdist" 2>/dev/null && have_xdist=1
+per_test=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
+
+sanitizer_rc=skipped sanitizer_pid=""
+if [ "$run_sanitizer" = 1 ]; then  # in the background, beside the other tests: the GPU work is small shapes
+  cap=$(cap_for 420 $([ "$run_bench" = 1 ] && echo 150 || echo 30))
+  san_files=()
+  for f in $cuda_test_files; do [ -f "$f" ] && san_files+=("$f"); done
+  san_workers=()
+  [ "$have_xdist" = 1 ] && san_workers=(-n 4 --dist load)
+  hr; echo "compute-sanitizer tests in the background (cap ${cap}s): ${san_files[*]}"
+  # each test runs one tool over a whole workload in a subprocess: minutes under racecheck, hence its own timeout
+  run_capped "$cap" "$logs/sanitizer.log" "$PY" -m pytest -m gpu -k test_compute_sanitizer "${san_files[@]}" \
+    "${san_workers[@]}" -q -rfEs -p no:cacheprovider $([ "${#per_test[@]}" -gt 0 ] && echo --timeout 400) &
+  sanitizer_pid=$!
+fi
+
 pytest_rc=skipped
 if [ "$run_tests" = 1 ]; then
-  # with benchmarks to follow, the tests get 240 s and leave them 150 s; alone, the whole budget
-  if [ "$run_bench" = 1 ]; then cap=$(cap_for 240 150); else cap=$(cap_for 100000 30); fi
+  # with benchmarks to follow, the tests get TEST_CAP_S and leave them 150 s; alone, the whole budget
+  if [ "$run_bench" = 1 ]; then cap=$(cap_for "${TEST_CAP_S:-240}" 150); else cap=$(cap_for 100000 30); fi
   hr; echo "pytest -m gpu (cap ${cap}s) ..."
-  per_test=()
-  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
   files=()
   for p in "${test_paths[@]}"; do
     if [ -d "$p" ]; then files+=("$p"/test_*.py); else files+=("$p"); fi
   done
-  [ "$jobs" -gt "${#files[@]}" ] && jobs=${#files[@]}
   [ "$jobs" -lt 1 ] && jobs=1
-  echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune; ${#files[@]} files in $jobs pytest processes"
-  pids=()
-  for ((g = 0; g < jobs; g++)); do
-    group=()
-    for ((i = g; i < ${#files[@]}; i += jobs)); do group+=("${files[$i]}"); done
-    echo "  process $g: ${group[*]}"
-    VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.$g.log" \
-      "$PY" -m pytest -m gpu "${group[@]}" -q -rfEs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}" &
-    pids+=($!)
-  done
-  pytest_rc=5  # pytest's "nothing collected" unless a process says otherwise; the first real failure wins
-  pytest_counts=()  # one "process g: rc=.. <pytest's last count line>" per process, for the summary too
-  for ((g = 0; g < jobs; g++)); do
-    wait "${pids[$g]}"; rc=$?
-    [ "$rc" = 124 ] && echo "pytest process $g TIMED OUT after ${cap}s" | tee -a "$logs/pytest.$g.log"
-    if [ "$rc" != 5 ] && { [ "$pytest_rc" = 5 ] || [ "$pytest_rc" = 0 ]; }; then pytest_rc=$rc; fi
-    { echo "===== pytest process $g (rc=$rc)"; cat "$logs/pytest.$g.log"; } >>"$logs/pytest.log"
-    pytest_counts+=("process $g: rc=$rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
-      "$logs/pytest.$g.log" | tail -n 1)")
+  pytest_counts=()  # "process g: rc=.. <pytest's last count line>", for the summary too
+  if [ "$have_xdist" = 1 ]; then
+    echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune; ${#files[@]} files, pytest-xdist with $jobs workers"
+    VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.log" "$PY" -m pytest -m gpu "${files[@]}" \
+      -n "$jobs" --dist load -q -rfEs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
+    pytest_rc=$?
+    [ "$pytest_rc" = 124 ] && echo "pytest TIMED OUT after ${cap}s" | tee -a "$logs/pytest.log"
+    pytest_counts+=("xdist: rc=$pytest_rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
+      "$logs/pytest.log" | tail -n 1)")
     echo "  ${pytest_counts[-1]}"
-  done
+  else
+    [ "$jobs" -gt "${#files[@]}" ] && jobs=${#files[@]}
+    echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune; ${#files[@]} files in $jobs pytest processes (no xdist)"
+    pids=()
+    for ((g = 0; g < jobs; g++)); do
+      group=()
+      for ((i = g; i < ${#files[@]}; i += jobs)); do group+=("${files[$i]}"); done
+      echo "  process $g: ${group[*]}"
+      VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.$g.log" \
+        "$PY" -m pytest -m gpu "${group[@]}" -q -rfEs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}" &
+      pids+=($!)
+    done
+    pytest_rc=5  # pytest's "nothing collected" unless a process says otherwise; the first real failure wins
+    for ((g = 0; g < jobs; g++)); do
+      wait "${pids[$g]}"; rc=$?
+      [ "$rc" = 124 ] && echo "pytest process $g TIMED OUT after ${cap}s" | tee -a "$logs/pytest.$g.log"
+      if [ "$rc" != 5 ] && { [ "$pytest_rc" = 5 ] || [ "$pytest_rc" = 0 ]; }; then pytest_rc=$rc; fi
+      { echo "===== pytest process $g (rc=$rc)"; cat "$logs/pytest.$g.log"; } >>"$logs/pytest.log"
+      pytest_counts+=("process $g: rc=$rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
+        "$logs/pytest.$g.log" | tail -n 1)")
+      echo "  ${pytest_counts[-1]}"
+    done
+  fi
 fi
 
-sanitizer_rc=skipped
-if [ "$run_sanitizer" = 1 ]; then  # memcheck / racecheck / synccheck over small shapes of every CUDA kernel
-  hr; echo "compute-sanitizer ..."
-  sanitizer_rc=0
-  for tool in memcheck racecheck synccheck; do
-    for workload in tests/test_attention_cuda.py; do  # its __main__ runs every CUDA attention/window kernel path
-      [ -f "$workload" ] || continue
-      cap=$(cap_for 120 60)
-      run_capped "$cap" "$logs/sanitizer_${tool}_$(basename "$workload" .py).log" \
-        compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" "$workload"
-      rc=$?; echo "  $tool $workload: rc=$rc"; [ "$rc" != 0 ] && sanitizer_rc=$rc
-      cat "$logs/sanitizer_${tool}_$(basename "$workload" .py).log" >>"$logs/sanitizer.log"
-    done
-  done
+if [ -n "$sanitizer_pid" ]; then
+  wait "$sanitizer_pid"; sanitizer_rc=$?
+  [ "$sanitizer_rc" = 124 ] && echo "compute-sanitizer tests TIMED OUT" | tee -a "$logs/sanitizer.log"
+  echo "compute-sanitizer tests: rc=$sanitizer_rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped)|no tests ran' \
+    "$logs/sanitizer.log" | tail -n 1)"
 fi
 
 bench_rc=skipped results=""
@@ -205,9 +232,11 @@ if [ "$pytest_rc" != skipped ]; then
   grep -E '^(FAILED|ERROR) ' "$logs/pytest.log" | head -n 15
 fi
 echo "compute-sanitizer: rc=$sanitizer_rc"
+[ -f "$logs/sanitizer.log" ] && grep -E '^(FAILED|ERROR) ' "$logs/sanitizer.log" | head -n 8
 echo "benchmarks: rc=$bench_rc  results=${results:-none}${OUT:+  (copied to \$OUT: results.tar.gz, summary.md, logs)}"
 if [ -n "$results" ] && [ -f "$results/summary.md" ]; then cat "$results/summary.md"; fi
 
 # pytest rc 5 = nothing collected (no gpu tests yet): not a failure
 case "$pytest_rc" in 0|5|skipped) ;; *) exit 1 ;; esac
+case "$sanitizer_rc" in 0|5|skipped) ;; *) exit 1 ;; esac
 case "$bench_rc" in 0|skipped) exit 0 ;; *) exit 2 ;; esac
