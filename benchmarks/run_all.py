@@ -149,9 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections: list[tuple[str, list[Row], list[str], float]] = []
     crashed = False
     suite_end = time.monotonic() + (args.total_budget_s if args.total_budget_s is not None else float("inf"))
-    for name, mod in selected.items():
+    for i, (name, mod) in enumerate(selected.items()):
         t0 = time.monotonic()
-        budget = min(args.budget_s or getattr(mod, "BUDGET_S", DEFAULT_BUDGET_S), suite_end - t0)
+        # at most an even share of what is left, so that under a total budget the last bench still runs its first
+        # cases (what an earlier one leaves unused passes on to the later ones)
+        share = (suite_end - t0) / (len(selected) - i)
+        budget = min(args.budget_s or getattr(mod, "BUDGET_S", DEFAULT_BUDGET_S), share)
         ctx = Context(
             device=device,
             peaks=peaks,

@@ -269,6 +269,30 @@ def test_run_all_discovers_and_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert run_all.main(["--smoke", "--out", str(harness.RESULTS_DIR / "smoke")]) == 2
 
 
+def test_total_budget_gives_every_bench_a_share(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under --total-budget-s a greedy first bench must not starve the last one (a GPU call has one budget for six
+    benches): each gets at most an even share of what is left, and what one leaves unused passes on."""
+    bench_dir = tmp_path / "benches"
+    bench_dir.mkdir()
+    for name, sleep_s in (("a_greedy", 1.5), ("b_quick", 0.0), ("c_last", 0.0)):
+        (bench_dir / f"bench_{name}.py").write_text(
+            "import time\n"
+            f"NAME = {name!r}\n"
+            "def run(ctx):\n"
+            f"    print('BUDGET', NAME, ctx.budget_s)\n"
+            f"    time.sleep(min({sleep_s}, ctx.budget_s))\n"
+            "    return []\n"
+        )
+    assert run_all.main(["--bench-dir", str(bench_dir), "--out", str(tmp_path / "out"), "--smoke",
+                         "--total-budget-s", "3"]) == 0
+    budgets = {line.split()[1]: float(line.split()[2])
+               for line in capsys.readouterr().out.splitlines() if line.startswith("BUDGET ")}
+    assert budgets["a_greedy"] == pytest.approx(1.0, abs=0.05)  # 3 s over three benches, not the default 100 s
+    # a_greedy used its whole second: 2 s left for two; b_quick used none of its share, so c_last gets all 2 s
+    assert budgets["b_quick"] == pytest.approx(1.0, abs=0.1)
+    assert budgets["c_last"] == pytest.approx(2.0, abs=0.1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_peaks_and_timer_on_gpu() -> None:
