@@ -912,6 +912,43 @@ def test_cuda_linear_residual_empty_and_bad_inputs(cuda_ops):
 
 
 @pytest.mark.gpu
+def test_cuda_ln_mlp_out_refuses_aliased_outputs(cuda_ops):
+    """The .out overloads write y, pre and h while reading x (restrict pointers): any two of them sharing memory is
+    refused with both names, before anything is written."""
+    m, d, hidden = 4, 64, 128
+    g = torch.Generator(device="cuda").manual_seed(seed_for("ln-mlp-cuda-aliasing"))
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    params = (rand(d), rand(d), rand(hidden, d), rand(hidden), rand(d, hidden), rand(d), rand(d))
+    buf = rand(m * hidden)  # contiguous views of one storage: x / y [m, d] overlap pre / h [m, hidden]
+    x, y, pre, h = rand(m, d), rand(m, d), rand(m, hidden), rand(m, hidden)
+    small, big = buf[: m * d].view(m, d), buf.view(m, hidden)
+    stats = [torch.empty(m, device="cuda", dtype=torch.float32) for _ in range(2)]
+
+    def mlp(x=x, **outs):
+        kw = {"y": y, "pre": pre, "h": h, "mean": stats[0], "rstd": stats[1]} | outs
+        return lambda: cuda_ops.ln_mlp_fwd.out(x, *params, EPS, "none", **kw)
+
+    cases = [
+        (mlp(x=small, pre=big), "ln_mlp_fwd: pre (written) and x (read) share memory"),
+        (mlp(x=small, h=big), "ln_mlp_fwd: h (written) and x (read) share memory"),
+        (mlp(y=small, pre=big), "ln_mlp_fwd: y (written) and pre (read) share memory"),
+        (mlp(y=small, h=big), "ln_mlp_fwd: y (written) and h (read) share memory"),
+        (mlp(pre=big, h=big), "ln_mlp_fwd: h (written) and pre (read) share memory"),
+        (lambda: cuda_ops.ln_linear_fwd.out(x, params[0], params[1], rand(d, d), None, EPS, y=x, mean=stats[0],
+                                            rstd=stats[1]), "ln_linear_fwd: y (written) and x (read) share memory"),
+    ]
+    before = buf.clone()
+    for call, match in cases:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert "vitkern_C::" + match in str(info.value), (match, str(info.value))
+    torch.testing.assert_close(buf, before, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
 def test_cuda_linear_residual_torch_compile_and_opcheck(cuda_ops):
     inputs = make_lr_inputs(394, 384, 384, torch.bfloat16, seed_for("linear-residual-cuda-compile"))
 

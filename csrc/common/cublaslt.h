@@ -35,6 +35,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
+#include <torch/version.h>
 
 namespace vitkern {
 namespace lt {
@@ -222,6 +223,19 @@ inline std::unordered_map<std::string, CachedAlgo>& cache() {
 
 }  // namespace detail
 
+// torch's own setting decides TF32 for fp32 matmuls, as for torch.matmul (off by default), read the way torch's
+// cuBLAS calls read it: the fp32-precision setting (the legacy allowTF32CuBLAS getter throws when a program mixed
+// the legacy and new APIs) and NoTF32Guard, which torch's own backward formulas use to keep exact fp32.
+inline bool torch_matmul_allows_tf32() {
+  if (at::NoTF32Guard::should_disable_tf32()) return false;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
+
 // Runs the matmul. Returns false (and launches nothing) when cuBLASLt has no algorithm for it, e.g. an epilogue
 // that this cuBLASLt / dtype / layout combination does not support, so the caller can take another path; throws
 // on every other failure. `what` names the GEMM in error messages.
@@ -231,9 +245,8 @@ inline bool try_matmul(const MatmulArgs& g, const char* what) {
   const cudaDataType_t type = cuda_type(g.dtype);
   const int64_t elem = c10::elementSize(g.dtype);
   const bool fp32 = g.dtype == c10::ScalarType::Float;
-  // torch's own setting decides TF32 for fp32 matmuls, as for torch.matmul (off by default)
   const cublasComputeType_t compute =
-      fp32 && at::globalContext().allowTF32CuBLAS() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+      fp32 && torch_matmul_allows_tf32() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   const bool has_c = g.c != nullptr;
   const void* c_ptr = has_c ? g.c : g.d;
   const float alpha = 1.f, beta = has_c ? g.beta : 0.f;
@@ -296,11 +309,14 @@ inline bool try_matmul(const MatmulArgs& g, const char* what) {
     int found = 0;
     const cublasStatus_t st = api().cublasLtMatmulAlgoGetHeuristic(handle, op.get(), la.get(), lb.get(), lc.get(),
                                                                     ld.get(), pref.get(), 1, &result, &found);
-    if (st != CUBLAS_STATUS_NOT_SUPPORTED) {
+    // "No algorithm" (the caller's other path runs) is NOT_SUPPORTED, and also INVALID_VALUE: cuBLASLt reports a
+    // layout it rejects for this epilogue / batch stride (e.g. a batch-stride-0 C) that way too. Anything else
+    // throws. A returned algorithm counts only if its own state is SUCCESS (cublasLt.h: inspect results[i].state).
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) {
       TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "vitkern: cuBLASLt call `cublasLtMatmulAlgoGetHeuristic` (", what,
                   ") failed with ", status_string(st), " (status ", static_cast<int>(st), ")");
     }
-    choice.found = st == CUBLAS_STATUS_SUCCESS && found > 0;
+    choice.found = st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS;
     if (choice.found) choice.algo = result.algo;
     std::lock_guard<std::mutex> lock(detail::cache_mutex());
     detail::cache().emplace(key, choice);

@@ -403,7 +403,7 @@ void ln_linear_fwd_out_cuda(const at::Tensor& x, const OptTensor& ln_weight, con
   check_linear_outputs(x, weight, y, mean, rstd);
   const int64_t m = x.size(0), d = x.size(1), n = weight.size(0);
   if (m == 0) return;
-  at::assert_no_overlap(y, x);
+  check_no_overlap(y, "y", x, "x", kLinear);
 
   c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -469,8 +469,14 @@ void ln_mlp_fwd_out_cuda(const at::Tensor& x, const OptTensor& ln_weight, const 
   check_mlp_outputs(x, fc1_weight, y, pre, h, mean, rstd);
   const int64_t m = x.size(0), d = x.size(1), hidden = fc1_weight.size(0);
   if (m == 0) return;
-  at::assert_no_overlap(y, x);
-  if (pre.has_value()) at::assert_no_overlap(*pre, *h);
+  // the kernels read x while writing y, and write pre / h between them (__restrict__ pointers): no aliasing
+  check_no_overlap(y, "y", x, "x", kMlp);
+  for (const auto& [buf, name] : {std::pair<const OptTensor*, const char*>{&pre, "pre"}, {&h, "h"}}) {
+    if (!buf->has_value()) continue;
+    check_no_overlap(**buf, name, x, "x", kMlp);
+    check_no_overlap(y, "y", **buf, name, kMlp);
+  }
+  if (pre.has_value() && h.has_value()) check_no_overlap(*h, "h", *pre, "pre", kMlp);
 
   const bool tanh = approximate == "tanh";
   const bool save = pre.has_value();

@@ -244,6 +244,7 @@ void patch_embed_fwd_out_cuda(const at::Tensor& x, const OptTensor& norm, const 
   }
   const bool batched = s.P > 0 || pos.has_value();
   if (batched) {  // one batch per image: B's own row offset in out, the same weight for all
+    TORCH_CHECK(s.B <= INT32_MAX, kOp, ": batch ", s.B, " exceeds cuBLASLt's batch count limit");
     g.batch = static_cast<int32_t>(s.B);
     g.stride_a = 0;
     g.stride_b = s.np * ldk;
@@ -251,7 +252,6 @@ void patch_embed_fwd_out_cuda(const at::Tensor& x, const OptTensor& norm, const 
   } else {  // contiguous patch tokens: one GEMM over all B·Np rows
     g.n = patch_rows;
   }
-  TORCH_CHECK(s.B <= INT32_MAX, kOp, ": batch ", s.B, " exceeds cuBLASLt's batch count limit");
   if (!pos.has_value()) {
     lt::matmul(g, "patch_embed GEMM");
     return;

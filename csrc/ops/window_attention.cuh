@@ -19,6 +19,14 @@
 //   Relative position bias of (t1, t2): table[(r1-r2+wh-1)·(2ww-1) + (c1-c2+ww-1), head]
 //     = table[rel(t1) - rel(t2) + (wh-1)·(2ww-1) + ww-1] with rel(t) = r·(2ww-1) + c precomputed per token.
 // Scores in the log2 domain: (q·k)·scale·log2e + table·log2e + mask·log2e, exactly the Triton kernel's sum.
+//
+// Why mma.sync and not sm_90a wgmma here (a choice from arithmetic, to be checked by the GPU benchmark): a Swin
+// (window, head) at ws 7, D 32 reads q, k, v (3·49·32·2 B = 9.4 KB) and writes 3.1 KB for 2·2·64·64·32 = 0.5 MFLOP
+// of padded tile work, ~42 FLOP/B; at H100's ~3 TB/s that is ~130 TFLOP/s, a fraction of what mma.sync issues on
+// sm_90: at Swin-T's ws 7 the kernel is bound by memory and latency, not by the tensor cores, and wgmma would add
+// descriptor and warpgroup constraints (64-row M tiles per warpgroup) without a faster roofline. ws 12 (144 keys)
+// has about twice the intensity; if the GPU benchmark shows this kernel compute-bound there, that is the case for
+// a wgmma variant (csrc/ops/attention_wgmma.cuh has the building blocks).
 #pragma once
 
 #include <cstdint>
