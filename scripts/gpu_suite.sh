@@ -10,8 +10,8 @@
 #               its first config; vitkern/kernels/triton/tuning.py): autotuning compiles every config of every
 #               (shape, dtype, flags) key, minutes of compiling over hundreds of test shapes. The *_every_config tests
 #               check the other configs; the benchmarks always autotune.
-#   --jobs N:   pytest workers (default 8). With pytest-xdist (in the GPU image) the tests are dealt out one by one
-#               (`-n N --dist load`); without it, the files go round-robin to N pytest processes (heavy ones first).
+#   --jobs N:   pytest workers (default 8). With pytest-xdist (in the GPU image) the tests are dealt out in chunks
+#               (`-n N --dist worksteal`); without it, the files go round-robin to N pytest processes (heavy first).
 #               Triton compiles on one CPU core per process, and the GPU tests are mostly compilation on a fresh
 #               machine; xdist replaces a crashed worker, a round-robin crash ends one process only.
 #
@@ -130,8 +130,12 @@ if [ "${VITKERN_BUILD_CUDA:-1}" = "1" ]; then
   fi
 fi
 
-have_xdist=0
+# pytest-xdist's distribution: worksteal (>= 3.2) deals contiguous chunks (tests of one file share their Triton
+# compiles, which each worker otherwise repeats) and steals from the longest queue at the end; load otherwise
+have_xdist=0 dist=load
 "$PY" -c "import xdist" 2>/dev/null && have_xdist=1
+"$PY" -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2>/dev/null \
+  && dist=worksteal
 per_test=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
 
@@ -141,7 +145,7 @@ if [ "$run_sanitizer" = 1 ]; then  # in the background, beside the other tests: 
   san_files=()
   for f in $cuda_test_files; do [ -f "$f" ] && san_files+=("$f"); done
   san_workers=()
-  [ "$have_xdist" = 1 ] && san_workers=(-n 4 --dist load)
+  [ "$have_xdist" = 1 ] && san_workers=(-n 4 --dist "$dist")
   hr; echo "compute-sanitizer tests in the background (cap ${cap}s): ${san_files[*]}"
   # each test runs one tool over a whole workload in a subprocess: minutes under racecheck, hence its own timeout
   run_capped "$cap" "$logs/sanitizer.log" "$PY" -m pytest -m gpu -k test_compute_sanitizer "${san_files[@]}" \
@@ -161,9 +165,9 @@ if [ "$run_tests" = 1 ]; then
   [ "$jobs" -lt 1 ] && jobs=1
   pytest_counts=()  # "process g: rc=.. <pytest's last count line>", for the summary too
   if [ "$have_xdist" = 1 ]; then
-    echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune; ${#files[@]} files, pytest-xdist with $jobs workers"
+    echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune; ${#files[@]} files, pytest-xdist: $jobs workers, $dist"
     VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.log" "$PY" -m pytest -m gpu "${files[@]}" \
-      -n "$jobs" --dist load -q -rfEs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
+      -n "$jobs" --dist "$dist" -q -rfEs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
     pytest_rc=$?
     [ "$pytest_rc" = 124 ] && echo "pytest TIMED OUT after ${cap}s" | tee -a "$logs/pytest.log"
     pytest_counts+=("xdist: rc=$pytest_rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
