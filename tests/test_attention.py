@@ -355,6 +355,35 @@ def test_triton_rejects_heads_spanning_past_int32(layout, n, d, rejected):
     assert any("past 2^31" in r for r in reasons) == rejected, reasons
 
 
+@pytest.mark.parametrize("dout_layout", ["contiguous", "seq_major"])
+def test_backward_copies_a_dout_whose_rows_pass_int32(monkeypatch, dout_layout):
+    """dout's strides are autograd's, not vitkern's: a [N, B, C] buffer seen as [B, N, C] puts rows B·C apart,
+    past int32 at B·N·C >= 2^31. attention_bwd copies such a dout to contiguous before the kernels see it. The int32
+    limit is lowered here so that a small case crosses it; the result must not change."""
+    from vitkern import dispatch
+    from vitkern.ops import attention as attention_op
+
+    B, N, H, D = 3, 7, 2, 16
+    qkv = randn((B, N, 3 * H * D), dtype=torch.float64, device="cpu", seed=seed_for("dout-int32", dout_layout))
+    out, lse = torch.ops.vitkern.attention_fwd(qkv, None, None, H, "packed", D**-0.5)
+    g = randn((N, B, H * D), dtype=torch.float64, device="cpu", seed=seed_for("dout-int32-g", dout_layout))
+    dout = g.transpose(0, 1) if dout_layout == "seq_major" else g.transpose(0, 1).contiguous()
+    expected = torch.ops.vitkern.attention_bwd(dout, qkv, None, None, out, lse, H, "packed", D**-0.5)[0]
+
+    seen = []
+    reference = dispatch.backends(OP)["reference"]
+    original = type(reference).backward
+    monkeypatch.setattr(type(reference), "backward", lambda self, do, *a: (seen.append(do), original(self, do, *a)))
+    # dout's last row starts at (N - 1)·B·C in seq_major: between the two layouts' last offsets
+    monkeypatch.setattr(attention_op, "INT32_ROW_OFFSETS", (N - 1) * H * D + H * D)
+    with vitkern.use_backend("reference", op=OP):
+        dqkv = torch.ops.vitkern.attention_bwd(dout, qkv, None, None, out, lse, H, "packed", D**-0.5)[0]
+    (do4,) = seen
+    row_stride = H * D  # contiguous [B, N, C]: rows H·D apart, whatever dout's own strides were
+    assert do4.stride(2) == row_stride, (dout_layout, do4.stride())
+    assert (dout.stride(1) == row_stride) == (dout_layout == "contiguous")
+    torch.testing.assert_close(dqkv, expected, atol=0, rtol=0)  # the copy changes addresses, not values
+
 def test_forced_triton_rejects_fp64():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
     with vitkern.use_backend("triton", op=OP), pytest.raises(vitkern.BackendError, match="dtype"):

@@ -133,7 +133,7 @@ class AttentionTriton(TritonBackend):
         if not problem.attr("same_dtype", True):
             reasons.append("q, k, v have different dtypes")
         offset = problem.attr("max_head_offset", 0)
-        if offset >= 2**31:
+        if offset >= INT32_ROW_OFFSETS:
             reasons.append(f"offsets within one (batch, head) of q/k/v/out reach {offset}, past 2^31 - 1 (the kernels "
                            "form row offsets in int32; batch and head offsets are int64)")
         return reasons
@@ -155,12 +155,20 @@ dispatch.register_backend(OP, AttentionReference())
 dispatch.register_backend(OP, AttentionTriton())
 
 
+INT32_ROW_OFFSETS = 2**31  # the Triton kernels' row offsets within one (batch, head) are int32
+
+
+def _last_head_offset(t4: Tensor) -> int:
+    """The largest element offset within one (batch, head) of a [B, H, N, D] view (0 when empty)."""
+    return (t4.shape[2] - 1) * t4.stride(2) + (t4.shape[3] - 1) * t4.stride(3) if t4.numel() else 0
+
+
 def _max_head_offset(q4: Tensor, k4: Tensor, v4: Tensor) -> int:
     """The largest element offset a kernel forms within one (batch, head) of q, k, v or the output. The output's
-    rows are at most H·D apart in every layout (and so are the gradients')."""
-    last = [(t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) for t in (q4, k4, v4) if t.numel()]
+    rows are at most H·D apart in every layout, and so are the gradients' that vitkern allocates; the incoming
+    dout, whose strides autograd chooses, is made to fit in attention_bwd."""
     B, H, nq, d = q4.shape
-    return max(last + [nq * H * d - 1])
+    return max([_last_head_offset(t) for t in (q4, k4, v4)] + [nq * H * d - 1])
 
 
 def problem(
@@ -201,6 +209,8 @@ def attention_bwd(
     """(dq, dk, dv) in the inputs' layouts; for "packed" (dqkv [B, N, 3·H·D], empty, empty)."""
     q4, k4, v4 = qkv_views(q, k, v, layout, num_heads)
     backend = dispatch.select(problem(dispatch.BACKWARD, q4, k4, v4, layout)).backend
+    if _last_head_offset(_out_views(dout, layout, num_heads)) >= INT32_ROW_OFFSETS:
+        dout = dout.contiguous()  # autograd's strides (e.g. a [N, B, C] buffer seen as [B, N, C]) past int32 rows
     if layout == "packed":
         dqkv = memory.empty(q.shape, q.dtype, q.device)
         grads, views = (dqkv, q.new_empty(0), q.new_empty(0)), head_views(dqkv, layout, num_heads)
