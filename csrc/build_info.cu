@@ -26,6 +26,7 @@ std::string build_info() {
   s << "\"nvcc\": \"" << __CUDACC_VER_MAJOR__ << "." << __CUDACC_VER_MINOR__ << "." << __CUDACC_VER_BUILD__ << "\", ";
   // One entry per -gencode target (sm_90a = arch-specific Hopper features: wgmma, setmaxnreg, TMA multicast).
   s << "\"cuda_archs\": \"" << compiled_cuda_archs() << "\", ";
+  s << "\"csrc_digest\": \"" << VITKERN_CSRC_DIGEST_STR << "\", ";
 #ifdef __CUDA_ARCH_LIST__
   s << "\"cuda_arch_list\": \"" << VITKERN_STRINGIFY(__CUDA_ARCH_LIST__) << "\", ";  // nvcc's own view, e.g. 900
 #endif

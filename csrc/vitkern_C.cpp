@@ -40,6 +40,11 @@ std::string dispatch_selftest(c10::ScalarType dtype, int64_t head_dim) {
 }  // namespace
 }  // namespace vitkern
 
+// The csrc/ digest in the library's bytes, read by vitkern._extension before it imports a built library: one built
+// from other sources is reported stale instead of running old kernels (vitkern/_build_config.py built_digest).
+extern "C" __attribute__((used, visibility("default"))) const char vitkern_csrc_digest_marker[] =
+    "VITKERN_CSRC_DIGEST=" VITKERN_CSRC_DIGEST_STR ";";
+
 TORCH_LIBRARY(vitkern_C, m) {
   // How this binary was built: JSON with torch / CUDA / nvcc versions and the compiled SM targets.
   m.def("build_info() -> str", &vitkern::build_info);

@@ -39,6 +39,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo" || exit 2
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# the tests' `ext` fixture JIT-loads the extension when the built one is missing or stale (vitkern._extension)
+export VITKERN_BUILD_CUDA="${VITKERN_BUILD_CUDA:-1}"
 PY="${PYTHON:-python3}"
 budget="${SUITE_BUDGET_S:-570}"
 # --step N expands to the plan's arguments for that call (kept here so the device command stays short)

@@ -182,6 +182,61 @@ def test_extension_status_never_raises():
     assert extension_status() == st  # repeatable
 
 
+def test_csrc_digest_follows_the_sources(tmp_path):
+    """The digest baked into a build changes with any source or header byte and with renames, not with other files."""
+    import shutil
+
+    tree = tmp_path / "csrc"
+    shutil.copytree(os.path.join(ROOT, "csrc"), tree)
+    first = bc.csrc_digest(str(tree))
+    assert first == bc.csrc_digest(os.path.join(ROOT, "csrc")) and len(first) == 16
+    (tree / "notes.txt").write_text("not a source")
+    assert bc.csrc_digest(str(tree)) == first
+    header = tree / "common" / "config.h"
+    header.write_text(header.read_text() + "\n")
+    assert bc.csrc_digest(str(tree)) != first
+    assert bc.digest_define(first) == f"-DVITKERN_CSRC_DIGEST=0x{first}"  # a pp-number: no quoting through nvcc
+    edited = bc.csrc_digest(str(tree))
+    cfg = bc.make_config(str(tree), shim_dir=str(tmp_path / "s"))
+    assert cfg.csrc_digest == edited and bc.digest_define(edited) in cfg.nvcc_flags and bc.digest_define(edited) in cfg.cxx_flags
+
+
+def test_built_extension_carries_the_checkouts_digest():
+    """CI builds csrc/ in place before the tests: the library it built records these sources (file marker and
+    build_info), which is what lets a later checkout find it stale."""
+    spec = importlib.util.find_spec("vitkern._C")
+    if spec is None or not spec.origin:
+        pytest.skip("vitkern._C is not built here (CI builds it in place: bash scripts/build_csrc.sh --inplace)")
+    digest = bc.csrc_digest(os.path.join(ROOT, "csrc"))
+    assert bc.built_digest(spec.origin) == digest, "vitkern._C is stale: rebuild it (bash scripts/build_csrc.sh --inplace)"
+    st = extension_status()
+    assert st.available, st.reason
+    assert st.info()["csrc_digest"] == f"0x{digest}"
+
+
+def test_a_stale_extension_is_reported_not_imported(tmp_path):
+    """Sources edited after the build (or a library carried to a checkout at another commit): the status says stale
+    with both digests and how to rebuild, and vitkern._C is not imported, so load_jit can still build and load the
+    current sources in that process."""
+    import shutil
+
+    if importlib.util.find_spec("vitkern._C") is None:
+        pytest.skip("vitkern._C is not built here")
+    tree = tmp_path / "csrc"
+    shutil.copytree(os.path.join(ROOT, "csrc"), tree)
+    (tree / "vitkern_C.cpp").write_text((tree / "vitkern_C.cpp").read_text() + "// edited after the build\n")
+    code = ("import json, sys, dataclasses\n"
+            "from vitkern._extension import extension_status\n"
+            "st = extension_status()\n"
+            "print(json.dumps([st.available, st.reason, 'vitkern._C' in sys.modules]))\n")
+    env = dict(os.environ, VITKERN_CSRC_DIR=str(tree), PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    available, reason, imported = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not available and not imported, reason
+    assert "is stale" in reason and bc.csrc_digest(str(tree)) in reason and "build_csrc.sh --inplace" in reason
+
+
 def test_extension_status_when_not_built(run_without_extension):
     # In a fresh process where vitkern._C cannot be imported: not available, with a reason saying how to build it.
     out = run_without_extension(

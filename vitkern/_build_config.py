@@ -20,6 +20,7 @@ Environment knobs (read by :func:`make_config`):
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import os
 import re
@@ -190,6 +191,40 @@ def csrc_sources(csrc_dir: str, relative_to: str | None = None) -> list[str]:
     return files
 
 
+CSRC_SUFFIXES = (".cpp", ".cu", ".cuh", ".h", ".hpp")
+DIGEST_MARKER = b"VITKERN_CSRC_DIGEST="  # in the built library's bytes, before the digest and a ';' (csrc/vitkern_C.cpp)
+
+
+def csrc_digest(csrc_dir: str) -> str:
+    """16 hex digits of SHA-256 over every source and header under ``csrc_dir`` (relative paths and bytes, sorted):
+    baked into the binary, so a library built from other sources is found stale before it is imported."""
+    h = hashlib.sha256()
+    files = sorted(f for f in glob.glob(os.path.join(csrc_dir, "**", "*"), recursive=True)
+                   if f.endswith(CSRC_SUFFIXES) and os.path.isfile(f))
+    for f in files:
+        h.update(os.path.relpath(f, csrc_dir).replace(os.sep, "/").encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(fh.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def digest_define(digest: str) -> str:
+    """``-DVITKERN_CSRC_DIGEST=0x<hex>``: a pp-number, stringified in C++ (csrc/common/config.h) like the archs."""
+    return f"-DVITKERN_CSRC_DIGEST=0x{digest}"
+
+
+def built_digest(library_path: str) -> str | None:
+    """The digest baked into a built library (None: none found, e.g. built before digests existed)."""
+    with open(library_path, "rb") as fh:
+        data = fh.read()
+    at = data.find(DIGEST_MARKER + b"0x")
+    if at < 0:
+        return None
+    start = at + len(DIGEST_MARKER) + 2
+    end = data.find(b";", start, start + 64)
+    return data[start:end].decode("ascii", "replace") if end > start else None
+
+
 @dataclass
 class BuildConfig:
     archs: list[str]
@@ -202,11 +237,12 @@ class BuildConfig:
     library_dirs: list[str] = field(default_factory=list)
     cxx_flags: list[str] = field(default_factory=list)
     nvcc_flags: list[str] = field(default_factory=list)
+    csrc_digest: str = ""
 
     def describe(self) -> str:
         return (f"archs={';'.join(self.archs)} cuda_home={self.cuda_home} nvcc={self.nvcc} "
                 f"sources={len(self.sources)} fallback_includes={self.fallback_include_dirs} "
-                f"library_dirs={self.library_dirs}")
+                f"library_dirs={self.library_dirs} csrc_digest={self.csrc_digest}")
 
 
 def make_config(csrc_dir: str, *, shim_dir: str, relative_to: str | None = None,
@@ -233,7 +269,8 @@ def make_config(csrc_dir: str, *, shim_dir: str, relative_to: str | None = None,
     if shim is not None:
         lib_dirs.append(shim)
 
-    defines = [archs_define(archs)]
+    digest = csrc_digest(csrc_dir)
+    defines = [archs_define(archs), digest_define(digest)]
     fallback = [f for inc in pip_incs for f in ("-isystem", inc)]
     cxx = ["-O3", "-std=c++17", *defines, *fallback]
     nvcc_flags = [
@@ -261,4 +298,5 @@ def make_config(csrc_dir: str, *, shim_dir: str, relative_to: str | None = None,
         library_dirs=lib_dirs,
         cxx_flags=cxx,
         nvcc_flags=nvcc_flags,
+        csrc_digest=digest,
     )

@@ -17,6 +17,7 @@ usable instead. The two ways are mutually exclusive within one process (both reg
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -129,6 +130,9 @@ def extension_status() -> ExtensionStatus:
         with _lock:
             if _jit_path is not None:
                 return _status_from_loaded(_jit_path, "loaded from the JIT build")
+            stale = _stale_reason()
+            if stale is not None:
+                return ExtensionStatus(False, stale)
             try:
                 mod = importlib.import_module("vitkern._C")
             except ModuleNotFoundError as e:
@@ -151,6 +155,48 @@ def extension_status() -> ExtensionStatus:
             return _status_from_loaded(path, "loaded vitkern._C")
     except Exception as e:  # never raise from a status query
         return ExtensionStatus(False, f"unexpected error while loading vitkern._C: {type(e).__name__}: {e}")
+
+
+def _stale_reason() -> str | None:
+    """Why the built ``vitkern._C`` must not be imported: it was built from other ``csrc/`` sources than the checkout's
+    (a library carried to another machine, or sources edited after the build). None when it is current, not built,
+    or there are no sources to compare with (an installed wheel). Read from the file, before importing it: once
+    imported, its ops are registered and a JIT build can no longer replace them in this process."""
+    if "vitkern._C" in sys.modules:
+        return None
+    try:
+        spec = importlib.util.find_spec("vitkern._C")
+    except (ImportError, ValueError):
+        return None
+    csrc = _default_csrc_dir()
+    if spec is None or not spec.origin or csrc is None:
+        return None
+    return _compare_digests(spec.origin, csrc, *_file_stamp(spec.origin), *_tree_stamp(csrc))
+
+
+def _file_stamp(path: str) -> tuple[float, int]:
+    st = os.stat(path)
+    return st.st_mtime, st.st_size
+
+
+def _tree_stamp(csrc: str) -> tuple[float, int]:
+    """(newest mtime, file count) of the sources: the cache key, so an edit after the first check is seen."""
+    newest, count = 0.0, 0
+    for root, _, files in os.walk(csrc):
+        for f in files:
+            newest, count = max(newest, os.stat(os.path.join(root, f)).st_mtime), count + 1
+    return newest, count
+
+
+@functools.lru_cache(maxsize=8)
+def _compare_digests(library: str, csrc: str, *_stamps) -> str | None:
+    bc = _load_build_config()
+    built, now = bc.built_digest(library), bc.csrc_digest(csrc)
+    if built == now:
+        return None
+    what = f"csrc digest {built}" if built else "no csrc digest (built before vitkern recorded one)"
+    return (f"vitkern._C at {library} is stale: built from other sources ({what}; {csrc} is now {now}); rebuild it "
+            f"(bash scripts/build_csrc.sh --inplace), or JIT-build it in-process with vitkern._extension.load_jit()")
 
 
 def _default_csrc_dir() -> str | None:

@@ -14,6 +14,13 @@
 #define VITKERN_CUDA_ARCHS_RAW ""
 #endif
 
+// ... and -DVITKERN_CSRC_DIGEST=0x<16 hex> (vitkern/_build_config.py csrc_digest: the sources this was built from).
+#ifdef VITKERN_CSRC_DIGEST
+#define VITKERN_CSRC_DIGEST_STR VITKERN_STRINGIFY(VITKERN_CSRC_DIGEST)
+#else
+#define VITKERN_CSRC_DIGEST_STR "unknown"
+#endif
+
 #include <string>
 
 namespace vitkern {
