@@ -92,6 +92,8 @@ run_capped() {
   timeout -k 10 "$cap" "$@" >"$log" 2>&1
 }
 hr() { printf '%*s\n' 100 '' | tr ' ' '='; }
+# count_line LOG: pytest's last count line in LOG ("3 passed, 2 skipped in 4.1s"), for the summary
+count_line() { grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' "$1" | tail -n 1; }
 
 hr; echo "vitkern GPU suite  $(date -u +%Y-%m-%dT%H:%M:%SZ)  repo=$repo  budget=${budget}s"
 {
@@ -172,8 +174,7 @@ if [ "$run_tests" = 1 ]; then
       -n "$jobs" --dist "$dist" -q -rfEs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
     pytest_rc=$?
     [ "$pytest_rc" = 124 ] && echo "pytest TIMED OUT after ${cap}s" | tee -a "$logs/pytest.log"
-    pytest_counts+=("xdist: rc=$pytest_rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
-      "$logs/pytest.log" | tail -n 1)")
+    pytest_counts+=("xdist: rc=$pytest_rc  $(count_line "$logs/pytest.log")")
     echo "  ${pytest_counts[-1]}"
   else
     [ "$jobs" -gt "${#files[@]}" ] && jobs=${#files[@]}
@@ -193,8 +194,7 @@ if [ "$run_tests" = 1 ]; then
       [ "$rc" = 124 ] && echo "pytest process $g TIMED OUT after ${cap}s" | tee -a "$logs/pytest.$g.log"
       if [ "$rc" != 5 ] && { [ "$pytest_rc" = 5 ] || [ "$pytest_rc" = 0 ]; }; then pytest_rc=$rc; fi
       { echo "===== pytest process $g (rc=$rc)"; cat "$logs/pytest.$g.log"; } >>"$logs/pytest.log"
-      pytest_counts+=("process $g: rc=$rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
-        "$logs/pytest.$g.log" | tail -n 1)")
+      pytest_counts+=("process $g: rc=$rc  $(count_line "$logs/pytest.$g.log")")
       echo "  ${pytest_counts[-1]}"
     done
   fi
@@ -203,8 +203,7 @@ fi
 if [ -n "$sanitizer_pid" ]; then
   wait "$sanitizer_pid"; sanitizer_rc=$?
   [ "$sanitizer_rc" = 124 ] && echo "compute-sanitizer tests TIMED OUT" | tee -a "$logs/sanitizer.log"
-  echo "compute-sanitizer tests: rc=$sanitizer_rc  $(grep -E '[0-9]+ (passed|failed|errors?|skipped)|no tests ran' \
-    "$logs/sanitizer.log" | tail -n 1)"
+  echo "compute-sanitizer tests: rc=$sanitizer_rc  $(count_line "$logs/sanitizer.log")"
 fi
 
 bench_rc=skipped results=""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -184,8 +185,6 @@ def test_extension_status_never_raises():
 
 def test_csrc_digest_follows_the_sources(tmp_path):
     """The digest baked into a build changes with any source or header byte and with renames, not with other files."""
-    import shutil
-
     tree = tmp_path / "csrc"
     shutil.copytree(os.path.join(ROOT, "csrc"), tree)
     first = bc.csrc_digest(str(tree))
@@ -218,8 +217,6 @@ def test_a_stale_extension_is_reported_not_imported(tmp_path):
     """Sources edited after the build (or a library carried to a checkout at another commit): the status says stale
     with both digests and how to rebuild, and vitkern._C is not imported, so load_jit can still build and load the
     current sources in that process."""
-    import shutil
-
     if importlib.util.find_spec("vitkern._C") is None:
         pytest.skip("vitkern._C is not built here")
     tree = tmp_path / "csrc"

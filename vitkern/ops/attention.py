@@ -209,16 +209,17 @@ def attention_bwd(
     """(dq, dk, dv) in the inputs' layouts; for "packed" (dqkv [B, N, 3·H·D], empty, empty)."""
     q4, k4, v4 = qkv_views(q, k, v, layout, num_heads)
     backend = dispatch.select(problem(dispatch.BACKWARD, q4, k4, v4, layout)).backend
-    if _last_head_offset(_out_views(dout, layout, num_heads)) >= INT32_ROW_OFFSETS:
-        dout = dout.contiguous()  # autograd's strides (e.g. a [N, B, C] buffer seen as [B, N, C]) past int32 rows
+    do4 = _out_views(dout, layout, num_heads)
+    if _last_head_offset(do4) >= INT32_ROW_OFFSETS:
+        # autograd's strides (e.g. a [N, B, C] buffer seen as [B, N, C]) past int32 rows: a contiguous copy fits
+        do4 = _out_views(dout.contiguous(), layout, num_heads)
     if layout == "packed":
         dqkv = memory.empty(q.shape, q.dtype, q.device)
         grads, views = (dqkv, q.new_empty(0), q.new_empty(0)), head_views(dqkv, layout, num_heads)
     else:
         grads = tuple(memory.empty(t.shape, t.dtype, t.device) for t in (q, k, v))
         views = tuple(head_views(g, layout, num_heads)[0] for g in grads)
-    backend.backward(_out_views(dout, layout, num_heads), q4, k4, v4, _out_views(out, layout, num_heads), lse,
-                     scale, *views)
+    backend.backward(do4, q4, k4, v4, _out_views(out, layout, num_heads), lse, scale, *views)
     return grads
 
 
