@@ -33,6 +33,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _interpreted_kernels_stay_in_bounds():
+    """In the interpreter every Triton load and store must stay inside its launch's tensor arguments
+    (vitkern.testing.bounds): the check compute-sanitizer's memcheck makes on the GPU, here on every interpreter
+    test. VITKERN_CHECK_BOUNDS=0 turns it off."""
+    if not INTERPRETED or os.environ.get("VITKERN_CHECK_BOUNDS") == "0":
+        yield
+        return
+    from vitkern.testing.bounds import check_bounds
+
+    with check_bounds():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_global_rng(request):
     """Every test starts from the global RNG seeded by its own id: the modules it builds (timm, torchvision and HF
