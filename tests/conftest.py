@@ -34,16 +34,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _interpreted_kernels_stay_in_bounds():
-    """In the interpreter every Triton load and store must stay inside its launch's tensor arguments
-    (vitkern.testing.bounds): the check compute-sanitizer's memcheck makes on the GPU, here on every interpreter
-    test. VITKERN_CHECK_BOUNDS=0 turns it off."""
-    if not INTERPRETED or os.environ.get("VITKERN_CHECK_BOUNDS") == "0":
+def _interpreted_kernels_pass_memcheck():
+    """In the interpreter every Triton load and store must stay inside its launch's tensor arguments, and no two
+    programs of a launch may store, or store and load, one address (vitkern.testing.memcheck): what
+    compute-sanitizer's memcheck, and no sanitizer for global memory races, would find on the GPU.
+    VITKERN_CHECK_MEMORY=0 turns it off."""
+    if not INTERPRETED or os.environ.get("VITKERN_CHECK_MEMORY") == "0":
         yield
         return
-    from vitkern.testing.bounds import check_bounds
+    from vitkern.testing.memcheck import check_memory
 
-    with check_bounds():
+    with check_memory():
         yield
 
 

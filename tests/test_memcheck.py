@@ -1,13 +1,13 @@
-"""The interpreter's out-of-bounds check (vitkern.testing.bounds), which conftest turns on for every interpreter
-test: it must flag loads and stores past a tensor argument, and pass masked tails, strided views and packed views
-that overlap."""
+"""The interpreter's memory checks (vitkern.testing.memcheck), which conftest turns on for every interpreter test:
+they must flag loads and stores past a tensor argument and races between programs, and pass masked tails, strided
+views, packed views that overlap and programs that share only reads."""
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from vitkern.testing.bounds import OutOfBounds, check_bounds
+from vitkern.testing.memcheck import MemoryCheckError, check_memory
 
 pytestmark = pytest.mark.interpreter
 
@@ -35,31 +35,31 @@ def _copy(x, y, *, block_r=4, block_c=8, mask_load=True, mask_store=True):
 
 
 def _raised(fn) -> str:
-    """The OutOfBounds message fn raised (the interpreter re-raises kernel errors as InterpreterError(repr(e)))."""
+    """The MemoryCheckError message fn raised (the interpreter re-raises kernel errors as InterpreterError(repr(e)))."""
     with pytest.raises(Exception) as info:
         fn()
     msg = str(info.value)
-    assert "OutOfBounds" in repr(info.value) or isinstance(info.value, OutOfBounds), msg
+    assert isinstance(info.value, MemoryCheckError) or "MemoryCheckError" in msg, msg
     return msg
 
 
 def test_masked_tails_pass_and_copy():
     x, y = torch.randn(10, 5), torch.full((10, 5), float("nan"))  # 10 rows over blocks of 4; 5 cols over 8
-    with check_bounds():
+    with check_memory():
         _copy(x, y)
     torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
 def test_unmasked_load_past_the_end_is_named():
     x, y = torch.randn(10, 8), torch.empty(10, 8)  # cols fit; the last row block reads rows 10, 11
-    with check_bounds():
+    with check_memory():
         msg = _raised(lambda: _copy(x, y, mask_load=False))
     assert "tl.load" in msg and "'x_ptr'" in msg and "past the end" in msg and "_copy_rows" in msg
 
 
 def test_unmasked_store_past_the_end_is_named():
     x, y = torch.randn(10, 8), torch.empty(10, 8)
-    with check_bounds():
+    with check_memory():
         msg = _raised(lambda: _copy(x, y, mask_store=False))
     assert "tl.store" in msg and "'y_ptr'" in msg
 
@@ -69,7 +69,7 @@ def test_a_view_ends_at_its_last_element_not_at_its_storage():
     # element into storage the view does not cover, which is out of bounds even though the storage holds it
     buf = torch.empty(10, 9)
     x, y = torch.randn(10, 8), buf[:, :5]
-    with check_bounds():
+    with check_memory():
         _copy(x[:, :5], y)  # masked to 5 columns: in bounds
         msg = _raised(lambda: _copy(x, y, block_r=2, mask_store=False))
     assert "'y_ptr'" in msg
@@ -82,7 +82,7 @@ def test_overlapping_views_of_one_buffer_are_each_a_valid_extent():
     qkv = torch.randn(6, 3, 4)
     q, k, _ = qkv.unbind(1)
     q_before = q.clone()
-    with check_bounds():
+    with check_memory():
         _copy_rows[(2,)](q, k, 6, 4, q.stride(0), k.stride(0), BLOCK_R=4, BLOCK_C=4, MASK_LOAD=True,
                          MASK_STORE=True)
     torch.testing.assert_close(k, q_before, rtol=0, atol=0)
@@ -90,7 +90,45 @@ def test_overlapping_views_of_one_buffer_are_each_a_valid_extent():
 
 def test_leaving_a_nested_check_keeps_the_outer_one():
     x, y = torch.randn(10, 8), torch.empty(10, 8)
-    with check_bounds():
-        with check_bounds():
+    with check_memory():
+        with check_memory():
             pass
         _raised(lambda: _copy(x, y, mask_load=False))
+
+
+@triton.jit
+def _row_sums(x_ptr, y_ptr, n_cols, stride_x, OUT_ROW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # y[OUT_ROW(row)] = sum of x's row: OUT_ROW 0 stores to the own row, 1 every program to row 0 (a race)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    total = tl.sum(tl.load(x_ptr + row * stride_x + cols, mask=cols < n_cols, other=0.0), axis=0)
+    tl.store(y_ptr + (row if OUT_ROW == 0 else 0), total)
+
+
+@triton.jit
+def _shift_left(x_ptr, n, BLOCK: tl.constexpr):
+    # in place x[i] = x[i + 1]: a block's last element reads the next block's first, which that program stores
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    nxt = tl.load(x_ptr + offs + 1, mask=offs + 1 < n)
+    tl.store(x_ptr + offs, nxt, mask=offs + 1 < n)
+
+
+def test_programs_sharing_reads_and_owning_their_stores_pass():
+    x, y = torch.randn(5, 7), torch.full((5,), float("nan"))
+    with check_memory():
+        _row_sums[(5,)](x, y, 7, x.stride(0), OUT_ROW=0, BLOCK_C=8)
+    torch.testing.assert_close(y, x.sum(1))
+
+
+def test_two_programs_storing_one_address_is_a_race():
+    x, y = torch.randn(5, 7), torch.empty(5)
+    with check_memory():
+        msg = _raised(lambda: _row_sums[(5,)](x, y, 7, x.stride(0), OUT_ROW=1, BLOCK_C=8))
+    assert "race" in msg and "both store 'y_ptr' + 0 bytes" in msg
+
+
+def test_loading_what_another_program_stores_is_a_race():
+    x = torch.randn(40)
+    with check_memory():
+        msg = _raised(lambda: _shift_left[(5,)](x, 40, BLOCK=8))
+    assert "race" in msg and "loads 'x_ptr' + 32 bytes" in msg
