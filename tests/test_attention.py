@@ -16,7 +16,8 @@ from vitkern.functional.attention import attention
 from vitkern.reference.layers import Attention as RefAttention
 from vitkern.reference.layers import attention_reference, merge_heads, split_heads_qkv
 from vitkern.testing import (
-    Tolerance, check_compile_and_cuda_graph, check_forward_backward, randn, run_every_triton_config, seed_for,
+    Tolerance, check_compile_and_cuda_graph, check_forward_backward, randn, run_every_triton_config,
+    run_in_gpu_geometry, seed_for,
 )
 
 OP = "attention"
@@ -541,6 +542,17 @@ def test_triton_gpu_every_config(dtype, D):
     """Every autotune config of the forward and both backward kernels (at N=197 none is pruned), not only the one the
     autotuner picks or VITKERN_AUTOTUNE=0 runs."""
     run_every_triton_config(lambda: run_packed("triton", 2, 3, 197, D, dtype, "cuda"))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("N, D, dtype", [(100, 64, torch.float32), (50, 80, torch.float16), (1, 32, torch.float32)],
+                         ids=["N100-D64-fp32", "N50-D80-fp16", "N1-D32-fp32"])
+def test_interpreter_gpu_geometry_every_config(N, D, dtype):
+    """Every forward / backward config (128-, 64-, 32- and 16-row tiles: N=100 leaves a partial last block in each,
+    D=80 runs two head-dim chunks), in the interpreter with the GPU path's tiles and autotune configs
+    (vitkern.testing.gpu_geometry): parity, bounds and races of what test_triton_gpu_every_config runs, before a
+    GPU does."""
+    run_in_gpu_geometry(lambda: run_packed("triton", 2, 3, N, D, dtype, "cpu"))
 
 
 @pytest.mark.gpu

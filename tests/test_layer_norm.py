@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import vitkern
 from vitkern.testing import (
-    check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config, seed_for,
+    check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config,
+    run_in_gpu_geometry, seed_for,
 )
 
 WIDTHS = [192, 384, 768, 1000, 1280]
@@ -140,6 +141,17 @@ def test_triton_gpu_every_config(dtype):
     """Every rows-per-program / warps config of the forward (with residual) and backward at ViT-B width, with a row
     count (394) that leaves a partial last block for every BLOCK_M."""
     run_every_triton_config(lambda: run_parity("triton", 394 + 3, 768, dtype, "cuda", True))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("rows, width, dtype, residual, num_sms", [
+    (61, 768, torch.float32, True, 2), (37, 1280, torch.float16, False, 132)], ids=["w768-fp32-res", "w1280-fp16"])
+def test_interpreter_gpu_geometry_every_config(rows, width, dtype, residual, num_sms):
+    """Every rows-per-program config of the forward and backward, in the interpreter with the GPU path's tiles and
+    persistent grids (2 SMs: each program walks several row blocks; vitkern.testing.gpu_geometry): parity, bounds
+    and races of what test_triton_gpu_every_config runs, before a GPU does. 61 / 37 rows: a partial last block for
+    every BLOCK_M."""
+    run_in_gpu_geometry(lambda: run_parity("triton", rows, width, dtype, "cpu", residual), num_sms=num_sms)
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ import vitkern
 from vitkern.functional.linear_residual import linear_residual
 from vitkern.testing import (
     Tolerance, check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config,
-    seed_for,
+    run_in_gpu_geometry, seed_for,
 )
 
 OP = "linear_residual"
@@ -194,6 +194,14 @@ def test_triton_gpu_autocast_vs_timm(amp, rows):
 def test_triton_gpu_every_config(dtype):
     """Every GEMM tile config of the residual-epilogue GEMM and of the backward's dx GEMM, at M = 2·197."""
     run_every_triton_config(lambda: run_parity(2 * 197, 384, 384, dtype, "cuda"))
+
+
+@pytest.mark.interpreter
+def test_interpreter_gpu_geometry_every_config():
+    """Every GEMM tile config of the residual-epilogue GEMM and the backward's dx GEMM, in the interpreter with the
+    GPU path's tiles (vitkern.testing.gpu_geometry): parity, bounds and races of what test_triton_gpu_every_config
+    runs, before a GPU does. M=150, N=320: partial last tiles at 64, 128 and 256."""
+    run_in_gpu_geometry(lambda: run_parity(150, 192, 320, torch.float32, "cpu"))
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ import vitkern
 from vitkern.functional.ln_mlp import ln_linear, ln_mlp
 from vitkern.testing import (
     Tolerance, check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config,
-    seed_for,
+    run_in_gpu_geometry, seed_for,
 )
 
 # ------------------------------------------------------------------------------------------------ timm harness
@@ -327,6 +327,18 @@ def test_triton_gpu_every_config(dtype):
         run_mlp_parity(2 * 197, 384, 4 * 384, dtype, "cuda", True)
         run_linear_parity(2 * 197, 384, dtype, "cuda")
     run_every_triton_config(run)
+
+
+@pytest.mark.interpreter
+def test_interpreter_gpu_geometry_every_config():
+    """Every GEMM tile config of every fused_linear variant (LN+qkv, LN+fc1+GELU, fc2+layer scale+residual, the
+    backward GEMMs), in the interpreter with the GPU path's tiles (vitkern.testing.gpu_geometry): parity, bounds
+    and races of what test_triton_gpu_every_config runs, before a GPU does. M=70, K=96: partial last row and K
+    blocks."""
+    def run():
+        run_mlp_parity(70, 96, 4 * 96, torch.float32, "cpu", True)
+        run_linear_parity(70, 96, torch.float32, "cpu")
+    run_in_gpu_geometry(run)
 
 
 @pytest.mark.gpu

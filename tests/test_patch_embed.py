@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import vitkern
 from vitkern.functional.patch_embed import patch_embed, resample_pos_embed
-from vitkern.testing import check_forward_backward, randn, run_every_triton_config, seed_for
+from vitkern.testing import check_forward_backward, randn, run_every_triton_config, run_in_gpu_geometry, seed_for
 
 OP = "patch_embed"
 PREFIXES = {"none": (0, 0, 0), "cls": (1, 0, 0), "cls+dist": (1, 1, 0), "cls+reg4": (1, 0, 4)}  # (cls, dist, reg)
@@ -533,6 +533,16 @@ def test_triton_gpu_every_config(dtype):
     """Every tile config of the forward and the input/weight gradient GEMMs (ViT-B/16 stem, class token), not only
     the one the autotuner picks or VITKERN_AUTOTUNE=0 runs."""
     run_every_triton_config(lambda: run_parity("triton", 3, 3, 224, 224, 16, 768, "cls", False, dtype, device="cuda"))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("num_sms", [132, 2])
+def test_interpreter_gpu_geometry_every_config(num_sms):
+    """Every tile config of the forward and the input / weight gradient GEMMs, in the interpreter with the GPU
+    path's tiles and split-K grids (2 SMs: more splits; vitkern.testing.gpu_geometry): parity, bounds and races of
+    what test_triton_gpu_every_config runs, before a GPU does."""
+    run_in_gpu_geometry(lambda: run_parity("triton", 2, 3, 64, 48, 16, 192, "cls", False, torch.float32, device="cpu"),
+                        num_sms=num_sms)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,9 @@ from vitkern.functional.window_attention import window_attention
 from vitkern.nn.window_attention import ShiftedWindowAttention, WindowAttention
 from vitkern.ops import window_attention as wa_op
 from vitkern.reference import swin as ref_swin
-from vitkern.testing import check_forward_backward, poison_outputs, randn, run_every_triton_config, seed_for
+from vitkern.testing import (
+    check_forward_backward, poison_outputs, randn, run_every_triton_config, run_in_gpu_geometry, seed_for,
+)
 
 OP = "window_attention"
 PARAM_NAMES = ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table"]
@@ -581,6 +583,18 @@ def test_gpu_every_config(dtype, ws):
     VITKERN_AUTOTUNE=0 runs."""
     run_every_triton_config(lambda: run_functional_parity(2, (2 * ws + 3, 2 * ws + 1), (ws, ws), (ws // 2, ws // 2), 3,
                                                           32, dtype, "cuda"))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B, res, ws, heads, num_sms", [(2, (17, 15), 7, 3, 2), (1, (27, 25), 12, 2, 132)],
+                         ids=["ws7-6_windows_per_program", "ws12-64_blocks"])
+def test_interpreter_gpu_geometry(B, res, ws, heads, num_sms):
+    """Shifted and padded, in the interpreter with the GPU path's 64-query / 64-key blocks and its backward grid
+    (2 SMs: 6 windows per program; vitkern.testing.gpu_geometry): parity, bounds and races of what
+    test_gpu_every_config runs, before a GPU does. The configs differ only in warps / stages, which the interpreter
+    does not model, so the first one runs."""
+    run_in_gpu_geometry(lambda: run_functional_parity(B, res, (ws, ws), (ws // 2, ws // 2), heads, 32, torch.float32,
+                                                      "cpu"), num_sms=num_sms, every_config=False)
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 
 from vitkern.testing.backends import run_every_triton_config
 from vitkern.testing.compile_graph import check_compile_and_cuda_graph
+from vitkern.testing.gpu_geometry import run_in_gpu_geometry
 from vitkern.testing.numerics import (
     ATOL,
     Tolerance,
@@ -15,6 +16,6 @@ from vitkern.testing.numerics import (
 )
 
 __all__ = [
-    "check_compile_and_cuda_graph", "run_every_triton_config",
+    "check_compile_and_cuda_graph", "run_every_triton_config", "run_in_gpu_geometry",
     "ATOL", "Tolerance", "assert_close", "check_forward_backward", "materialize", "max_abs_err", "poison_outputs", "randn", "seed_for",
 ]

@@ -237,6 +237,10 @@ def window_attention_bwd_kernel(
 # runs one fixed config (autotuning there would time the interpreter).
 
 
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
 def _block_n(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every tile side >= 16
 
@@ -323,7 +327,7 @@ def window_attention_fwd(
         g["H"], g["W"], g["Hp"], g["Wp"], g["sh"], g["sw"], g["nwx"], g["nw"], heads,
         scale * LOG2E, mask_value * LOG2E,
     )
-    n, interpreted = window[0] * window[1], qkv.device.type == "cpu"
+    n, interpreted = window[0] * window[1], _interpreted(qkv)
     block_m = _block_m(n, interpreted)
     flags = dict(WH=window[0], WW=window[1], HEAD_DIM=g["D"], HAS_QKV_BIAS=qkv_bias is not None,
                  HAS_MASK=any(shift), PAD_FIRST=pad_first, PRECISION=_precision(qkv.dtype),
@@ -350,7 +354,7 @@ def window_attention_bwd(
     g = _geometry(qkv, heads, window, shift)
     n = window[0] * window[1]
     num_windows = g["B"] * g["nw"]
-    interpreted = qkv.device.type == "cpu"
+    interpreted = _interpreted(qkv)
     if interpreted:
         chunks = min(3, num_windows)  # several chunks even in tests: exercises the partial reduction
     else:
