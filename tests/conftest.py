@@ -48,6 +48,19 @@ def _interpreted_kernels_pass_memcheck():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _interpreted_bf16_as_on_the_gpu():
+    """The interpreter's bf16 dots, casts and arithmetic are wrong (dots multiply the raw bits, casts truncate);
+    vitkern.testing.interpreter_bf16 makes them compute as the GPU does, so bf16 parity runs on CPU too."""
+    if not INTERPRETED:
+        yield
+        return
+    from vitkern.testing.interpreter_bf16 import exact_bf16
+
+    with exact_bf16():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_global_rng(request):
     """Every test starts from the global RNG seeded by its own id: the modules it builds (timm, torchvision and HF

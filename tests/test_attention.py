@@ -74,6 +74,13 @@ def test_triton_interpreter_packed_fp16(N, D):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("N, D", [(7, 96), (197, 64)])
+def test_triton_interpreter_packed_bf16(N, D):
+    """bf16, which the interpreter computes exactly under vitkern.testing.interpreter_bf16 (conftest)."""
+    run_packed("triton", 2, 3, N, D, torch.bfloat16, "cpu")
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("B, H, N, D", [(1, 1, 50, 64), (2, 1, 7, 32), (1, 3, 197, 80), (1, 1, 1, 96)])
 def test_triton_interpreter_heads_and_batch(B, H, N, D):
     run_packed("triton", B, H, N, D, torch.float32, "cpu")
@@ -545,8 +552,8 @@ def test_triton_gpu_every_config(dtype, D):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("N, D, dtype", [(100, 64, torch.float32), (50, 80, torch.float16), (1, 32, torch.float32)],
-                         ids=["N100-D64-fp32", "N50-D80-fp16", "N1-D32-fp32"])
+@pytest.mark.parametrize("N, D, dtype", [(100, 64, torch.float32), (50, 80, torch.bfloat16), (1, 32, torch.float16)],
+                         ids=["N100-D64-fp32", "N50-D80-bf16", "N1-D32-fp16"])
 def test_interpreter_gpu_geometry_every_config(N, D, dtype):
     """Every forward / backward config (128-, 64-, 32- and 16-row tiles: N=100 leaves a partial last block in each,
     D=80 runs two head-dim chunks), in the interpreter with the GPU path's tiles and autotune configs

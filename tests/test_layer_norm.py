@@ -56,7 +56,7 @@ def run_parity(backend, rows, width, dtype, device, residual, **kw):
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_triton_interpreter_parity(dtype, width, rows, residual):
     run_parity("triton", rows, width, dtype, "cpu", residual)
 
@@ -145,7 +145,7 @@ def test_triton_gpu_every_config(dtype):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("rows, width, dtype, residual, num_sms", [
-    (61, 768, torch.float32, True, 2), (37, 1280, torch.float16, False, 132)], ids=["w768-fp32-res", "w1280-fp16"])
+    (61, 768, torch.float32, True, 2), (37, 1280, torch.bfloat16, False, 132)], ids=["w768-fp32-res", "w1280-bf16"])
 def test_interpreter_gpu_geometry_every_config(rows, width, dtype, residual, num_sms):
     """Every rows-per-program config of the forward and backward, in the interpreter with the GPU path's tiles and
     persistent grids (2 SMs: each program walks several row blocks; vitkern.testing.gpu_geometry): parity, bounds

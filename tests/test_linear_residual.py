@@ -78,6 +78,7 @@ CASES = [  # rows, in_features, out_features, dtype, bias, layer scale, gradient
     (394, 192, 192, FP16, True, True, True),  # ViT-Ti at 2 x 197 tokens
     (5, 384, 384, FP32, True, True, True),
     (5, 768, 768, FP16, True, False, False),  # ViT-B width, forward only (interpreter GEMMs are slow)
+    (50, 96, 160, torch.bfloat16, True, True, True),  # bf16 (vitkern.testing.interpreter_bf16 makes it exact)
 ]
 
 
@@ -89,18 +90,18 @@ def test_interpreter_vs_timm(rows, k, n, dtype, bias, layer_scale, grads):
     run_parity(rows, k, n, dtype, "cpu", bias, layer_scale, grads)
 
 
-@pytest.mark.parametrize("backend, rows, bias, layer_scale", [
-    pytest.param("triton", 5, True, True, marks=pytest.mark.interpreter),
-    pytest.param("triton", 50, False, True, marks=pytest.mark.interpreter),
-    ("reference", 197, True, True)])
-def test_autocast_keeps_the_fp32_residual_stream_as_timm_does(backend, rows, bias, layer_scale):
-    """fp32 residual under fp16 autocast (bf16 tl.dot is wrong in the interpreter; the GPU suite runs bf16): the
-    GEMM in fp16, the sum returned in fp32 as timm's x + ls1(proj(o)) promotes it; forward and every gradient."""
-    run_parity(rows, 96, 160, FP32, "cpu", bias, layer_scale, backend=backend, autocast=FP16)
+@pytest.mark.parametrize("backend, rows, bias, layer_scale, amp", [
+    pytest.param("triton", 5, True, True, FP16, marks=pytest.mark.interpreter),
+    pytest.param("triton", 50, False, True, torch.bfloat16, marks=pytest.mark.interpreter),
+    ("reference", 197, True, True, FP16)])
+def test_autocast_keeps_the_fp32_residual_stream_as_timm_does(backend, rows, bias, layer_scale, amp):
+    """fp32 residual under fp16 / bf16 autocast: the GEMM in 16 bits, the sum returned in fp32 as timm's
+    x + ls1(proj(o)) promotes it; forward and every gradient."""
+    run_parity(rows, 96, 160, FP32, "cpu", bias, layer_scale, backend=backend, autocast=amp)
     o, x, w = torch.randn(3, 96), torch.randn(3, 160), torch.randn(160, 96)
-    with torch.autocast("cpu", dtype=FP16), vitkern.use_backend(backend, op=OP):
+    with torch.autocast("cpu", dtype=amp), vitkern.use_backend(backend, op=OP):
         assert linear_residual(o, w, None, x).dtype == FP32
-        assert linear_residual(o, w, None, x.to(FP16)).dtype == FP16  # a 16-bit stream stays 16-bit
+        assert linear_residual(o, w, None, x.to(amp)).dtype == amp  # a 16-bit stream stays 16-bit
 
 
 @pytest.mark.interpreter

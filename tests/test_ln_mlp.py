@@ -137,6 +137,9 @@ MLP_CASES = [  # rows, dim, hidden, dtype, layer scale, GELU approximation, grad
     (394, 192, 200, FP32, False, "tanh", True),
     (5, 768, 3072, FP32, True, "none", True),  # ViT-B width: gradients too
     (5, 768, 3072, FP16, False, "tanh", False),
+    # bf16 (vitkern.testing.interpreter_bf16 makes the interpreter's bf16 exact)
+    (5, 192, 200, torch.bfloat16, True, "tanh", True),
+    (394, 192, 768, torch.bfloat16, False, "none", True),
 ]
 
 
@@ -149,7 +152,7 @@ def test_ln_mlp_interpreter_vs_timm(rows, dim, hidden, dtype, layer_scale, appro
 
 
 LINEAR_CASES = [(5, 192, FP32, True), (1, 192, FP16, False), (394, 192, FP16, True), (5, 384, FP32, True),
-                (5, 768, FP16, True)]
+                (5, 768, FP16, True), (394, 192, torch.bfloat16, True)]
 
 
 @pytest.mark.interpreter
@@ -229,23 +232,24 @@ def test_inference_keeps_no_activations_and_writes_every_output():
         torch.testing.assert_close(m(x), y, atol=0, rtol=0)
 
 
-# fp32 model under autocast: the GEMMs run in fp16 (bf16 tl.dot is wrong in the interpreter; the GPU suite runs
-# bf16), the residual stream stays fp32: vitkern/functional/_autocast.py. Parity with timm's modules run under the
-# same autocast, against fp64 (which autocast leaves alone): forward and every gradient.
-AUTOCAST_CASES = [("triton", 5, 192, 768, True), ("triton", 394, 192, 200, False), ("reference", 197, 192, 768, True)]
+# fp32 model under autocast: the GEMMs run in fp16 / bf16, the residual stream stays fp32:
+# vitkern/functional/_autocast.py. Parity with timm's modules run under the same autocast, against fp64 (which
+# autocast leaves alone): forward and every gradient.
+AUTOCAST_CASES = [("triton", 5, 192, 768, True, FP16), ("triton", 394, 192, 200, False, torch.bfloat16),
+                  ("reference", 197, 192, 768, True, FP16)]
 
 
-@pytest.mark.parametrize("backend, rows, dim, hidden, layer_scale", [
+@pytest.mark.parametrize("backend, rows, dim, hidden, layer_scale, amp", [
     pytest.param(*c, marks=[pytest.mark.interpreter] if c[0] == "triton" else []) for c in AUTOCAST_CASES])
-def test_autocast_keeps_the_fp32_residual_stream_as_timm_does(backend, rows, dim, hidden, layer_scale):
-    run_mlp_parity(rows, dim, hidden, FP32, "cpu", layer_scale, backend=backend, autocast=FP16)
-    run_linear_parity(rows, dim, FP32, "cpu", backend=backend, autocast=FP16)
+def test_autocast_keeps_the_fp32_residual_stream_as_timm_does(backend, rows, dim, hidden, layer_scale, amp):
+    run_mlp_parity(rows, dim, hidden, FP32, "cpu", layer_scale, backend=backend, autocast=amp)
+    run_linear_parity(rows, dim, FP32, "cpu", backend=backend, autocast=amp)
     block = timm_block(dim, hidden, layer_scale)
     x = randn((3, dim), dtype=FP32, device="cpu", seed=1)
-    with torch.autocast("cpu", dtype=FP16), vitkern.use_backend(backend, op="ln_mlp"), \
+    with torch.autocast("cpu", dtype=amp), vitkern.use_backend(backend, op="ln_mlp"), \
             vitkern.use_backend(backend, op="ln_linear"):
         assert vitkern.nn.LayerNormMlp.from_timm_block(block)(x).dtype == FP32  # x's, as timm's x + ls2(mlp(..))
-        assert vitkern.nn.LayerNormLinear.from_timm_block(block)(x).dtype == FP16  # a Linear's output
+        assert vitkern.nn.LayerNormLinear.from_timm_block(block)(x).dtype == amp  # a Linear's output
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])

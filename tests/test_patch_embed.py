@@ -109,7 +109,7 @@ def test_triton_interpreter_parity(p, C, prefix, no_embed_class):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_triton_interpreter_layouts_dtypes(dtype, channels_last, batch):
     run_parity("triton", batch, 3, 32, 32, 8, 40, "cls+reg4", False, dtype, channels_last=channels_last)
 
@@ -161,19 +161,19 @@ def test_triton_weight_grad_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-@pytest.mark.parametrize("backend, prefix, no_embed_class", [
-    pytest.param("triton", "cls+reg4", False, marks=pytest.mark.interpreter),
-    pytest.param("triton", "cls", True, marks=pytest.mark.interpreter),
-    ("reference", "cls+dist", False)])
-def test_autocast_keeps_fp32_tokens_as_timm_does(backend, prefix, no_embed_class):
-    """An fp32 model under fp16 autocast (bf16 tl.dot is wrong in the interpreter; the GPU suite runs bf16): the
-    patch GEMM in fp16, the tokens in fp32 as timm's cat(cls, conv(x)) + pos promotes them (then every block keeps
-    an fp32 residual stream); forward and every gradient against timm's spelled-out ops under the same autocast."""
-    run_parity(backend, 2, 3, 16, 24, 4, 32, prefix, no_embed_class, torch.float32, autocast=torch.float16)
+@pytest.mark.parametrize("backend, prefix, no_embed_class, amp", [
+    pytest.param("triton", "cls+reg4", False, torch.float16, marks=pytest.mark.interpreter),
+    pytest.param("triton", "cls", True, torch.bfloat16, marks=pytest.mark.interpreter),
+    ("reference", "cls+dist", False, torch.float16)])
+def test_autocast_keeps_fp32_tokens_as_timm_does(backend, prefix, no_embed_class, amp):
+    """An fp32 model under fp16 / bf16 autocast: the patch GEMM in 16 bits, the tokens in fp32 as timm's
+    cat(cls, conv(x)) + pos promotes them (then every block keeps an fp32 residual stream); forward and every
+    gradient against timm's spelled-out ops under the same autocast."""
+    run_parity(backend, 2, 3, 16, 24, 4, 32, prefix, no_embed_class, torch.float32, autocast=amp)
     a = make_inputs(1, 3, 16, 16, 4, 32, prefix, no_embed_class, torch.float32, "cpu", seed=5)
-    with torch.autocast("cpu", dtype=torch.float16), vitkern.use_backend(backend, op=OP):
+    with torch.autocast("cpu", dtype=amp), vitkern.use_backend(backend, op=OP):
         assert vitkern_embed(**a, no_embed_class=no_embed_class).dtype == torch.float32
-        assert patch_embed(a["x"], a["weight"], a["bias"]).dtype == torch.float16  # no tokens: the conv's dtype
+        assert patch_embed(a["x"], a["weight"], a["bias"]).dtype == amp  # no tokens: the conv's dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])

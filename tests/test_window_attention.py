@@ -96,6 +96,10 @@ BLOCK_CASES = [
     (1, (9, 15), 7, 0, 2, 16, torch.float32),  # ws 7, no shift, padding on both axes (2 x 3 windows)
     # fp16 across key blocks (interpreter: 32 keys, 16 queries): dQ and dK/dV add onto earlier blocks' fp16 stores
     (1, (14, 14), 7, 3, 2, 16, torch.float16),
+    # bf16 (the interpreter's bf16 made exact by vitkern.testing.interpreter_bf16): shifted + padded, and across
+    # key blocks, where dQ and dK/dV add onto earlier blocks' bf16 stores (8 mantissa bits: the coarsest rounding)
+    (1, (11, 9), 4, 2, 3, 16, torch.bfloat16),
+    (1, (14, 14), 7, 3, 2, 32, torch.bfloat16),
 ]
 
 BLOCK_IDS = [f"{r[0]}x{r[1]}-ws{w}-s{s}-h{h}-d{d}-{str(t)[6:]}" for _, r, w, s, h, d, t in BLOCK_CASES]
@@ -586,15 +590,16 @@ def test_gpu_every_config(dtype, ws):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("B, res, ws, heads, num_sms", [(2, (17, 15), 7, 3, 2), (1, (27, 25), 12, 2, 132)],
-                         ids=["ws7-6_windows_per_program", "ws12-64_blocks"])
-def test_interpreter_gpu_geometry(B, res, ws, heads, num_sms):
+@pytest.mark.parametrize("B, res, ws, heads, num_sms, dtype", [
+    (2, (17, 15), 7, 3, 2, torch.float32), (1, (27, 25), 12, 2, 132, torch.bfloat16)],
+    ids=["ws7-6_windows_per_program-fp32", "ws12-64_blocks-bf16"])
+def test_interpreter_gpu_geometry(B, res, ws, heads, num_sms, dtype):
     """Shifted and padded, in the interpreter with the GPU path's 64-query / 64-key blocks and its backward grid
     (2 SMs: 6 windows per program; vitkern.testing.gpu_geometry): parity, bounds and races of what
     test_gpu_every_config runs, before a GPU does. The configs differ only in warps / stages, which the interpreter
     does not model, so the first one runs."""
-    run_in_gpu_geometry(lambda: run_functional_parity(B, res, (ws, ws), (ws // 2, ws // 2), heads, 32, torch.float32,
-                                                      "cpu"), num_sms=num_sms, every_config=False)
+    run_in_gpu_geometry(lambda: run_functional_parity(B, res, (ws, ws), (ws // 2, ws // 2), heads, 32, dtype, "cpu"),
+                        num_sms=num_sms, every_config=False)
 
 
 @pytest.mark.gpu

@@ -7,8 +7,8 @@ config of the autotune list and persistent / split grids sized from the SM count
 that no CPU test would otherwise execute. Inside :func:`gpu_geometry` the launchers take their GPU branch for CPU
 tensors; combined with :func:`vitkern.testing.run_every_triton_config` (which also keeps the autotuner from timing,
 which it cannot do on CPU) and the interpreter's memory checks (:mod:`vitkern.testing.memcheck`), a parity test
-then checks every GPU config's results, bounds and races, before any GPU runs them. What it cannot check: dtypes
-the interpreter gets wrong (bf16 dots), compiled-code properties (registers, shared memory, layouts) and timing.
+then checks every GPU config's results, bounds and races, before any GPU runs them. What it cannot check:
+compiled-code properties (registers, shared memory, layouts, intra-program synchronisation) and timing.
 """
 
 from __future__ import annotations
