@@ -98,7 +98,7 @@ def test_gemm_tuning_is_keyed_on_the_size_class_of_the_token_dimensions(monkeypa
     from vitkern.kernels.triton import ln_linear as lnl_k
 
     monkeypatch.setenv(tuning.ENV, "0")  # one config per key (the GPU tiles are slow to interpret); keys still cached
-    monkeypatch.setattr(lnl_k, "_interpreted", lambda t: False)
+    monkeypatch.setattr(tuning, "interpreted", lambda t: False)
     tuner = lnl_k._tuned_linear()
     tuner.cache.clear()
     g = torch.Generator().manual_seed(7)

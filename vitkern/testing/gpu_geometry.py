@@ -14,32 +14,24 @@ compiled-code properties (registers, shared memory, layouts, intra-program synch
 from __future__ import annotations
 
 import contextlib
-import importlib
 from typing import Iterator
 
 from vitkern.kernels.triton import tuning
-
-LAUNCHER_MODULES = ("attention", "layer_norm", "ln_linear", "patch_embed", "window_attention")
 
 
 @contextlib.contextmanager
 def gpu_geometry(num_sms: int = 132) -> Iterator[None]:
     """Within this block every Triton launcher treats CPU tensors as GPU tensors of a device with ``num_sms`` SMs
-    (132: H100 SXM). Launches must run under :func:`tuning.only_config` (``run_every_triton_config`` does that): with
-    more than one config left the autotuner would time them, which needs a GPU."""
-    saved = []
+    (132: H100 SXM): the launchers ask ``tuning.interpreted`` and ``tuning.num_sms``, which this replaces. Launches
+    must run under :func:`tuning.only_config` (``run_every_triton_config`` does that): with more than one config
+    left the autotuner would time them, which needs a GPU."""
+    saved = tuning.interpreted, tuning.num_sms
+    tuning.interpreted, tuning.num_sms = (lambda t: False), (lambda index=None: num_sms)
+    tuning.reset()  # choices cached under the interpreter's geometry do not carry over (nor back, below)
     try:
-        for name in LAUNCHER_MODULES:
-            module = importlib.import_module(f"vitkern.kernels.triton.{name}")
-            for attr, fake in (("_interpreted", lambda t: False), ("_num_sms", lambda index=None: num_sms)):
-                if hasattr(module, attr):
-                    saved.append((module, attr, getattr(module, attr)))
-                    setattr(module, attr, fake)
-        tuning.reset()  # choices cached under the interpreter's geometry do not carry over (nor back, below)
         yield
     finally:
-        for module, attr, value in reversed(saved):
-            setattr(module, attr, value)
+        tuning.interpreted, tuning.num_sms = saved
         tuning.reset()
 
 

@@ -329,9 +329,10 @@ def launches(module: types.ModuleType, launcher: Callable, *args, num_sms: int =
 
     The module's @triton.jit globals are replaced by recorders for the call, its ``_tuned*`` autotuner factories
     by factories of recorders carrying the same configs/prune function (``tuning.autotune`` is intercepted), and
-    ``_num_sms`` (if present) returns ``num_sms`` (132: H100 SXM). Everything is restored afterwards."""
+    ``tuning.num_sms`` returns ``num_sms`` (132: H100 SXM). Everything is restored afterwards."""
     log: list[Launch] = []
     saved: dict[str, Any] = {}
+    real_num_sms = tuning.num_sms
 
     def fake_autotune(kernel, configs, key, prune=None, **_):  # tuning.autotune's signature
         return _Recorder(kernel, log, dict(configs=configs, early_config_prune=tuning.pruner(prune)))
@@ -345,11 +346,10 @@ def launches(module: types.ModuleType, launcher: Callable, *args, num_sms: int =
         for name, value in factories.items():
             saved[name] = value
             setattr(module, name, _rebuild_tuned(value, kernels, fake_autotune))
-        if hasattr(module, "_num_sms"):
-            saved["_num_sms"] = module._num_sms
-            module._num_sms = lambda index=0: num_sms
+        tuning.num_sms = lambda index=None: num_sms
         launcher(*args, **kwargs)
     finally:
+        tuning.num_sms = real_num_sms
         for name, value in saved.items():
             setattr(module, name, value)
     return log

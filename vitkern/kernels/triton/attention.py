@@ -49,10 +49,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
 
 
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
 def _interp_block(n: int) -> int:
     return MIN_BLOCK if n <= 64 else 32
 
@@ -98,7 +94,7 @@ def _tuned(name: str):
 
 def _launch(name: str, kernel, t: torch.Tensor, grid_rows: int, b_h: int, args, **meta) -> None:
     """Interpreter: fixed config; GPU: autotuned. ``grid_rows`` is the length the grid's axis 0 tiles."""
-    if _interpreted(t):
+    if tuning.interpreted(t):
         blk = _interp_block(max(meta.pop("N_TILE_HINT"), 1))
         kernel[(triton.cdiv(grid_rows, blk), b_h)](*args, BLOCK_M=blk, BLOCK_N=blk, **meta)
     else:
@@ -161,7 +157,7 @@ def attention_bwd(
     nq, D, nk = q.shape[2], q.shape[3], k.shape[2]
     bd, bd2 = head_dim_blocks(D)
     delta = memory.empty(q.shape[:3], torch.float32, q.device)
-    delta_block = MIN_BLOCK if _interpreted(q) else 64
+    delta_block = MIN_BLOCK if tuning.interpreted(q) else 64
     meta = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, PRECISION=_precision(q.dtype), N_TILE_HINT=max(nq, nk))
     for do, q, k, v, o, lse, delta, dq, dk, dv in _bh_pieces(do, q, k, v, o, lse, delta, dq, dk, dv):
         B, H = q.shape[:2]

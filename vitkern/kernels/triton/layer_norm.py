@@ -158,18 +158,9 @@ def _quick_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def _interpreted(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu"
-
-
 def _interp_block_m(block_n: int) -> int:
     # small tiles but still several rows per program, so the row masking and the multi-row reductions are exercised
     return max(1, min(4, 4096 // block_n))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def layer_norm_fwd(
@@ -193,7 +184,7 @@ def layer_norm_fwd(
         sum_out.stride(0) if sum_out is not None else 0, eps,
     )
     flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_N=block_n)
-    if _interpreted(x):
+    if tuning.interpreted(x):
         block_m = _interp_block_m(block_n)
         layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](*args, **flags, BLOCK_M=block_m)
     else:
@@ -217,11 +208,11 @@ def layer_norm_bwd(
     M, N = xs.shape
     block_n = _block_n(N)
     weight = dense_vector(weight)
-    if _interpreted(xs):
+    if tuning.interpreted(xs):
         block_m = _interp_block_m(block_n)
         programs = max(1, min(3, triton.cdiv(M, block_m)))  # several programs: exercises the partial reduction
     else:
-        programs = max(1, min(2 * _num_sms(xs.device.index), triton.cdiv(M, 1)))
+        programs = max(1, min(2 * tuning.num_sms(xs.device.index), triton.cdiv(M, 1)))
     dw_part = memory.empty((programs, N), torch.float32, xs.device) if need_dw else mean
     db_part = memory.empty((programs, N), torch.float32, xs.device) if need_db else mean
     args = (
@@ -231,7 +222,7 @@ def layer_norm_bwd(
         triton.cdiv(M, programs),
     )
     flags = dict(HAS_DSUM=dsum is not None, HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_N=block_n)
-    if _interpreted(xs):
+    if tuning.interpreted(xs):
         layer_norm_bwd_kernel[(programs,)](*args, **flags, BLOCK_M=block_m)
     else:
         _tuned("bwd")[(programs,)](*args, **flags)

@@ -234,10 +234,6 @@ def _tuned_linear():
     return tuning.autotune(fused_linear_kernel, _gpu_configs(), ["M_TUNE", "N", "K_TUNE"] + _FLAGS)
 
 
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
@@ -248,7 +244,7 @@ def _ln_rows(x, mean, rstd, eps, w=None, b=None, y=None) -> None:
     M, N = x.shape
     w, b = dense_vector(w), dense_vector(b)
     block_n = triton.next_power_of_2(N)
-    block_m = max(1, min(4 if _interpreted(x) else 16, 8192 // block_n))
+    block_m = max(1, min(4 if tuning.interpreted(x) else 16, 8192 // block_n))
     ln_rows_kernel[(triton.cdiv(M, block_m),)](
         x, mean, rstd, w if w is not None else x, b if b is not None else x, y if y is not None else x,
         M, N, x.stride(0), y.stride(0) if y is not None else 0, eps,
@@ -303,7 +299,7 @@ def fused_linear(
         HAS_BIAS=bias is not None, ACT=act, STORE_PRE=pre is not None and not act_bwd, ACT_BWD=act_bwd,
         HAS_RES=residual is not None, HAS_LS=layer_scale is not None, DOT_PRECISION=_dot_precision(b.dtype),
     )
-    if _interpreted(a):
+    if tuning.interpreted(a):
         cfg = INTERP_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         fused_linear_kernel[grid](*args, **flags, **cfg)

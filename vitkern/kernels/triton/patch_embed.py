@@ -200,10 +200,6 @@ def _tuned(name: str):
     return tuning.autotune(kernel, _gpu_configs(), key)
 
 
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
 def _precision(dtype: torch.dtype) -> str:
     # fp32 stays fp32 (no silent TF32); 16-bit operands ignore the setting
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -227,11 +223,6 @@ def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     if (w.shape[1] * w.element_size()) % 16 == 0:
         return w
     return w.t().contiguous().t()  # same [D, K] values, strides (1, D)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def patch_embed_fwd(
@@ -263,7 +254,7 @@ def patch_embed_fwd(
         x, norm if norm is not None else weight, w, bias if bias is not None else weight,
         pos if pos is not None else weight, prefix if prefix is not None else weight, out, *geo, *w.stride(), pos_row0,
     )
-    if _interpreted(x):
+    if tuning.interpreted(x):
         patch_embed_fwd_kernel[grid(_INTERP)](*args, **flags, **_INTERP)
     else:
         _tuned("fwd")[grid](*args, **flags)
@@ -284,7 +275,7 @@ def patch_embed_dx(
     def grid(meta):
         return triton.cdiv(geo[0], meta["BLOCK_M"]), triton.cdiv(geo[2], meta["BLOCK_K"])
 
-    if _interpreted(dout):
+    if tuning.interpreted(dout):
         patch_embed_dx_kernel[grid(_INTERP)](*args, **flags, **_INTERP)
     else:
         _tuned("dx")[grid](*args, **flags)
@@ -302,14 +293,14 @@ def patch_embed_dw(
 
     geo, patch = _geometry(x, weight)
     M, D, K = geo[0], geo[1], geo[2]
-    if _interpreted(dout):
+    if tuning.interpreted(dout):
         blocks, extra = _INTERP, {}
         splits = max(1, min(3, triton.cdiv(M, blocks["BLOCK_M"])))  # several splits: exercises the partial sum
     else:  # split M until the (D, K) tiles x splits fill the SMs twice (a fixed count per shape: deterministic)
         blocks = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
         extra = dict(num_warps=8, num_stages=3 if dout.dtype != torch.float32 else 2)
         tiles = triton.cdiv(D, blocks["BLOCK_N"]) * triton.cdiv(K, blocks["BLOCK_K"])
-        splits = max(1, min(triton.cdiv(2 * _num_sms(dout.device.index), tiles), triton.cdiv(M, 1024)))
+        splits = max(1, min(triton.cdiv(2 * tuning.num_sms(dout.device.index), tiles), triton.cdiv(M, 1024)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
     part = memory.empty((splits, D, K), torch.float32, dout.device)
     grid = (triton.cdiv(D, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"]), splits)

@@ -18,16 +18,31 @@ The switch is read when a launch key is first seen (the autotuner caches its cho
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import weakref
 from typing import Callable, Iterator
 
+import torch
 import triton
 
 ENV = "VITKERN_AUTOTUNE"
 
 _tuners: "weakref.WeakSet" = weakref.WeakSet()  # every autotuner built here, so tests can reset their choices
 _forced: dict | None = None  # only_config's state while it is active
+
+
+def interpreted(t: torch.Tensor) -> bool:
+    """Whether a launch on ``t`` takes the interpreter's path (CPU tensors: small fixed tiles, one config) or the
+    GPU's (tiles, autotuning and grids for the device). Every launcher asks here, so tests can switch all of them
+    (vitkern.testing.gpu_geometry)."""
+    return t.device.type == "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(index: int | None) -> int:
+    """SM count of CUDA device ``index`` (None: the current one), for grids sized to the device."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def enabled() -> bool:

@@ -237,10 +237,6 @@ def window_attention_bwd_kernel(
 # runs one fixed config (autotuning there would time the interpreter).
 
 
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
 def _block_n(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every tile side >= 16
 
@@ -300,11 +296,6 @@ def _tuned(kernel_name: str):
     return tuning.autotune(kernel, _gpu_configs(), key, prune=_prune_for(kernel_name))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _geometry(qkv: torch.Tensor, heads: int, window: tuple[int, int], shift: tuple[int, int]) -> dict:
     B, H, W, three_c = qkv.shape
     (wh, ww), (sh, sw) = window, shift
@@ -327,7 +318,7 @@ def window_attention_fwd(
         g["H"], g["W"], g["Hp"], g["Wp"], g["sh"], g["sw"], g["nwx"], g["nw"], heads,
         scale * LOG2E, mask_value * LOG2E,
     )
-    n, interpreted = window[0] * window[1], _interpreted(qkv)
+    n, interpreted = window[0] * window[1], tuning.interpreted(qkv)
     block_m = _block_m(n, interpreted)
     flags = dict(WH=window[0], WW=window[1], HEAD_DIM=g["D"], HAS_QKV_BIAS=qkv_bias is not None,
                  HAS_MASK=any(shift), PAD_FIRST=pad_first, PRECISION=_precision(qkv.dtype),
@@ -354,11 +345,11 @@ def window_attention_bwd(
     g = _geometry(qkv, heads, window, shift)
     n = window[0] * window[1]
     num_windows = g["B"] * g["nw"]
-    interpreted = _interpreted(qkv)
+    interpreted = tuning.interpreted(qkv)
     if interpreted:
         chunks = min(3, num_windows)  # several chunks even in tests: exercises the partial reduction
     else:
-        chunks = max(1, min(num_windows, triton.cdiv(4 * _num_sms(qkv.device.index or 0), heads)))
+        chunks = max(1, min(num_windows, triton.cdiv(4 * tuning.num_sms(qkv.device.index or 0), heads)))
     per_chunk = triton.cdiv(num_windows, chunks)
     chunks = triton.cdiv(num_windows, per_chunk)
     need_dbias = need_dbias and qkv_bias is not None
