@@ -5,20 +5,27 @@ Discovers ``benchmarks/bench_*.py`` (each exposes ``NAME``, ``run(ctx) -> list[R
 ``<NAME>.json`` + ``<NAME>.csv`` per bench and ``summary.md`` into
 ``benchmarks/results/<UTC date>_<device-slug>_<short commit>/`` (or ``--out``), and prints the summary LAST
 (the GPU tool returns only the tail of the output). Without CUDA it is a smoke run into a temp dir.
+
+A provider whose kernel faults takes the process's CUDA context with it (``harness.CudaContextLost``): the runner
+then writes its state next to the results and ``exec``s itself, so the benches still to come, and the one that
+faulted (without that provider, whose rows say why), run in a fresh process. The benches already done are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
+import json
+import os
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -27,6 +34,8 @@ from vitkern.bench.harness import ERROR, SKIPPED, Context, Row
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGET_S = 100.0  # per bench; each must finish well under 2 minutes on an H100 (suite total: 10 min)
+MAX_RESTARTS = 6  # fresh processes after lost CUDA contexts, per run
+STATE_FILE = "run_all_state.json"  # in the results folder while a restarted run goes on; removed at the end
 
 
 def discover(directory: str | Path = BENCH_DIR) -> dict[str, ModuleType]:
@@ -75,7 +84,8 @@ def _bench_row(name: str, ctx: Context, status: str, error: str) -> Row:
     )
 
 
-def _summary(meta: dict[str, Any], sections: list[tuple[str, list[Row], list[str], float]]) -> str:
+def _summary(meta: dict[str, Any], sections: list[tuple[str, list[Row], list[str], float]],
+             restarts: Sequence[str] = ()) -> str:
     peaks = meta.get("peaks")
     head = [
         f"# vitkern benchmarks — {meta['device']}",
@@ -95,6 +105,7 @@ def _summary(meta: dict[str, Any], sections: list[tuple[str, list[Row], list[str
     ]
     if meta.get("smoke"):
         head.insert(2, "**CPU SMOKE RUN: wall-clock numbers on tiny shapes, not measurements.**\n")
+    head += [f"- restarted in a fresh process: {event}" for event in restarts]
     body = []
     for name, rows, tgt, secs in sections:
         body += ["", f"## {name} ({secs:.0f} s)", "", "```", harness.format_table(rows), "```"]
@@ -102,7 +113,9 @@ def _summary(meta: dict[str, Any], sections: list[tuple[str, list[Row], list[str
     return "\n".join(head + body) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], None] | None = None) -> int:
+    """``restart``: how to go on in a fresh process after a lost CUDA context (``exec_restart`` from the
+    command line); None: the benches after the loss are not run, saying why."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/<date>_<device>_<commit>)")
     ap.add_argument("--only", action="append", default=[], help="bench NAME(s), comma-separated; repeatable")
@@ -113,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"wall-clock budget per bench (default: the bench's BUDGET_S, else {DEFAULT_BUDGET_S:.0f})")
     ap.add_argument("--total-budget-s", type=float, default=None, help="wall-clock budget for all benches")
     ap.add_argument("--bench-dir", type=Path, default=BENCH_DIR, help=argparse.SUPPRESS)
+    ap.add_argument("--resume", type=Path, help=argparse.SUPPRESS)  # the state file of a restart (see _restart)
     args = ap.parse_args(argv)
 
     benches = discover(args.bench_dir)
@@ -128,28 +142,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     smoke = args.smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
-    peaks = None
-    if not smoke:
-        print("measuring peaks (bf16 8192^3 matmul, 1 GiB device copy) ...", flush=True)
-        try:
-            peaks = harness.measure_peaks(device)
-            print(f"  matmul {peaks.matmul_tflops:.0f} TFLOP/s, copy {peaks.copy_gbps:.0f} GB/s", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"  peak measurement failed: {harness.short_error(e)}", flush=True)
-    meta = harness.collect_metadata(device, peaks, argv=None if argv is None else ["benchmarks.run_all", *argv])
-    if smoke:
-        out = args.out or Path(tempfile.mkdtemp(prefix="vitkern-bench-smoke-"))
-        if harness.is_inside(out, harness.RESULTS_DIR):
-            print(f"refusing to write CPU smoke results into {harness.RESULTS_DIR}", file=sys.stderr)
-            return 2
-        print("CPU smoke mode: tiny shapes, wall-clock timer; numbers are NOT measurements", flush=True)
+    if args.resume:  # a restart after a lost CUDA context: same folder, metadata, peaks and deadline as before
+        state = json.loads(args.resume.read_text())
+        meta, out = state["meta"], Path(state["out"])
+        peaks = harness.Peaks(**state["peaks"]) if state["peaks"] else None
+        suite_end = float("inf") if state["suite_end_unix"] is None else \
+            time.monotonic() + state["suite_end_unix"] - time.time()
+        print(f"resumed in a fresh process ({len(state['restarts'])} restart(s)): {state['restarts'][-1]}", flush=True)
     else:
-        out = args.out or harness.default_out_dir(meta)
+        peaks = None
+        if not smoke:
+            print("measuring peaks (bf16 8192^3 matmul, 1 GiB device copy) ...", flush=True)
+            try:
+                peaks = harness.measure_peaks(device)
+                print(f"  matmul {peaks.matmul_tflops:.0f} TFLOP/s, copy {peaks.copy_gbps:.0f} GB/s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"  peak measurement failed: {harness.short_error(e)}", flush=True)
+        meta = harness.collect_metadata(device, peaks, argv=None if argv is None else ["benchmarks.run_all", *argv])
+        if smoke:
+            out = args.out or Path(tempfile.mkdtemp(prefix="vitkern-bench-smoke-"))
+            if harness.is_inside(out, harness.RESULTS_DIR):
+                print(f"refusing to write CPU smoke results into {harness.RESULTS_DIR}", file=sys.stderr)
+                return 2
+        else:
+            out = args.out or harness.default_out_dir(meta)
+        suite_end = time.monotonic() + (args.total_budget_s if args.total_budget_s is not None else float("inf"))
+        state = {
+            "argv": list(sys.argv[1:] if argv is None else argv), "out": str(Path(out).resolve()),
+            "meta": json.loads(json.dumps(meta, default=str)),
+            "peaks": dataclasses.asdict(peaks) if peaks else None,
+            "suite_end_unix": None if args.total_budget_s is None else time.time() + args.total_budget_s,
+            "done": {}, "excluded": {}, "restarts": [], "crashed": False,
+        }
+    if smoke:
+        print("CPU smoke mode: tiny shapes, wall-clock timer; numbers are NOT measurements", flush=True)
 
     sections: list[tuple[str, list[Row], list[str], float]] = []
-    crashed = False
-    suite_end = time.monotonic() + (args.total_budget_s if args.total_budget_s is not None else float("inf"))
+    lost_context: str | None = None  # set when the context is gone and no restart is allowed
     for i, (name, mod) in enumerate(selected.items()):
+        if name in state["done"]:  # finished before a restart
+            rows = [Row(**r) for r in json.loads((Path(out) / f"{name}.json").read_text())["rows"]]
+            sections.append((name, rows, _targets(mod, rows), state["done"][name]))
+            continue
         t0 = time.monotonic()
         # at most an even share of what is left, so that under a total budget the last bench still runs its first
         # cases (what an earlier one leaves unused passes on to the later ones)
@@ -163,32 +197,75 @@ def main(argv: Sequence[str] | None = None) -> int:
             rep_ms=40.0 if args.quick else 100.0,
             budget_s=max(budget, 0.0),
             log=lambda s: print(s, flush=True),
+            excluded=dict(state["excluded"].get(name, {})),
         )
         print(f"== {name} (budget {budget:.0f} s)", flush=True)
-        if budget <= 0:
+        if lost_context is not None:
+            rows = [_bench_row(name, ctx, ERROR, f"not run: {lost_context}")]
+        elif budget <= 0:
             rows = [_bench_row(name, ctx, SKIPPED, "suite time budget exhausted before this bench started")]
         else:
             try:
                 rows = list(mod.run(ctx))
+            except harness.CudaContextLost as lost:
+                print(f"  {lost}", flush=True)
+                can_restart = restart is not None and len(state["restarts"]) < MAX_RESTARTS
+                if can_restart and lost.provider is not None and lost.provider not in ctx.excluded:
+                    state["excluded"].setdefault(name, {})[lost.provider] = (
+                        f"lost the CUDA context at case {lost.case}: {lost.error}; "
+                        f"left out of this bench's rerun in a fresh process")
+                    state["restarts"].append(f"{name}: {lost.provider!r} lost the CUDA context at case {lost.case} "
+                                             f"({lost.error}); {name} rerun without it")
+                    _restart(restart, state, Path(out))
+                rows, state["crashed"] = [_bench_row(name, ctx, ERROR, f"bench crashed: {lost}")], True
+                if can_restart:  # the benches after it still get a fresh process
+                    harness.write_results(out, name, rows, meta)
+                    state["done"][name] = time.monotonic() - t0
+                    state["restarts"].append(f"{lost}; the next benches run in a fresh process")
+                    _restart(restart, state, Path(out))
+                lost_context = f"the CUDA context was lost in {name} ({lost.error})"
             except Exception as e:  # noqa: BLE001 - one broken bench must not stop the others
                 traceback.print_exc()
-                rows, crashed = [_bench_row(name, ctx, ERROR, f"bench crashed: {harness.short_error(e)}")], True
-        try:
-            tgt = list(mod.targets(rows)) if callable(getattr(mod, "targets", None)) else []
-        except Exception as e:  # noqa: BLE001
-            tgt = [f"targets() failed: {harness.short_error(e)}"]
+                rows = [_bench_row(name, ctx, ERROR, f"bench crashed: {harness.short_error(e)}")]
+                state["crashed"] = True
         harness.write_results(out, name, rows, meta)
-        sections.append((name, rows, tgt, time.monotonic() - t0))
-        if not smoke:
+        sections.append((name, rows, _targets(mod, rows), time.monotonic() - t0))
+        state["done"][name] = sections[-1][3]
+        if not smoke and lost_context is None:
             torch.cuda.empty_cache()
 
-    summary = _summary(meta, sections)
+    summary = _summary(meta, sections, state["restarts"])
     (Path(out) / "summary.md").write_text(summary)
+    (Path(out) / STATE_FILE).unlink(missing_ok=True)
     print(f"RESULTS_DIR={Path(out).resolve()}")
     print()
     print(summary, end="")
-    return 1 if crashed else 0
+    return 1 if state["crashed"] else 0
+
+
+def _targets(mod: ModuleType, rows: list[Row]) -> list[str]:
+    try:
+        return list(mod.targets(rows)) if callable(getattr(mod, "targets", None)) else []
+    except Exception as e:  # noqa: BLE001
+        return [f"targets() failed: {harness.short_error(e)}"]
+
+
+def _restart(restart: Callable[[list[str]], None], state: dict[str, Any], out: Path) -> None:
+    """Save the run's state next to its results and hand over to a fresh process (``restart`` does not return)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / STATE_FILE
+    path.write_text(json.dumps(state, indent=1))
+    print(f"restarting in a fresh process: {state['restarts'][-1]}", flush=True)
+    sys.stderr.flush()
+    restart([*state["argv"], "--resume", str(path)])
+    raise RuntimeError("restart returned")  # a restart replaces this process
+
+
+def exec_restart(argv: list[str]) -> None:
+    """Replace this process by ``python -m benchmarks.run_all ARGV`` (same PID, so the GPU suite's timeout and
+    output capture carry on)."""
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.run_all", *argv])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restart=exec_restart))

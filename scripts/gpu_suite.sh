@@ -13,7 +13,9 @@
 #   --jobs N:   pytest workers (default 8). With pytest-xdist (in the GPU image) the tests are dealt out in chunks
 #               (`-n N --dist worksteal`); without it, the files go round-robin to N pytest processes (heavy first).
 #               Triton compiles on one CPU core per process, and the GPU tests are mostly compilation on a fresh
-#               machine; xdist replaces a crashed worker, a round-robin crash ends one process only.
+#               machine; xdist replaces a crashed worker, a round-robin crash ends one process only. A test
+#               whose kernel faults ends its process (its CUDA context is gone; vitkern.testing.pytest_cuda_context),
+#               so the tests after it run in a fresh worker.
 #
 #   --step N:   the GPU session's plan (benchmarks/NOTES.md), one device call per step; arguments after it are
 #               added (e.g. --step 1 --jobs 12):
@@ -47,7 +49,7 @@ budget="${SUITE_BUDGET_S:-570}"
 kernel_tests="tests/test_attention.py tests/test_window_attention.py tests/test_ln_mlp.py tests/test_patch_embed.py
   tests/test_layer_norm.py tests/test_linear_residual.py tests/test_attention_cuda.py tests/test_window_attention_cuda.py
   tests/test_ln_mlp_cuda.py tests/test_patch_embed_cuda.py tests/test_layer_norm_cuda.py tests/test_extension.py
-  tests/test_op_layouts.py"
+  tests/test_op_layouts.py tests/test_cuda_context.py"
 model_tests="tests/test_integration_timm.py tests/test_integration_torchvision.py tests/test_integration_hf.py
   tests/test_cli_bench.py"
 cuda_test_files="tests/test_attention_cuda.py tests/test_window_attention_cuda.py tests/test_ln_mlp_cuda.py
@@ -171,7 +173,8 @@ if [ "$run_tests" = 1 ]; then
   if [ "$have_xdist" = 1 ]; then
     echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune; ${#files[@]} files, pytest-xdist: $jobs workers, $dist"
     VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.log" "$PY" -m pytest -m gpu "${files[@]}" \
-      -n "$jobs" --dist "$dist" -q -rfEs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}"
+      -n "$jobs" --dist "$dist" --max-worker-restart 200 -q -rfEs -p no:cacheprovider "${per_test[@]}" \
+      "${pytest_extra[@]}"
     pytest_rc=$?
     [ "$pytest_rc" = 124 ] && echo "pytest TIMED OUT after ${cap}s" | tee -a "$logs/pytest.log"
     pytest_counts+=("xdist: rc=$pytest_rc  $(count_line "$logs/pytest.log")")
@@ -235,6 +238,8 @@ if [ "$pytest_rc" != skipped ]; then
   echo "pytest -m gpu: rc=$pytest_rc"
   printf '  %s\n' "${pytest_counts[@]}"
   grep -E '^(FAILED|ERROR) ' "$logs/pytest.log" | head -n 15
+  # kernel faults: each ended its process (vitkern/testing/pytest_cuda_context.py); the first ones, deduplicated
+  grep -oE 'the CUDA context was lost in [^;]*' "$logs/pytest.log" | sort -u | head -n 8
 fi
 echo "compute-sanitizer: rc=$sanitizer_rc"
 [ -f "$logs/sanitizer.log" ] && grep -E '^(FAILED|ERROR) ' "$logs/sanitizer.log" | head -n 8

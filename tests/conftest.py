@@ -19,6 +19,13 @@ if not HAS_CUDA:
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def pytest_configure(config):
+    # a kernel fault ends the process it poisoned, so that the tests after it get a fresh CUDA context
+    from vitkern.testing import pytest_cuda_context
+
+    config.pluginmanager.register(pytest_cuda_context, "vitkern-cuda-context")
+
+
 def pytest_collection_modifyitems(config, items):
     run_slow = os.environ.get("VITKERN_RUN_SLOW") == "1" or HAS_CUDA
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible: torch.cuda.is_available() is False)")

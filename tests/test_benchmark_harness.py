@@ -328,3 +328,96 @@ def test_bench_uses_do_bench_quantiles(monkeypatch: pytest.MonkeyPatch) -> None:
     t = harness.bench(lambda: None, warmup_ms=5, rep_ms=7, device="cuda")  # no CUDA call happens
     assert seen == {"warmup": 5, "rep": 7, "quantiles": [0.5, 0.2, 0.8]}
     assert (t.median_ms, t.p20_ms, t.p80_ms, t.timer) == (2.0, 1.0, 3.0, harness.GPU_TIMER)
+
+
+# A fake kernel fault: once a "faulting" provider (or make_inputs) ran in this process, the harness's CUDA probe
+# reports the context as lost, as it would after an illegal memory access on the GPU.
+_FAULT_PRELUDE = (
+    "import torch\n"
+    "from vitkern.bench import harness\n"
+    "from vitkern.bench.harness import Benchmark, Case, Provider, Work, run_benchmark\n"
+    "harness._fake_faults = getattr(harness, '_fake_faults', [])\n"
+    "harness.cuda_context_lost = lambda: 'AcceleratorError: CUDA error: an illegal memory access' "
+    "if harness._fake_faults else None\n"
+    "def fault(what):\n"
+    "    harness._fake_faults.append(what)\n"
+    "    raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+    "def healthy(c, i):\n"
+    "    assert not harness._fake_faults, 'ran in a process whose CUDA context was lost'\n"
+    "    return lambda: i['a'] * 2\n"
+    "def inputs(c, d):\n"
+    "    return {'a': torch.randn(c.params['N'], device=d)}\n"
+    "def spec(name, providers, mk=inputs):\n"
+    "    cases = [Case({'N': n}, torch.float32) for n in (8, 16)]\n"
+    "    return Benchmark(name, cases, providers, mk, 'eager', lambda c, p: Work(bytes=64))\n"
+)
+_FAULT_BENCHES = {
+    "a_before": "NAME = 'a_before'\n"
+                "def run(ctx):\n"
+                "    return run_benchmark(ctx, spec(NAME, [Provider('eager', healthy)]))\n",
+    "b_faulty": "NAME = 'b_faulty'\n"
+                "def run(ctx):\n"
+                "    ps = [Provider('eager', healthy), Provider('faulty', lambda c, i: fault('faulty')),\n"
+                "          Provider('after', healthy)]\n"
+                "    return run_benchmark(ctx, spec(NAME, ps))\n",
+    "c_inputs": "NAME = 'c_inputs'\n"
+                "def run(ctx):\n"
+                "    return run_benchmark(ctx, spec(NAME, [Provider('eager', healthy)], lambda c, d: fault('inputs')))\n",
+    "d_last": "NAME = 'd_last'\n"
+              "def run(ctx):\n"
+              "    return run_benchmark(ctx, spec(NAME, [Provider('eager', healthy)]))\n",
+}
+
+
+def _fault_benches(tmp_path: Path) -> Path:
+    bench_dir = tmp_path / "benches"
+    bench_dir.mkdir()
+    for name, body in _FAULT_BENCHES.items():
+        (bench_dir / f"bench_{name}.py").write_text(_FAULT_PRELUDE + body)
+    return bench_dir
+
+
+def _rows(out: Path, name: str) -> list[dict]:
+    return json.loads((out / f"{name}.json").read_text())["rows"]
+
+
+def test_run_all_goes_on_in_a_fresh_process_after_a_lost_cuda_context(tmp_path: Path) -> None:
+    """A kernel fault poisons its process's CUDA context: run_all must rerun the bench without the provider that
+    faulted and run the later benches in a fresh process, keeping what was done (the first GPU run of never-run
+    CUDA code must not lose a whole step of benchmarks to one bad kernel)."""
+    import os
+    import subprocess
+    import sys
+
+    bench_dir, out = _fault_benches(tmp_path), tmp_path / "out"
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--bench-dir", str(bench_dir), "--out", str(out),
+                        "--smoke"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    printed = r.stdout + r.stderr
+    assert r.returncode == 1, printed  # c_inputs crashed (no provider to leave out); everything else ran
+    assert printed.count("restarting in a fresh process") == 2, printed
+    # the faulty provider is left out of b's rerun, with the reason, and the providers beside it are measured
+    b = _rows(out, "b_faulty")
+    assert [(r["provider"], r["status"]) for r in b] == [("eager", "ok"), ("faulty", "error"), ("after", "ok")] * 2
+    assert all("lost the CUDA context at case" in r["error"] for r in b if r["provider"] == "faulty"), b
+    c = _rows(out, "c_inputs")
+    assert len(c) == 1 and "making the inputs lost the CUDA context" in c[0]["error"], c
+    for name in ("a_before", "d_last"):  # a kept from the first process, d run in the last one
+        assert [r["status"] for r in _rows(out, name)] == ["ok", "ok"], name
+    summary = (out / "summary.md").read_text()
+    assert summary.count("restarted in a fresh process:") == 2 and "'faulty' lost the CUDA context" in summary
+    assert not (out / run_all.STATE_FILE).exists()
+    assert printed.rstrip().endswith("```"), printed[-500:]  # the summary still comes last
+
+
+def test_run_all_in_process_stops_using_cuda_after_a_lost_context(tmp_path: Path, monkeypatch) -> None:
+    """Called as a function (no restart possible), the benches after the loss are not run, saying why."""
+    monkeypatch.setattr(harness, "cuda_context_lost", harness.cuda_context_lost)  # the fake benches patch it
+    bench_dir, out = _fault_benches(tmp_path), tmp_path / "out"
+    assert run_all.main(["--bench-dir", str(bench_dir), "--out", str(out), "--smoke"]) == 1
+    assert [r["status"] for r in _rows(out, "a_before")] == ["ok", "ok"]
+    assert "bench crashed" in _rows(out, "b_faulty")[0]["error"]
+    for name in ("c_inputs", "d_last"):
+        (row,) = _rows(out, name)
+        assert row["error"].startswith("not run: the CUDA context was lost in b_faulty"), row

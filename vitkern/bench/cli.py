@@ -143,6 +143,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         rows = bm.run_cases(ctx, cases, modes, args.compile_mode, on_case=on_case,
                             on_start=lambda case, mode: bar.set_postfix_str(f"B={case.params['B']} {mode}"))
+    except harness.CudaContextLost as lost:  # a kernel fault: nothing more can run in this process
+        print(f"\nvitkern bench: {lost}; the cases finished before it are in {out / 'bench.json'}", file=sys.stderr)
+        return 1
     finally:
         bar.close()
     written = [*harness.write_results(out, "bench", rows, meta)]

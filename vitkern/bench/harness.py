@@ -10,7 +10,9 @@ A benchmark is a :class:`Benchmark`: a list of :class:`Case` (shape params, dtyp
 baseline provider. :func:`run_benchmark` returns one :class:`Row` per (case, provider): timing quantiles, achieved
 GB/s and TFLOP/s, % of the peaks measured in the same process, speedup over the baseline measured in the same run,
 and the result of a correctness check against the baseline. Nothing a provider does can crash the run: failures
-become rows with the error message.
+become rows with the error message. The one exception is a failure that leaves the process's CUDA context unusable
+(a kernel fault): :class:`CudaContextLost` ends the bench, and ``benchmarks/run_all.py`` reruns it in a fresh
+process without that provider.
 
 Without CUDA the same code path runs as a *smoke test*: wall-clock timer, no peaks, rows labelled
 ``timer=CPU_TIMER``, and :func:`write_results` refuses to put them into :data:`RESULTS_DIR`.
@@ -175,6 +177,8 @@ class Context:
     budget_s: float = 100.0  # the bench's wall-clock budget; cases past it become "skipped" rows
     deadline: float | None = None  # time.monotonic() value; set from budget_s when None
     log: Callable[[str], None] = print
+    # provider name -> why it is not run: it lost the CUDA context in an earlier attempt of this bench (run_all)
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -320,6 +324,27 @@ def compile_fresh(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
 # --------------------------------------------------------------------------------------------------- running
 
 
+class CudaContextLost(RuntimeError):
+    """A provider's failure left this process's CUDA context unusable, so no later row of the process can be
+    measured. ``benchmarks/run_all.py`` restarts itself and reruns the bench without ``provider`` (None when the
+    failure came outside any provider, e.g. making a case's inputs)."""
+
+    def __init__(self, bench: str, provider: str | None, case: str, error: str, probe: str) -> None:
+        self.bench, self.provider, self.case, self.error, self.probe = bench, provider, case, error, probe
+        who = f"provider {provider!r}" if provider else "making the inputs"
+        super().__init__(f"{bench}: {who} lost the CUDA context at case {case}: {error} (then: {probe})")
+
+
+def cuda_context_lost() -> str | None:
+    """None while CUDA still works in this process; else the error a trivial CUDA call raises
+    (:func:`vitkern.testing.cuda_context.context_lost`)."""
+    try:
+        from vitkern.testing.cuda_context import context_lost
+    except Exception:  # noqa: BLE001 - vitkern not importable: nothing vitkern ran can have faulted
+        return None
+    return context_lost()
+
+
 def run_benchmark(ctx: Context, spec: Benchmark) -> list[Row]:
     """Run every case against every provider; one row per (case, provider), in provider order."""
     names = [p.name for p in spec.providers]
@@ -340,6 +365,9 @@ def _run_case(ctx: Context, spec: Benchmark, index: int, case: Case) -> list[Row
         torch.manual_seed(seed)
         inputs = spec.make_inputs(case, ctx.device)
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
+        lost = cuda_context_lost()
+        if lost is not None:  # a fault of earlier work surfaced here: no provider to blame
+            raise CudaContextLost(spec.name, None, case.label, short_error(e), lost) from e
         return [_row(ctx, spec, case, p, ERROR, error=f"make_inputs: {short_error(e)}") for p in spec.providers]
     baselines = {p.baseline or spec.baseline for p in spec.providers}
     # Baselines run first: their outputs (and gradients) are the references the others are checked against.
@@ -365,6 +393,8 @@ def _run_provider(
 ) -> tuple[Row, list[Tensor] | None]:
     if ctx.smoke and not p.smoke:
         return _row(ctx, spec, case, p, SKIPPED, error="not run in CPU smoke mode"), None
+    if p.name in ctx.excluded:
+        return _row(ctx, spec, case, p, ERROR, error=ctx.excluded[p.name]), None
     reason = p.supports(case) if p.supports else None
     if reason:
         return _row(ctx, spec, case, p, SKIPPED, error=f"unsupported: {reason}"), None
@@ -409,6 +439,9 @@ def _run_provider(
         for t in leaves:
             t.grad = None
     except Exception as e:  # noqa: BLE001 - a failing provider is a row, never a crash
+        lost = cuda_context_lost()
+        if lost is not None:  # ... unless it took the process's CUDA context with it: every later row would fail
+            raise CudaContextLost(spec.name, p.name, case.label, short_error(e), lost) from e
         row.status, row.error = ERROR, short_error(e)
         for t in leaves:
             t.grad = None
