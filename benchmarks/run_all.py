@@ -9,6 +9,9 @@ Discovers ``benchmarks/bench_*.py`` (each exposes ``NAME``, ``run(ctx) -> list[R
 A provider whose kernel faults takes the process's CUDA context with it (``harness.CudaContextLost``): the runner
 then writes its state next to the results and ``exec``s itself, so the benches still to come, and the one that
 faulted (without that provider, whose rows say why), run in a fresh process. The benches already done are kept.
+The same restart stops a bench that runs far past its budget (a compile that takes minutes, a hung kernel): a
+watchdog thread keeps the cases it finished, records where it was, and hands the rest of the run to a fresh
+process, so that the later benches still run and the summary is still written before the GPU suite's hard kill.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -34,7 +38,14 @@ from vitkern.bench.harness import ERROR, SKIPPED, Context, Row
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGET_S = 100.0  # per bench; each must finish well under 2 minutes on an H100 (suite total: 10 min)
-MAX_RESTARTS = 6  # fresh processes after lost CUDA contexts, per run
+MAX_RESTARTS = 6  # fresh processes after lost CUDA contexts or overrun benches, per run
+SUITE_END_MARGIN_S = 10.0  # the watchdog stops a bench this long after the total budget ends, at the latest
+
+
+def overrun_limit_s(budget_s: float) -> float:
+    """How long a bench may run before the watchdog stops it: its budget, plus half of it (2-60 s) for the case
+    that was running when the budget ran out (the harness starts no case after it)."""
+    return budget_s + min(60.0, max(2.0, 0.5 * budget_s))
 STATE_FILE = "run_all_state.json"  # in the results folder while a restarted run goes on; removed at the end
 
 
@@ -176,6 +187,8 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
         }
     if smoke:
         print("CPU smoke mode: tiny shapes, wall-clock timer; numbers are NOT measurements", flush=True)
+    # now, and again at the end: if this process is killed, the GPU suite still packs the benches written so far
+    print(f"RESULTS_DIR={Path(out).resolve()}", flush=True)
 
     sections: list[tuple[str, list[Row], list[str], float]] = []
     lost_context: str | None = None  # set when the context is gone and no restart is allowed
@@ -205,6 +218,11 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
         elif budget <= 0:
             rows = [_bench_row(name, ctx, SKIPPED, "suite time budget exhausted before this bench started")]
         else:
+            watchdog = None
+            if restart is not None:
+                limit = min(overrun_limit_s(budget), suite_end + SUITE_END_MARGIN_S - t0)
+                watchdog = _Watchdog(limit, lambda: _stop_overrun(name, ctx, t0, budget, meta, Path(out), state,
+                                                                   restart))
             try:
                 rows = list(mod.run(ctx))
             except harness.CudaContextLost as lost:
@@ -228,6 +246,9 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
                 traceback.print_exc()
                 rows = [_bench_row(name, ctx, ERROR, f"bench crashed: {harness.short_error(e)}")]
                 state["crashed"] = True
+            finally:
+                if watchdog is not None:
+                    watchdog.disarm()  # from here on the bench counts as finished in this process
         harness.write_results(out, name, rows, meta)
         sections.append((name, rows, _targets(mod, rows), time.monotonic() - t0))
         state["done"][name] = sections[-1][3]
@@ -241,6 +262,40 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
     print()
     print(summary, end="")
     return 1 if state["crashed"] else 0
+
+
+class _Watchdog:
+    """Calls ``fire`` after ``limit_s`` unless disarmed first; the two exclude each other (``fire`` does not
+    return: it restarts the process)."""
+
+    def __init__(self, limit_s: float, fire: Callable[[], None]) -> None:
+        self._lock, self._armed = threading.Lock(), True
+        self._timer = threading.Timer(max(limit_s, 0.0), self._fire, args=(fire,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self, fire: Callable[[], None]) -> None:
+        with self._lock:
+            if self._armed:
+                fire()
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = False
+        self._timer.cancel()
+
+
+def _stop_overrun(name: str, ctx: Context, t0: float, budget: float, meta: dict[str, Any], out: Path,
+                  state: dict[str, Any], restart: Callable[[list[str]], None]) -> None:
+    """The watchdog's action: keep the finished cases' rows, say where the bench was, go on in a fresh process."""
+    elapsed = time.monotonic() - t0
+    what = (f"stopped {elapsed:.0f} s after it started (budget {budget:.0f} s) in {ctx.current or 'its set-up'}; "
+            f"the cases after it were not run")
+    rows = [*ctx.finished, _bench_row(name, ctx, ERROR, what)]
+    harness.write_results(out, name, rows, meta)
+    state["done"][name], state["crashed"] = elapsed, True
+    state["restarts"].append(f"{name}: {what}; the next benches run in a fresh process")
+    _restart(restart, state, out)
 
 
 def _targets(mod: ModuleType, rows: list[Row]) -> list[str]:

@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -421,3 +422,48 @@ def test_run_all_in_process_stops_using_cuda_after_a_lost_context(tmp_path: Path
     for name in ("c_inputs", "d_last"):
         (row,) = _rows(out, name)
         assert row["error"].startswith("not run: the CUDA context was lost in b_faulty"), row
+
+
+def test_run_all_stops_a_bench_that_overruns_its_budget_and_goes_on(tmp_path: Path) -> None:
+    """A compile that takes minutes or a hung kernel must not eat the later benches' time, nor the summary: the
+    watchdog keeps the finished cases, records where the bench was and continues in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    bench_dir, out = tmp_path / "benches", tmp_path / "out"
+    bench_dir.mkdir()
+    prelude = ("import time, torch\n"
+               "from vitkern.bench.harness import Benchmark, Case, Provider, Work, run_benchmark\n"
+               "def spec(name, providers):\n"
+               "    cases = [Case({'N': n}, torch.float32) for n in (8, 16)]\n"
+               "    mk = lambda c, d: {'a': torch.randn(c.params['N'], device=d)}\n"
+               "    return Benchmark(name, cases, providers, mk, 'eager', lambda c, p: Work(bytes=64))\n"
+               "def quick(c, i):\n"
+               "    return lambda: i['a'] * 2\n")
+    (bench_dir / "bench_a_slow.py").write_text(
+        prelude + "NAME = 'a_slow'\n"
+        "def stuck(c, i):\n"
+        "    if c.params['N'] == 16:\n"
+        "        time.sleep(120)  # a compile that never ends, as far as the budget goes\n"
+        "    return lambda: i['a'] * 2\n"
+        "def run(ctx):\n"
+        "    return run_benchmark(ctx, spec(NAME, [Provider('eager', quick), Provider('stuck', stuck)]))\n")
+    (bench_dir / "bench_b_next.py").write_text(
+        prelude + "NAME = 'b_next'\n"
+        "def run(ctx):\n"
+        "    return run_benchmark(ctx, spec(NAME, [Provider('eager', quick)]))\n")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--bench-dir", str(bench_dir), "--out", str(out),
+                        "--smoke", "--budget-s", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=100)
+    printed = r.stdout + r.stderr
+    assert time.monotonic() - t0 < 60, printed  # stopped at the watchdog's limit (3 s), not after the 120 s sleep
+    assert r.returncode == 1, printed
+    a = _rows(out, "a_slow")
+    assert [(r["case"], r["provider"], r["status"]) for r in a[:2]] == [("N=8", "eager", "ok"), ("N=8", "stuck", "ok")]
+    assert len(a) == 3 and a[2]["status"] == "error", a
+    assert "stopped" in a[2]["error"] and "case N=16 float32 fwd, provider 'stuck'" in a[2]["error"], a[2]
+    assert [r["status"] for r in _rows(out, "b_next")] == ["ok", "ok"]
+    assert "restarted in a fresh process: a_slow: stopped" in (out / "summary.md").read_text()
