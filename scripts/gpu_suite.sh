@@ -144,6 +144,9 @@ have_xdist=0 dist=load
   && dist=worksteal
 per_test=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
+# a hung kernel blocks in C, where the signal method's alarm never reaches Python: under xdist the thread method
+# ends the worker instead, and xdist runs the rest in a fresh one (crashes count towards a function's cap)
+[ "${#per_test[@]}" -gt 0 ] && [ "$have_xdist" = 1 ] && per_test+=(--timeout-method thread)
 
 sanitizer_rc=skipped sanitizer_pid=""
 if [ "$run_sanitizer" = 1 ]; then  # in the background, beside the other tests: the GPU work is small shapes

@@ -543,6 +543,7 @@ def test_triton_gpu_vit_shapes(dtype, B, H, N, D):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # compiles every autotune config: over the suite's 120 s per test on a cold cache
 @pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 64), (torch.bfloat16, 80), (torch.float32, 64)],
                          ids=["bf16-D64", "bf16-D80", "fp32-D64"])
 def test_triton_gpu_every_config(dtype, D):

@@ -73,11 +73,44 @@ def test_lost_context_ends_the_worker_and_the_rest_run_in_a_fresh_one(tmp_path):
     assert "vitkern: CUDA context lost" in out, out
     for i in (0, 1):
         assert f"FAILED test_fake_gpu.py::test_faulty_kernel[{i}]" in out, out
-    # after two losses the function's other cases do not run
+    # after two crashes the function's other cases do not run
     for i in (2, 3):
         assert f"ERROR test_fake_gpu.py::test_faulty_kernel[{i}] - Failed: not run" in out, out
-    assert "not run: test_fake_gpu.py::test_faulty_kernel already lost the CUDA context 2 times" in out, out
+    assert "not run: 2 cases of test_fake_gpu.py::test_faulty_kernel ended their worker" in out, out
     assert "FAILED test_fake_gpu.py::test_plain_failure" in out, out
+
+
+CRASHES = """
+import os
+
+import pytest
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_crashing(i):
+    os._exit(1)  # what pytest-timeout's thread method does to a hung test, or a segfault
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_after(i):
+    pass
+"""
+
+
+def test_every_kind_of_worker_crash_counts_towards_the_cap(tmp_path):
+    """A hung kernel (ended by pytest-timeout's thread method) or a segfault ends the worker without our hooks
+    running: the controller counts those crashes too, so a function that keeps crashing stops costing workers."""
+    pytest.importorskip("xdist", reason="pytest-xdist is in constraints.txt (the GPU image has it)")
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    (tmp_path / "test_crashes.py").write_text(CRASHES)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--rootdir",
+                        str(tmp_path), str(tmp_path), "-n", "1", "-p", "xdist"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert out.count("node down: Not properly terminated") == 2, out
+    assert "not run: 2 cases of test_crashes.py::test_crashing ended their worker" in out, out
+    assert "3 passed" in out and "2 errors" in out, out
 
 
 def test_lost_context_without_xdist_stops_the_session_saying_why(tmp_path):

@@ -136,6 +136,7 @@ def test_triton_gpu_parity(dtype, width, rows, residual):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # compiles every autotune config: over the suite's 120 s per test on a cold cache
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])  # tiling differs per config, not per dtype
 def test_triton_gpu_every_config(dtype):
     """Every rows-per-program / warps config of the forward (with residual) and backward at ViT-B width, with a row

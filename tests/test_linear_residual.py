@@ -191,6 +191,7 @@ def test_triton_gpu_autocast_vs_timm(amp, rows):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # compiles every autotune config: over the suite's 120 s per test on a cold cache
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])  # tiling differs per config, not per dtype
 def test_triton_gpu_every_config(dtype):
     """Every GEMM tile config of the residual-epilogue GEMM and of the backward's dx GEMM, at M = 2·197."""

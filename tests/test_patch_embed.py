@@ -528,6 +528,7 @@ def test_triton_gpu_parity(dtype, img, p, prefix, no_embed_class):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # compiles every autotune config: over the suite's 120 s per test on a cold cache
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])  # tiling differs per config, not per dtype
 def test_triton_gpu_every_config(dtype):
     """Every tile config of the forward and the input/weight gradient GEMMs (ViT-B/16 stem, class token), not only

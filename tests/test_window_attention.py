@@ -579,6 +579,7 @@ def test_gpu_block_parity(B, res, ws, shift, heads, D, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # compiles every autotune config: over the suite's 120 s per test on a cold cache
 @pytest.mark.parametrize("dtype, ws", [(torch.bfloat16, 7), (torch.bfloat16, 12), (torch.float32, 7)],
                          ids=["bf16-ws7", "bf16-ws12", "fp32-ws7"])  # fp32: the exact (ieee) dots compile apart
 def test_gpu_every_config(dtype, ws):

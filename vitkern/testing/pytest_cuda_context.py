@@ -8,8 +8,10 @@ whether the process's CUDA context still works; if not, the failure gets a "CUDA
   bounds how many; the GPU suite raises it);
 - without xdist the session stops, saying why.
 
-A test function that has lost the context ``MAX_LOSSES_PER_FUNCTION`` times fails its remaining cases at setup,
-without running them: one broken kernel then costs a few worker restarts, not one per parametrised case.
+Under xdist the controller counts every worker crash per test function: a lost context, a per-test timeout
+(pytest-timeout's thread method ends the worker; the GPU suite uses it because a hung kernel never returns to
+Python), a segfault. A function whose cases crashed ``MAX_CRASHES_PER_FUNCTION`` times fails its remaining cases at
+setup, without running them: one broken kernel then costs a few worker restarts, not one per parametrised case.
 """
 
 from __future__ import annotations
@@ -24,38 +26,35 @@ import torch
 
 from vitkern.testing.cuda_context import context_lost
 
-MAX_LOSSES_PER_FUNCTION = 2
+MAX_CRASHES_PER_FUNCTION = 2
 EXIT_CODE = 3  # how a worker that lost its context ends (xdist reports it as crashed and replaces it)
 _LOST = pytest.StashKey[str]()
 
 
-def _function_id(item: pytest.Item) -> str:
-    return item.nodeid.split("[", 1)[0]  # the test function, without its parameters
+def _function_id(nodeid: str) -> str:
+    return nodeid.split("[", 1)[0]  # the test function, without its parameters
 
 
-def _loss_log() -> Path | None:
-    """The file every xdist worker of this run appends its context losses to (None without xdist)."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    return Path(tempfile.gettempdir()) / f"vitkern-cuda-lost-{run}.log" if run else None
+def _crash_log(testrunuid: str | None) -> Path | None:
+    """The file the xdist controller appends this run's worker crashes to, and the workers read."""
+    return Path(tempfile.gettempdir()) / f"vitkern-pytest-crashes-{testrunuid}.log" if testrunuid else None
 
 
-_losses_here: list[str] = []  # without xdist: this process's losses (the session stops at the first)
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched) -> None:
+    """xdist controller: a worker died while running ``crashitem``."""
+    log = _crash_log(getattr(getattr(report, "node", None), "workerinput", {}).get("testrunuid"))
+    if log is not None:
+        with log.open("a") as fh:  # the controller is one process: its appends do not interleave
+            fh.write(f"{_function_id(crashitem)}\t{crashitem}\n")
 
 
-def _losses_of(function_id: str) -> list[str]:
-    log = _loss_log()
-    lines = log.read_text().splitlines() if log is not None and log.exists() else _losses_here
-    return [ln.split("\t", 1)[1] for ln in lines if ln.split("\t", 1)[0] == function_id]
-
-
-def _record_loss(item: pytest.Item, error: str) -> None:
-    line = f"{_function_id(item)}\t{item.nodeid}: {error}"
-    log = _loss_log()
-    if log is None:
-        _losses_here.append(line)
-        return
-    with log.open("a") as fh:  # one short line per write: appends from several workers do not interleave
-        fh.write(line + "\n")
+def _crashes_of(function_id: str) -> list[str]:
+    log = _crash_log(os.environ.get("PYTEST_XDIST_TESTRUNUID"))  # set in xdist workers only
+    if log is None or not log.exists():
+        return []
+    rows = [line.split("\t", 1) for line in log.read_text().splitlines()]
+    return [row[1] for row in rows if len(row) == 2 and row[0] == function_id]
 
 
 @pytest.fixture(autouse=True)
@@ -68,10 +67,10 @@ def _sync_cuda_after_test():
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    earlier = _losses_of(_function_id(item))
-    if len(earlier) >= MAX_LOSSES_PER_FUNCTION:
-        pytest.fail(f"not run: {_function_id(item)} already lost the CUDA context {len(earlier)} times "
-                    f"(first: {earlier[0]}); its other cases are not run so that each does not cost a worker",
+    crashed = _crashes_of(_function_id(item.nodeid))
+    if len(crashed) >= MAX_CRASHES_PER_FUNCTION:
+        pytest.fail(f"not run: {len(crashed)} cases of {_function_id(item.nodeid)} ended their worker (lost CUDA "
+                    f"context, timeout or crash; first: {crashed[0]}), so its other cases are not run",
                     pytrace=False)
 
 
@@ -92,7 +91,6 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     lost = item.stash.get(_LOST, None)
     if lost is None:
         return result
-    _record_loss(item, lost)
     message = f"vitkern: the CUDA context was lost in {item.nodeid} ({lost})"
     if os.environ.get("PYTEST_XDIST_WORKER"):
         sys.stderr.write(f"{message}; ending this worker so that the next tests get a fresh context\n")
