@@ -52,20 +52,21 @@ def test_after(i):
 """
 
 
-def _run_pytest(tmp_path, *args: str) -> subprocess.CompletedProcess:
+def _run_pytest(tmp_path, tests: str, name: str, *args: str) -> str:
+    """pytest in a subprocess on one test file (``name``) with the plugin registered; its output."""
     (tmp_path / "conftest.py").write_text(CONFTEST)
-    (tmp_path / "test_fake_gpu.py").write_text(TESTS)
+    (tmp_path / name).write_text(tests)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--rootdir",
-                           str(tmp_path), str(tmp_path), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--rootdir",
+                        str(tmp_path), str(tmp_path), *args],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return f"rc={r.returncode}\n{r.stdout}{r.stderr}"
 
 
 def test_lost_context_ends_the_worker_and_the_rest_run_in_a_fresh_one(tmp_path):
     pytest.importorskip("xdist", reason="pytest-xdist is in constraints.txt (the GPU image has it)")
-    r = _run_pytest(tmp_path, "-n", "1", "-p", "xdist")
-    out = r.stdout + r.stderr
-    assert r.returncode == 1, out
+    out = _run_pytest(tmp_path, TESTS, "test_fake_gpu.py", "-n", "1", "-p", "xdist")
+    assert out.startswith("rc=1\n"), out
     # the tests after a fault ran in fresh workers and passed; the plain failure cost no worker
     assert "5 passed" in out, out
     assert out.count("node down: Not properly terminated") == 2, out
@@ -101,22 +102,15 @@ def test_every_kind_of_worker_crash_counts_towards_the_cap(tmp_path):
     """A hung kernel (ended by pytest-timeout's thread method) or a segfault ends the worker without our hooks
     running: the controller counts those crashes too, so a function that keeps crashing stops costing workers."""
     pytest.importorskip("xdist", reason="pytest-xdist is in constraints.txt (the GPU image has it)")
-    (tmp_path / "conftest.py").write_text(CONFTEST)
-    (tmp_path / "test_crashes.py").write_text(CRASHES)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--rootdir",
-                        str(tmp_path), str(tmp_path), "-n", "1", "-p", "xdist"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    out = r.stdout + r.stderr
+    out = _run_pytest(tmp_path, CRASHES, "test_crashes.py", "-n", "1", "-p", "xdist")
     assert out.count("node down: Not properly terminated") == 2, out
     assert "not run: 2 cases of test_crashes.py::test_crashing ended their worker" in out, out
     assert "3 passed" in out and "2 errors" in out, out
 
 
 def test_lost_context_without_xdist_stops_the_session_saying_why(tmp_path):
-    r = _run_pytest(tmp_path, "-p", "no:xdist")
-    out = r.stdout + r.stderr
-    assert r.returncode == 1, out
+    out = _run_pytest(tmp_path, TESTS, "test_fake_gpu.py", "-p", "no:xdist")
+    assert out.startswith("rc=1\n"), out
     assert "the CUDA context was lost in test_fake_gpu.py::test_faulty_kernel[0]" in out, out
     assert "test_after" not in out and "passed" not in out, out  # nothing ran on the dead context
     assert "2 failed" in out, out  # the plain failure and the fault
@@ -151,12 +145,6 @@ def test_after(i):
 @pytest.mark.gpu
 def test_real_fault_is_detected_and_the_next_tests_get_a_fresh_worker(tmp_path):
     pytest.importorskip("xdist", reason="the GPU suite's workers are pytest-xdist's")
-    (tmp_path / "conftest.py").write_text(CONFTEST)
-    (tmp_path / "test_real_fault.py").write_text(REAL_FAULT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--rootdir",
-                        str(tmp_path), str(tmp_path), "-n", "1", "-p", "xdist"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    out = r.stdout + r.stderr
+    out = _run_pytest(tmp_path, REAL_FAULT, "test_real_fault.py", "-n", "1", "-p", "xdist")
     assert "vitkern: CUDA context lost" in out and "node down: Not properly terminated" in out, out
     assert "2 passed" in out, out
