@@ -40,13 +40,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGET_S = 100.0  # per bench; each must finish well under 2 minutes on an H100 (suite total: 10 min)
 MAX_RESTARTS = 6  # fresh processes after lost CUDA contexts or overrun benches, per run
 SUITE_END_MARGIN_S = 10.0  # the watchdog stops a bench this long after the total budget ends, at the latest
+STATE_FILE = "run_all_state.json"  # in the results folder while a restarted run goes on; removed at the end
 
 
 def overrun_limit_s(budget_s: float) -> float:
     """How long a bench may run before the watchdog stops it: its budget, plus half of it (2-60 s) for the case
     that was running when the budget ran out (the harness starts no case after it)."""
     return budget_s + min(60.0, max(2.0, 0.5 * budget_s))
-STATE_FILE = "run_all_state.json"  # in the results folder while a restarted run goes on; removed at the end
 
 
 def discover(directory: str | Path = BENCH_DIR) -> dict[str, ModuleType]:
@@ -125,8 +125,8 @@ def _summary(meta: dict[str, Any], sections: list[tuple[str, list[Row], list[str
 
 
 def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], None] | None = None) -> int:
-    """``restart``: how to go on in a fresh process after a lost CUDA context (``exec_restart`` from the
-    command line); None: the benches after the loss are not run, saying why."""
+    """``restart``: how to go on in a fresh process after a lost CUDA context or an overrun bench (``exec_restart``
+    from the command line); None: no watchdog, and the benches after a loss are not run, saying why."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/<date>_<device>_<commit>)")
     ap.add_argument("--only", action="append", default=[], help="bench NAME(s), comma-separated; repeatable")
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
 
     smoke = args.smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
-    if args.resume:  # a restart after a lost CUDA context: same folder, metadata, peaks and deadline as before
+    if args.resume:  # a restart (lost CUDA context, overrun bench): same folder, metadata, peaks and deadline
         state = json.loads(args.resume.read_text())
         meta, out = state["meta"], Path(state["out"])
         peaks = harness.Peaks(**state["peaks"]) if state["peaks"] else None
