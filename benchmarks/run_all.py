@@ -38,7 +38,7 @@ from vitkern.bench.harness import ERROR, SKIPPED, Context, Row
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGET_S = 100.0  # per bench; each must finish well under 2 minutes on an H100 (suite total: 10 min)
-MAX_RESTARTS = 6  # fresh processes after lost CUDA contexts or overrun benches, per run
+MAX_RESTARTS = 12  # fresh processes after lost CUDA contexts or overrun benches, per run (each re-imports torch and vitkern)
 SUITE_END_MARGIN_S = 10.0  # the watchdog stops a bench this long after the total budget ends, at the latest
 STATE_FILE = "run_all_state.json"  # in the results folder while a restarted run goes on; removed at the end
 
