@@ -4,6 +4,7 @@ $OUT and prints the summary (every GPU test is skipped on CPU, so this checks th
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,26 @@ def test_step_1_runs_tests_and_sanitizer_tests_and_fills_out(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     # the sanitizer tests were collected (and skipped for want of a GPU), not deselected into nothing
     assert "skipped" in (tmp_path / "sanitizer.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the real benchmarks: the suite's job")
+def test_step_2_runs_the_op_benches_and_packs_their_results(tmp_path):
+    """Step 2's plumbing on CPU (the benches run in smoke mode): the speed table off, every op bench run under the
+    step's budget, the results folder found from run_all's output, packed into $OUT, the summary printed last."""
+    import tarfile
+
+    env = dict(os.environ, OUT=str(tmp_path), SUITE_BUDGET_S="120", VITKERN_BUILD_CUDA="0")
+    r = subprocess.run(["bash", "scripts/gpu_suite.sh", "--step", "2"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "benchmarks: rc=0" in out[out.index("SUMMARY"):], out[-3000:]
+    with tarfile.open(tmp_path / "results.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    for bench in ("layernorm", "attention", "window_attention", "ln_mlp", "linear_residual", "patch_embed"):
+        assert f"{bench}.json" in names, names
+    assert "summary.md" in names and (tmp_path / "summary.md").read_text().startswith("# vitkern benchmarks")
+    assert "CPU SMOKE RUN" in (tmp_path / "summary.md").read_text()  # never mistaken for measurements
 
 
 def test_unknown_step_is_refused():
