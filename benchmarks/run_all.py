@@ -224,7 +224,11 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
                 watchdog = _Watchdog(limit, lambda: _stop_overrun(name, ctx, t0, budget, meta, Path(out), state,
                                                                    restart))
             try:
-                rows = list(mod.run(ctx))
+                try:
+                    rows = list(mod.run(ctx))
+                finally:
+                    if watchdog is not None:
+                        watchdog.disarm()  # the bench is over in this process: only this thread goes on
             except harness.CudaContextLost as lost:
                 print(f"  {lost}", flush=True)
                 can_restart = restart is not None and len(state["restarts"]) < MAX_RESTARTS
@@ -246,9 +250,6 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
                 traceback.print_exc()
                 rows = [_bench_row(name, ctx, ERROR, f"bench crashed: {harness.short_error(e)}")]
                 state["crashed"] = True
-            finally:
-                if watchdog is not None:
-                    watchdog.disarm()  # from here on the bench counts as finished in this process
         harness.write_results(out, name, rows, meta)
         sections.append((name, rows, _targets(mod, rows), time.monotonic() - t0))
         state["done"][name] = sections[-1][3]
@@ -289,7 +290,8 @@ def _stop_overrun(name: str, ctx: Context, t0: float, budget: float, meta: dict[
                   state: dict[str, Any], restart: Callable[[list[str]], None]) -> None:
     """The watchdog's action: keep the finished cases' rows, say where the bench was, go on in a fresh process."""
     elapsed = time.monotonic() - t0
-    what = (f"stopped {elapsed:.0f} s after it started (budget {budget:.0f} s) in {ctx.current or 'its set-up'}; "
+    what = (f"stopped {elapsed:.0f} s after it started (budget {budget:.0f} s) in "
+            f"{ctx.progress.get('running', 'its set-up')}; "
             f"the cases after it were not run")
     rows = [*ctx.finished, _bench_row(name, ctx, ERROR, what)]
     harness.write_results(out, name, rows, meta)
@@ -318,8 +320,10 @@ def _restart(restart: Callable[[list[str]], None], state: dict[str, Any], out: P
 
 def exec_restart(argv: list[str]) -> None:
     """Replace this process by ``python -m benchmarks.run_all ARGV`` (same PID, so the GPU suite's timeout and
-    output capture carry on)."""
-    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.run_all", *argv])
+    output capture carry on), with the checkout on PYTHONPATH so that ``benchmarks`` imports from any folder."""
+    root = str(BENCH_DIR.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run_all", *argv], env)
 
 
 if __name__ == "__main__":

@@ -241,9 +241,10 @@ if [ "$pytest_rc" != skipped ]; then
   echo "pytest -m gpu: rc=$pytest_rc"
   printf '  %s\n' "${pytest_counts[@]}"
   grep -E '^(FAILED|ERROR) ' "$logs/pytest.log" | head -n 15
-  # all failures, counted per test function (the lines above are only the first ones)
-  by_function="$(grep -E '^(FAILED|ERROR) ' "$logs/pytest.log" | sed -E 's/^(FAILED|ERROR) ([^ []*).*/\2/' \
-    | sort | uniq -c | sort -rn | head -n 25)"
+  # all failed cases, counted per test function (the lines above are only the first ones); a case that ended its
+  # worker is reported twice (its failure, then xdist's "crashed"): each case counts once
+  by_function="$(grep -E '^(FAILED|ERROR) ' "$logs/pytest.log" | sed -E 's/^(FAILED|ERROR) ([^ ]*).*/\2/' \
+    | sort -u | sed -E 's/\[.*//' | uniq -c | sort -rn | head -n 25)"
   [ -n "$by_function" ] && { echo "failures by test function:"; echo "$by_function"; }
   # kernel faults: each ended its process (vitkern/testing/pytest_cuda_context.py); the first ones, deduplicated
   grep -oE 'the CUDA context was lost in [^;]*' "$logs/pytest.log" | sort -u | head -n 8

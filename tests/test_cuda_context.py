@@ -9,7 +9,8 @@ code runs.
 import os
 import subprocess
 import sys
-import textwrap
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -102,7 +103,10 @@ def test_every_kind_of_worker_crash_counts_towards_the_cap(tmp_path):
     """A hung kernel (ended by pytest-timeout's thread method) or a segfault ends the worker without our hooks
     running: the controller counts those crashes too, so a function that keeps crashing stops costing workers."""
     pytest.importorskip("xdist", reason="pytest-xdist is in constraints.txt (the GPU image has it)")
+    logs = lambda: set(Path(tempfile.gettempdir()).glob("vitkern-pytest-crashes-*.log"))  # noqa: E731
+    before = logs()
     out = _run_pytest(tmp_path, CRASHES, "test_crashes.py", "-n", "1", "-p", "xdist")
+    assert logs() <= before, "the controller leaves its crash log behind"
     assert out.count("node down: Not properly terminated") == 2, out
     assert "not run: 2 cases of test_crashes.py::test_crashing ended their worker" in out, out
     assert "3 passed" in out and "2 errors" in out, out

@@ -144,7 +144,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = bm.run_cases(ctx, cases, modes, args.compile_mode, on_case=on_case,
                             on_start=lambda case, mode: bar.set_postfix_str(f"B={case.params['B']} {mode}"))
     except harness.CudaContextLost as lost:  # a kernel fault: nothing more can run in this process
-        print(f"\nvitkern bench: {lost}; the cases finished before it are in {out / 'bench.json'}", file=sys.stderr)
+        done = (f"the cases finished before it are in {out / 'bench.json'}" if (out / "bench.json").exists()
+                else "no case had finished")
+        print(f"\nvitkern bench: {lost}; {done}", file=sys.stderr)
         return 1
     finally:
         bar.close()

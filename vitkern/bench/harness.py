@@ -179,8 +179,10 @@ class Context:
     log: Callable[[str], None] = print
     # provider name -> why it is not run: it lost the CUDA context in an earlier attempt of this bench (run_all)
     excluded: dict[str, str] = field(default_factory=dict)
-    finished: list[Row] = field(default_factory=list)  # rows of the cases done so far (run_all's watchdog keeps them)
-    current: str = ""  # the case and provider running now, for the watchdog's message
+    # for run_all's watchdog: the rows of the cases done so far, and progress["running"]: the case and provider
+    # running now. Mutable, so a copy (dataclasses.replace, as the models bench makes) shares them.
+    finished: list[Row] = field(default_factory=list)
+    progress: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -404,7 +406,7 @@ def _run_provider(
         return _row(ctx, spec, case, p, SKIPPED, error=f"unsupported: {reason}"), None
     if ctx.deadline is not None and time.monotonic() > ctx.deadline:
         return _row(ctx, spec, case, p, SKIPPED, error=f"bench time budget ({ctx.budget_s:.0f} s) exhausted"), None
-    ctx.current = f"case {case.label} {case.dtype_name} {case.direction}, provider {p.name!r}"
+    ctx.progress["running"] = f"case {case.label} {case.dtype_name} {case.direction}, provider {p.name!r}"
     leaves = [t for t in inputs.values() if isinstance(t, Tensor) and t.requires_grad]
     row = _row(ctx, spec, case, p, ERROR)
     try:

@@ -535,8 +535,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(device=device, peaks=peaks, quick=args.quick, warmup_ms=10.0 if args.quick else 25.0,
                   rep_ms=40.0 if args.quick else 100.0, budget_s=args.budget_s, log=lambda s: print(s, flush=True))
     models = [m.strip() for m in args.models.split(",") if m.strip()] or None
-    rows = run(ctx, models=models, compile_which="none" if args.no_compile else args.compile,
-               compile_mode=args.compile_mode, out_dir=args.out)
+    try:
+        rows = run(ctx, models=models, compile_which="none" if args.no_compile else args.compile,
+                   compile_mode=args.compile_mode, out_dir=args.out)
+    except harness.CudaContextLost as lost:  # a kernel fault: nothing more can run in this process
+        print(f"{lost}; rerun without that provider (benchmarks/run_all.py does so by itself)", file=sys.stderr)
+        return 1
     lines = targets(rows)
     harness.write_results(args.out, NAME, rows, dict(meta, targets=lines))
     print(harness.format_table(rows))

@@ -40,6 +40,9 @@ def _crash_log(testrunuid: str | None) -> Path | None:
     return Path(tempfile.gettempdir()) / f"vitkern-pytest-crashes-{testrunuid}.log" if testrunuid else None
 
 
+_logs_written: set[Path] = set()  # by this controller; removed when its session ends
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched) -> None:
     """xdist controller: a worker died while running ``crashitem``."""
@@ -47,6 +50,13 @@ def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched) -> 
     if log is not None:
         with log.open("a") as fh:  # the controller is one process: its appends do not interleave
             fh.write(f"{_function_id(crashitem)}\t{crashitem}\n")
+        _logs_written.add(log)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for log in _logs_written:  # empty in workers
+        log.unlink(missing_ok=True)
+    _logs_written.clear()
 
 
 def _crashes_of(function_id: str) -> list[str]:
