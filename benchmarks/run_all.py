@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
                 print(f"  peak measurement failed: {harness.short_error(e)}", flush=True)
         meta = harness.collect_metadata(device, peaks, argv=None if argv is None else ["benchmarks.run_all", *argv])
         if smoke:
-            out = args.out or Path(tempfile.mkdtemp(prefix="vitkern-bench-smoke-"))
+            out: Path = args.out or Path(tempfile.mkdtemp(prefix="vitkern-bench-smoke-"))
             if harness.is_inside(out, harness.RESULTS_DIR):
                 print(f"refusing to write CPU smoke results into {harness.RESULTS_DIR}", file=sys.stderr)
                 return 2
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
             out = args.out or harness.default_out_dir(meta)
         suite_end = time.monotonic() + (args.total_budget_s if args.total_budget_s is not None else float("inf"))
         state = {
-            "argv": list(sys.argv[1:] if argv is None else argv), "out": str(Path(out).resolve()),
+            "argv": list(sys.argv[1:] if argv is None else argv), "out": str(out.resolve()),
             "meta": json.loads(json.dumps(meta, default=str)),
             "peaks": dataclasses.asdict(peaks) if peaks else None,
             "suite_end_unix": None if args.total_budget_s is None else time.time() + args.total_budget_s,
@@ -188,13 +188,13 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
     if smoke:
         print("CPU smoke mode: tiny shapes, wall-clock timer; numbers are NOT measurements", flush=True)
     # now, and again at the end: if this process is killed, the GPU suite still packs the benches written so far
-    print(f"RESULTS_DIR={Path(out).resolve()}", flush=True)
+    print(f"RESULTS_DIR={out.resolve()}", flush=True)
 
     sections: list[tuple[str, list[Row], list[str], float]] = []
     lost_context: str | None = None  # set when the context is gone and no restart is allowed
     for i, (name, mod) in enumerate(selected.items()):
         if name in state["done"]:  # finished before a restart
-            rows = [Row(**r) for r in json.loads((Path(out) / f"{name}.json").read_text())["rows"]]
+            rows = [Row(**r) for r in json.loads((out / f"{name}.json").read_text())["rows"]]
             sections.append((name, rows, _targets(mod, rows), state["done"][name]))
             continue
         t0 = time.monotonic()
@@ -221,8 +221,7 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
             watchdog = None
             if restart is not None:
                 limit = min(overrun_limit_s(budget), suite_end + SUITE_END_MARGIN_S - t0)
-                watchdog = _Watchdog(limit, lambda: _stop_overrun(name, ctx, t0, budget, meta, Path(out), state,
-                                                                   restart))
+                watchdog = _Watchdog(limit, lambda: _stop_overrun(name, ctx, t0, budget, meta, out, state, restart))
             try:
                 try:
                     rows = list(mod.run(ctx))
@@ -238,13 +237,10 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
                         f"left out of this bench's rerun in a fresh process")
                     state["restarts"].append(f"{name}: {lost.provider!r} lost the CUDA context at case {lost.case} "
                                              f"({lost.error}); {name} rerun without it")
-                    _restart(restart, state, Path(out))
+                    _restart(restart, state, out)
                 rows, state["crashed"] = [_bench_row(name, ctx, ERROR, f"bench crashed: {lost}")], True
                 if can_restart:  # the benches after it still get a fresh process
-                    harness.write_results(out, name, rows, meta)
-                    state["done"][name] = time.monotonic() - t0
-                    state["restarts"].append(f"{lost}; the next benches run in a fresh process")
-                    _restart(restart, state, Path(out))
+                    _end_bench_and_restart(name, rows, time.monotonic() - t0, str(lost), meta, out, state, restart)
                 lost_context = f"the CUDA context was lost in {name} ({lost.error})"
             except Exception as e:  # noqa: BLE001 - one broken bench must not stop the others
                 traceback.print_exc()
@@ -257,9 +253,9 @@ def main(argv: Sequence[str] | None = None, *, restart: Callable[[list[str]], No
             torch.cuda.empty_cache()
 
     summary = _summary(meta, sections, state["restarts"])
-    (Path(out) / "summary.md").write_text(summary)
-    (Path(out) / STATE_FILE).unlink(missing_ok=True)
-    print(f"RESULTS_DIR={Path(out).resolve()}")
+    (out / "summary.md").write_text(summary)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    print(f"RESULTS_DIR={out.resolve()}")
     print()
     print(summary, end="")
     return 1 if state["crashed"] else 0
@@ -293,10 +289,17 @@ def _stop_overrun(name: str, ctx: Context, t0: float, budget: float, meta: dict[
     what = (f"stopped {elapsed:.0f} s after it started (budget {budget:.0f} s) in "
             f"{ctx.progress.get('running', 'its set-up')}; "
             f"the cases after it were not run")
-    rows = [*ctx.finished, _bench_row(name, ctx, ERROR, what)]
+    state["crashed"] = True
+    _end_bench_and_restart(name, [*ctx.finished, _bench_row(name, ctx, ERROR, what)], elapsed, f"{name}: {what}",
+                           meta, out, state, restart)
+
+
+def _end_bench_and_restart(name: str, rows: list[Row], elapsed: float, event: str, meta: dict[str, Any], out: Path,
+                           state: dict[str, Any], restart: Callable[[list[str]], None]) -> None:
+    """Write the bench's rows as its result, count it done, and go on with the next benches in a fresh process."""
     harness.write_results(out, name, rows, meta)
-    state["done"][name], state["crashed"] = elapsed, True
-    state["restarts"].append(f"{name}: {what}; the next benches run in a fresh process")
+    state["done"][name] = elapsed
+    state["restarts"].append(f"{event}; the next benches run in a fresh process")
     _restart(restart, state, out)
 
 
