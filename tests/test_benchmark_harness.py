@@ -382,20 +382,25 @@ def _rows(out: Path, name: str) -> list[dict]:
     return json.loads((out / f"{name}.json").read_text())["rows"]
 
 
-def test_run_all_goes_on_in_a_fresh_process_after_a_lost_cuda_context(tmp_path: Path) -> None:
-    """A kernel fault poisons its process's CUDA context: run_all must rerun the bench without the provider that
-    faulted and run the later benches in a fresh process, keeping what was done (the first GPU run of never-run
-    CUDA code must not lose a whole step of benchmarks to one bad kernel)."""
+def _run_all_process(tmp_path: Path, bench_dir: Path, out: Path, *args: str, timeout: float):
+    """``python benchmarks/run_all.py`` as a script from another folder, without PYTHONPATH: its restarts must
+    still find ``benchmarks.run_all``."""
     import os
     import subprocess
     import sys
 
-    bench_dir, out = _fault_benches(tmp_path), tmp_path / "out"
-    run_all_py = Path(run_all.__file__).resolve()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    # started as a script from another folder: the restart must still find `benchmarks.run_all`
-    r = subprocess.run([sys.executable, str(run_all_py), "--bench-dir", str(bench_dir), "--out", str(out), "--smoke"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(Path(run_all.__file__).resolve()), "--bench-dir", str(bench_dir),
+                           "--out", str(out), "--smoke", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_all_goes_on_in_a_fresh_process_after_a_lost_cuda_context(tmp_path: Path) -> None:
+    """A kernel fault poisons its process's CUDA context: run_all must rerun the bench without the provider that
+    faulted and run the later benches in a fresh process, keeping what was done (the first GPU run of never-run
+    CUDA code must not lose a whole step of benchmarks to one bad kernel)."""
+    bench_dir, out = _fault_benches(tmp_path), tmp_path / "out"
+    r = _run_all_process(tmp_path, bench_dir, out, timeout=600)
     printed = r.stdout + r.stderr
     assert r.returncode == 1, printed  # c_inputs crashed (no provider to leave out); everything else ran
     assert printed.count("restarting in a fresh process") == 2, printed
@@ -428,39 +433,22 @@ def test_run_all_in_process_stops_using_cuda_after_a_lost_context(tmp_path: Path
 def test_run_all_stops_a_bench_that_overruns_its_budget_and_goes_on(tmp_path: Path) -> None:
     """A compile that takes minutes or a hung kernel must not eat the later benches' time, nor the summary: the
     watchdog keeps the finished cases, records where the bench was and continues in a fresh process."""
-    import os
-    import subprocess
-    import sys
-
     bench_dir, out = tmp_path / "benches", tmp_path / "out"
     bench_dir.mkdir()
-    prelude = ("import time, torch\n"
-               "from vitkern.bench.harness import Benchmark, Case, Provider, Work, run_benchmark\n"
-               "def spec(name, providers):\n"
-               "    cases = [Case({'N': n}, torch.float32) for n in (8, 16)]\n"
-               "    mk = lambda c, d: {'a': torch.randn(c.params['N'], device=d)}\n"
-               "    return Benchmark(name, cases, providers, mk, 'eager', lambda c, p: Work(bytes=64))\n"
-               "def quick(c, i):\n"
-               "    return lambda: i['a'] * 2\n")
     (bench_dir / "bench_a_slow.py").write_text(
-        prelude + "NAME = 'a_slow'\n"
+        _FAULT_PRELUDE + "NAME = 'a_slow'\n"
         "def stuck(c, i):\n"
         "    if c.params['N'] == 16:\n"
+        "        import time\n"
         "        time.sleep(120)  # a compile that never ends, as far as the budget goes\n"
-        "    return lambda: i['a'] * 2\n"
+        "    return healthy(c, i)\n"
         "def run(ctx):\n"
         "    import dataclasses\n"
         "    ctx = dataclasses.replace(ctx, rep_ms=ctx.rep_ms)  # as the models bench does: the watchdog still sees it\n"
-        "    return run_benchmark(ctx, spec(NAME, [Provider('eager', quick), Provider('stuck', stuck)]))\n")
-    (bench_dir / "bench_b_next.py").write_text(
-        prelude + "NAME = 'b_next'\n"
-        "def run(ctx):\n"
-        "    return run_benchmark(ctx, spec(NAME, [Provider('eager', quick)]))\n")
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        "    return run_benchmark(ctx, spec(NAME, [Provider('eager', healthy), Provider('stuck', stuck)]))\n")
+    (bench_dir / "bench_b_next.py").write_text(_FAULT_PRELUDE + _FAULT_BENCHES["d_last"].replace("d_last", "b_next"))
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--bench-dir", str(bench_dir), "--out", str(out),
-                        "--smoke", "--budget-s", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=100)
+    r = _run_all_process(tmp_path, bench_dir, out, "--budget-s", "1", timeout=100)
     printed = r.stdout + r.stderr
     assert time.monotonic() - t0 < 60, printed  # stopped at the watchdog's limit (3 s), not after the 120 s sleep
     assert r.returncode == 1, printed
