@@ -349,7 +349,7 @@ def window_attention_bwd(
     if interpreted:
         chunks = min(3, num_windows)  # several chunks even in tests: exercises the partial reduction
     else:
-        chunks = max(1, min(num_windows, triton.cdiv(4 * tuning.num_sms(qkv.device.index or 0), heads)))
+        chunks = max(1, min(num_windows, triton.cdiv(4 * tuning.num_sms(qkv.device.index), heads)))
     per_chunk = triton.cdiv(num_windows, chunks)
     chunks = triton.cdiv(num_windows, per_chunk)
     need_dbias = need_dbias and qkv_bias is not None
