@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import vitkern
 from vitkern.functional.attention import attention
+from vitkern.ops import attention as attn_op
 from vitkern.reference.layers import Attention as RefAttention
 from vitkern.reference.layers import attention_reference, merge_heads, split_heads_qkv
 from vitkern.testing import (
@@ -199,13 +200,20 @@ def test_triton_interpreter_splits_heads_past_the_grid_limit(monkeypatch, layout
         assert [g[1] for g in launched] == pieces, name  # one forward, one backward: B·H heads each, in pieces
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["packed", "bnhd"])
-def test_reference_backend_parity(layout, dtype):
+@pytest.mark.parametrize("path", ["cpu_flash", "explicit"])
+def test_reference_backend_parity(monkeypatch, path, layout, dtype):
+    """Both paths of the reference backend: aten's CPU flash kernels (its CPU default) and the explicit chunked
+    softmax (its path on CUDA, where it is the fallback), forward and gradients."""
+    calls = []
+    flash = attn_op._cpu_flash
+    monkeypatch.setattr(attn_op, "_cpu_flash", lambda *t: calls.append(path) or (path == "cpu_flash" and flash(*t)))
     if layout == "packed":
         run_packed("reference", 2, 3, 50, 80, dtype, "cpu")
     else:
         run_separate("reference", layout, 2, 3, 7, 50, 64, dtype, "cpu")
+    assert len(calls) == 2  # forward and backward asked
 
 
 # ----------------------------------------------------------------------------------------------- modules

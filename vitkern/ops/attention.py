@@ -85,8 +85,16 @@ def attention_eager(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: fl
     return (probs @ v.to(acc)).to(q.dtype)
 
 
+def _cpu_flash(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether aten's CPU flash-attention kernels serve the reference backend: CPU, one dtype, non-empty. They
+    keep the contract (online softmax accumulated in fp32, fp64 for fp64; the same lse) without materialising
+    the logits, at 2-4x the explicit path's speed (fp32/bf16; fp16 about equal), forward and backward."""
+    return q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.numel() > 0 and k.numel() > 0
+
+
 class AttentionReference(ReferenceBackend):
-    """Plain PyTorch in fp32 (fp64 for fp64), batch-chunked so the logits never exceed ~2^26 elements."""
+    """Plain PyTorch in fp32 (fp64 for fp64): aten's flash kernels on CPU; elsewhere (the fallback on CUDA) the
+    explicit softmax, batch-chunked so the logits never exceed ~2^26 elements."""
 
     @staticmethod
     def _chunks(q: Tensor, k: Tensor):
@@ -95,6 +103,10 @@ class AttentionReference(ReferenceBackend):
         return [slice(i, min(B, i + step)) for i in range(0, B, step)]
 
     def forward(self, q, k, v, scale, o):
+        if _cpu_flash(q, k, v):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+            o.copy_(out)
+            return lse.contiguous()  # aten's is [B, H, N] with head-minor strides; the fake's is contiguous
         acc = _lse_dtype(q)
         lse = memory.empty(q.shape[:3], acc, q.device)
         for c in self._chunks(q, k):
@@ -104,6 +116,12 @@ class AttentionReference(ReferenceBackend):
         return lse
 
     def backward(self, do, q, k, v, o, lse, scale, dq, dk, dv):
+        if _cpu_flash(q, k, v) and do.dtype == o.dtype == q.dtype and lse.dtype == _lse_dtype(q):
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do, q, k, v, o, lse, 0.0, False, scale=scale)
+            for dst, g in zip((dq, dk, dv), grads):
+                dst.copy_(g)
+            return
         acc = lse.dtype
         for c in self._chunks(q, k):
             qc, kc, vc, doc = q[c].to(acc), k[c].to(acc), v[c].to(acc), do[c].to(acc)
