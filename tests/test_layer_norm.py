@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkern
+from vitkern.ops import layer_norm as ln_op
 from vitkern.testing import (
     check_compile_and_cuda_graph, check_forward_backward, poison_outputs, randn, run_every_triton_config,
     run_in_gpu_geometry, seed_for,
@@ -119,10 +120,21 @@ def test_triton_weight_grad_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@pytest.mark.parametrize("affine", ["affine", "weight_only", "no_affine"])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
-def test_reference_backend_parity(dtype, residual):
-    run_parity("reference", 394, 768, dtype, "cpu", residual)
+@pytest.mark.parametrize("path", ["aten", "explicit"])
+def test_reference_backend_parity(monkeypatch, path, dtype, residual, affine):
+    """Both paths of the reference backend: aten's LayerNorm (fp32/fp64 with parameters of the input's dtype) and
+    the explicit formulas (16-bit inputs, mixed parameters), forward and gradients."""
+    if path == "explicit":
+        monkeypatch.setattr(ln_op, "_native", lambda *t: False)
+    seed = seed_for("ln-ref", path, dtype, residual, affine)
+    inputs = make_inputs(394, 768, dtype, "cpu", residual, seed, affine=affine != "no_affine")
+    if affine == "weight_only":
+        inputs["bias"] = None
+    with vitkern.use_backend("reference", op="layer_norm"):
+        check_forward_backward(vitkern_ln, reference, inputs, grad_names(inputs), seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------- GPU

@@ -26,12 +26,23 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _native(x: Tensor, *params: Optional[Tensor]) -> bool:
+    """Whether aten's LayerNorm kernels keep the contract: fp32/fp64 input with parameters of its dtype (they
+    compute in the input's dtype, so 16-bit inputs would get 16-bit statistics). On CPU they run the backward
+    ~30x faster than the explicit column sums below (M = 1576, N = 384, fp32)."""
+    return x.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == x.dtype for p in params)
+
+
 class LayerNormReference(ReferenceBackend):
-    """Plain PyTorch in fp32 (fp64 for fp64 input): the CPU default and the fallback."""
+    """Plain PyTorch in fp32 (fp64 for fp64 input): the CPU default and the fallback. aten's LayerNorm where it
+    keeps the contract (:func:`_native`), the explicit formulas otherwise."""
 
     def forward(self, x, weight, bias, residual, eps):
         acc = _stat_dtype(x)
         s = x + residual if residual is not None else x
+        if _native(s, weight, bias):
+            y, mean, rstd = torch.native_layer_norm(s, (s.shape[1],), weight, bias, eps)
+            return y, (s.contiguous() if residual is not None else x.new_empty(0)), mean.view(-1), rstd.view(-1)
         xf = s.to(acc)
         mean = xf.mean(-1)
         xc = xf - mean[:, None]
@@ -46,6 +57,11 @@ class LayerNormReference(ReferenceBackend):
 
     def backward(self, dy, dsum, xs, weight, mean, rstd, need_dw, need_db):
         acc = mean.dtype
+        if _native(xs, dy, weight) and mean.dtype == rstd.dtype == xs.dtype:
+            dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
+                dy, xs, (xs.shape[1],), mean, rstd, weight, None, [True, need_dw and weight is not None, False])
+            dx = dx + dsum if dsum is not None else dx
+            return dx, dw, (dy.sum(0) if need_db else None)
         xhat = (xs.to(acc) - mean[:, None]) * rstd[:, None]
         dyf = dy.to(acc)
         wdy = dyf * weight.to(acc) if weight is not None else dyf
