@@ -5,7 +5,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup_env.sh || exit 1
-$PY -m pytest tests -q -p no:cacheprovider "$@"
+# benchmarks/cpu: the host-side pytest-benchmark suite, each function run once here (a smoke test, no timing)
+$PY -m pytest tests benchmarks/cpu -q -p no:cacheprovider --benchmark-disable "$@"
 rc=$?
 if [ $rc -eq 5 ]; then  # pytest: no tests collected (e.g. a -k filter that matches nothing) is not a failure
   echo "[test] pytest collected no tests"

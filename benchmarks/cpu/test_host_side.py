@@ -1,0 +1,105 @@
+"""Host-side benchmarks with pytest-benchmark: what vitkern costs on the CPU, measured on the machine at hand.
+
+- the CPU fallback: a timm model after ``vitkern.optimize`` (the reference backends) beside the same model in eager,
+  inference and a training step;
+- the swap: ``vitkern.optimize`` + ``vitkern.restore`` on ViT-B/16 and Swin-T;
+- the per-call overhead: one op at a tiny shape (custom op + dispatch + validation + the reference computation)
+  beside the torch call it replaces.
+
+    pytest benchmarks/cpu --benchmark-only                  # timings (--benchmark-json FILE to keep them)
+    pytest benchmarks/cpu --benchmark-disable               # smoke: each function once (CI runs this)
+
+Every number here is CPU wall-clock on this machine: none says anything about GPU speed, which only
+benchmarks/run_all.py measures, on a GPU. Groups put each vitkern row beside its eager row.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("pytest_benchmark")
+timm = pytest.importorskip("timm")
+
+import vitkern  # noqa: E402
+
+MODELS = {  # small enough for CI's smoke run (each timed function once)
+    "vit_tiny_patch16_224": 4,
+    "deit_tiny_distilled_patch16_224": 4,
+    "swin_tiny_patch4_window7_224": 2,
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model_and_images(request):
+    torch.manual_seed(0)
+    model = timm.create_model(request.param)
+    return request.param, model, torch.randn(MODELS[request.param], 3, 224, 224)
+
+
+def _loss(out) -> torch.Tensor:
+    return sum(o.float().square().mean() for o in (out if isinstance(out, tuple) else (out,)))
+
+
+@pytest.mark.parametrize("provider", ["eager", "vitkern"])
+@pytest.mark.parametrize("mode", ["inference", "train-step"])
+def test_cpu_fallback(benchmark, model_and_images, mode, provider):
+    name, model, images = model_and_images
+    model = copy.deepcopy(model).train(mode != "inference")
+    if provider == "vitkern":
+        vitkern.optimize(model)
+    benchmark.group = f"cpu fallback: {name} B={images.shape[0]} {mode}"
+
+    def run():
+        if mode == "inference":
+            with torch.inference_mode():
+                return model(images)
+        model.zero_grad(set_to_none=True)
+        _loss(model(images)).backward()
+
+    benchmark(run)
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_optimize_and_restore(benchmark, name):
+    model = timm.create_model(name)
+    benchmark.group = "swap: optimize + restore"
+
+    def swap(m):
+        vitkern.optimize(m)
+        vitkern.restore(m)
+
+    benchmark.pedantic(swap, setup=lambda: ((copy.deepcopy(model),), {}), rounds=3)
+
+
+def _tiny_calls():
+    """op -> (vitkern call, the torch call it replaces), on tiny inputs where the host work dominates."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, w, b = r(1, 4, 64), r(64), r(64)
+    qkv = r(1, 4, 3 * 64)
+    w1, b1, w2, b2 = r(256, 64), r(256), r(64, 256), r(64)
+
+    def sdpa(t):
+        q, k, v = t.view(1, 4, 3, 2, 32).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 4, 64)
+
+    return {
+        "layer_norm": (lambda: vitkern.functional.layer_norm(x, (64,), w, b), lambda: F.layer_norm(x, (64,), w, b)),
+        "attention": (lambda: vitkern.functional.attention(qkv=qkv, num_heads=2), lambda: sdpa(qkv)),
+        "ln_mlp": (lambda: vitkern.functional.ln_mlp(x, w, b, w1, b1, w2, b2),
+                   lambda: x + F.linear(F.gelu(F.linear(F.layer_norm(x, (64,), w, b), w1, b1)), w2, b2)),
+    }
+
+
+@pytest.mark.parametrize("provider", ["torch", "vitkern"])
+@pytest.mark.parametrize("op", ["layer_norm", "attention", "ln_mlp"])
+def test_per_call_overhead(benchmark, op, provider):
+    mine, theirs = _tiny_calls()[op]
+    torch.testing.assert_close(mine(), theirs(), rtol=1e-4, atol=1e-5)  # the rows time the same computation
+    benchmark.group = f"per call, tiny input: {op}"
+    with torch.inference_mode():
+        benchmark(mine if provider == "vitkern" else theirs)
