@@ -141,8 +141,8 @@ def reference_forward(qkv, qkv_bias, table, heads, window, shift, scale, mask_va
 def cpu_flash_forward(qkv, qkv_bias, table, heads, window, shift, scale, mask_value,
                       pad_first=False) -> tuple[Tensor, Tensor]:
     """reference_forward through aten's CPU flash-attention kernel (no autograd): 2-3x faster at Swin-T's shapes.
-    The additive mask is expanded over the images (a copy the size of one head's scores per window when shifted;
-    the explicit path materialises scores, probabilities and their exponentials)."""
+    With a shift the additive mask is copied out over the images ([B·nW, heads, N, N], the scores' size; the
+    explicit path materialises the scores, the probabilities and more); without one it is a stride-0 view."""
     B, H, W, _ = qkv.shape
     q, k, v = split_heads(to_windows(qkv, window, shift, qkv_bias, pad_first), 3, heads)
     mask = additive_mask(table, H, W, window, shift, mask_value, q.dtype)
