@@ -246,7 +246,7 @@ def test_bench_cpu_smoke_writes_json_svg_and_table(tmp_path, capsys):
     from PIL import Image
 
     with Image.open(out / "throughput.png") as png:  # matplotlib's or Pillow's: a real image of the chart's size
-        assert png.format == "PNG" and png.size[0] >= 600 and len(set(png.convert("RGB").getdata())) > 3
+        assert png.format == "PNG" and png.size[0] >= 600 and len(_colors(png)) > 3
 
 
 @pytest.mark.skipif(CUDA, reason="CPU smoke mode")
@@ -306,6 +306,11 @@ def test_bench_runs_from_an_installed_package_without_a_checkout(tmp_path):
     assert [(r["provider"], r["status"]) for r in rows] == [("eager", "ok"), ("vitkern", "ok")]
 
 
+def _colors(png) -> set[tuple[int, int, int]]:
+    """The RGB colours an image uses (getcolors: Pillow 12 deprecates getdata)."""
+    return {color for _, color in png.convert("RGB").getcolors(maxcolors=1 << 24)}
+
+
 def test_throughput_png_with_pillow_draws_every_series(tmp_path):
     from PIL import Image
 
@@ -314,7 +319,7 @@ def test_throughput_png_with_pillow_draws_every_series(tmp_path):
     data = {"eager": [(64, 5000.0), (128, 5600.0)], "vitkern": [(64, 7000.0), (128, 8100.0)]}
     assert throughput_png(data, "vit_b bf16", tmp_path / "t.png")
     with Image.open(tmp_path / "t.png") as png:
-        colors = set(png.convert("RGB").getdata())
+        colors = _colors(png)
     for hex_color in COLORS[:2]:  # both lines (and their legend boxes) are drawn
         assert tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5)) in colors
 
