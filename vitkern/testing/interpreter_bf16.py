@@ -46,8 +46,7 @@ def exact_bf16() -> Iterator[None]:
 
     builder, TensorHandle = interp.InterpreterBuilder, interp.TensorHandle
     bf16 = tl.bfloat16
-    names = ("cast_impl", "create_fp_to_fp", "create_dot", "binary_op", "unary_op", "create_fma")
-    saved = {n: getattr(builder, n) for n in names}
+    saved = {}  # the interpreter's own methods, filled below before any patched one can run
 
     def widen(h):
         return TensorHandle(bf16_to_f32(h.data), tl.float32) if h.dtype.scalar == bf16 else h
@@ -93,8 +92,10 @@ def exact_bf16() -> Iterator[None]:
         return narrow(TensorHandle(wide, tl.float64)) if z.dtype.scalar == bf16 else \
             TensorHandle(wide.astype(np.float32), z.dtype.scalar)
 
-    for n, fn in (("cast_impl", cast_impl), ("create_fp_to_fp", create_fp_to_fp), ("create_dot", create_dot),
-                  ("binary_op", binary_op), ("unary_op", unary_op), ("create_fma", create_fma)):
+    patches = dict(cast_impl=cast_impl, create_fp_to_fp=create_fp_to_fp, create_dot=create_dot,
+                   binary_op=binary_op, unary_op=unary_op, create_fma=create_fma)
+    saved.update((n, getattr(builder, n)) for n in patches)
+    for n, fn in patches.items():
         setattr(builder, n, fn)
     try:
         yield

@@ -153,9 +153,10 @@ def check_memory() -> Iterator[None]:
             _state.depth -= 1
         return
 
-    builder = interp.InterpreterBuilder
-    saved = (interp.GridExecutor._init_args_hst, interp.GridExecutor.__call__, builder.set_grid_dim,
-             builder.create_masked_load, builder.create_masked_store)
+    executor, builder = interp.GridExecutor, interp.InterpreterBuilder
+    targets = [(executor, "_init_args_hst"), (executor, "__call__"), (builder, "set_grid_dim"),
+               (builder, "create_masked_load"), (builder, "create_masked_store")]
+    saved = [getattr(owner, name) for owner, name in targets]
     init_args, call, set_grid_dim, load, store = saved
 
     @functools.wraps(init_args)
@@ -191,13 +192,13 @@ def check_memory() -> Iterator[None]:
         _access("store", ptrs, mask)
         return store(self, ptrs, value, mask, *rest)
 
-    (interp.GridExecutor._init_args_hst, interp.GridExecutor.__call__, builder.set_grid_dim,
-     builder.create_masked_load, builder.create_masked_store) = (
-        init_args_recording, call_checked, set_grid_dim_recording, load_checked, store_checked)
+    patched = [init_args_recording, call_checked, set_grid_dim_recording, load_checked, store_checked]
+    for (owner, name), fn in zip(targets, patched):
+        setattr(owner, name, fn)
     try:
         yield
     finally:
-        (interp.GridExecutor._init_args_hst, interp.GridExecutor.__call__, builder.set_grid_dim,
-         builder.create_masked_load, builder.create_masked_store) = saved
+        for (owner, name), fn in zip(targets, saved):
+            setattr(owner, name, fn)
         _state.launch = None
         _state.depth = 0
