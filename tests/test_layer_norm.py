@@ -391,9 +391,12 @@ def test_direct_op_call_with_strided_columns_falls_back_to_reference():
 
 
 @pytest.mark.interpreter
-def test_forced_backend_reaches_a_backward_run_on_another_thread(monkeypatch):
+@pytest.mark.parametrize("entry", ["vitkern.ops", "torch.ops"])
+def test_forced_backend_reaches_a_backward_run_on_another_thread(monkeypatch, entry):
     """CUDA backwards run on autograd device threads, which start with an empty contextvars context: the forward's
-    forcing must travel with the graph (dispatch.register_autograd). Simulated here with a plain thread."""
+    forcing must travel with the graph (dispatch.register_autograd). Simulated here with a plain thread, through
+    both autograd paths: the op object's that the functionals call (an autograd.Function) and torch.ops' (the op's
+    Autograd kernel, what torch.compile traces)."""
     import threading
 
     from vitkern.ops import layer_norm as ln

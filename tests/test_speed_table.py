@@ -208,7 +208,7 @@ def test_shape_classes_of_real_problems():
     assert _class("patch_embed", r(2, 3, 32, 32), r(48, 3, 8, 8), torch.zeros(48)) == "patch=8,width=48"
     # the direction does not change the class: the backward's problem has the forward's shapes
     p = vitkern.explain("layer_norm", r(4, 384), 384, w, b).problem
-    assert st.problem_class(dataclasses.replace(p, direction=dispatch.BACKWARD)) == "width=384"
+    assert st.problem_class(p._replace(direction=dispatch.BACKWARD)) == "width=384"
     with pytest.raises(ValueError, match="dims"):
         st.shape_class("attention", {"head_dim": 64})
 
@@ -362,7 +362,7 @@ def test_generated_table_drives_a_real_op(tmp_path, monkeypatch):
     st._TABLES.clear()
     dispatch._choice_cache.clear()
     p = vitkern.explain("attention", qkv=torch.randn(2, 197, 3 * 2 * 64, dtype=torch.bfloat16), num_heads=2).problem
-    p = dataclasses.replace(p, device="cuda", attrs=p.attrs + (("device_index", 0),))
+    p = p._replace(device="cuda", attrs=p.attrs + (("device_index", 0),))
     assert st.lookup(p).backend == "cuda"
     choice = dispatch.select(p)
     assert choice.considered[0] == "cuda" and "cuda" in choice.rejected

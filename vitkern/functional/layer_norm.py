@@ -67,7 +67,7 @@ def layer_norm(
     w = weight.reshape(n) if weight is not None else None
     b = bias.reshape(n) if bias is not None else None
     r2 = as_rows(residual, n) if residual is not None else None
-    y, s, _, _ = torch.ops.vitkern.layer_norm_fwd(x2, w, b, r2, float(eps))
+    y, s, _, _ = ln_op.layer_norm_fwd(x2, w, b, r2, float(eps))
     if residual is None:
         return y.view(x.shape)
     return y.view(x.shape), s.view(x.shape)

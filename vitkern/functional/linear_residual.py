@@ -52,7 +52,7 @@ def linear_residual(
     """
     (residual, (x, weight), (bias, layer_scale)) = cast_gemm_inputs(residual, (x, weight), (bias, layer_scale))
     k, n = _validate(x, weight, bias, residual, layer_scale)
-    y = torch.ops.vitkern.linear_residual_fwd(as_rows(x, k), weight, bias, as_rows(residual, n), layer_scale)
+    y = linear_residual_op.linear_residual_fwd(as_rows(x, k), weight, bias, as_rows(residual, n), layer_scale)
     return y.view(residual.shape)
 
 

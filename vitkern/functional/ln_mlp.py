@@ -82,7 +82,7 @@ def ln_linear(
     x, (weight,), (ln_weight, ln_bias, bias) = cast_gemm_inputs(x, (weight,), (ln_weight, ln_bias, bias))
     d = _validate_linear(x, ln_weight, ln_bias, weight, bias, eps)
     rows = as_rows(x, d)
-    y, _, _ = torch.ops.vitkern.ln_linear_fwd(rows, ln_weight, ln_bias, weight, bias, float(eps))
+    y, _, _ = ln_linear_op.ln_linear_fwd(rows, ln_weight, ln_bias, weight, bias, float(eps))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -135,7 +135,7 @@ def ln_mlp(
     rows = as_rows(x, d)
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params)
-    y = torch.ops.vitkern.ln_mlp_fwd(rows, *params, float(eps), approximate, save)[0]
+    y = ln_mlp_op.ln_mlp_fwd(rows, *params, float(eps), approximate, save)[0]
     return y.view(x.shape)
 
 

@@ -134,7 +134,7 @@ def patch_embed(
     pos_embed, (weight, bias), (prefix,) = cast_gemm_inputs(pos_embed, (weight, bias), (prefix,))
     weight, prefix2, pos2, covers = _validate(x, weight, bias, pos_embed, prefix)
     norm = _norm(mean, std, x.shape[1], x.device, weight.dtype)
-    return torch.ops.vitkern.patch_embed_fwd(x, norm, weight, bias, pos2, prefix2, covers)
+    return pe_op.patch_embed_fwd(x, norm, weight, bias, pos2, prefix2, covers)
 
 
 patch_embed.__vitkern_op__ = pe_op.OP  # type: ignore[attr-defined]

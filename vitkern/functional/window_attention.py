@@ -82,7 +82,7 @@ def window_attention(
     if qkv.shape[1] % window[0] == 0 and qkv.shape[2] % window[1] == 0:
         qkv_bias = None  # no padded tokens: the bias is not an input of this op (its gradient comes via the linear)
     bias = qkv_bias.contiguous() if qkv_bias is not None else None
-    out, _ = torch.ops.vitkern.window_attention_fwd(qkv.contiguous(), bias, relative_position_bias_table.contiguous(),
+    out, _ = wa_op.window_attention_fwd(qkv.contiguous(), bias, relative_position_bias_table.contiguous(),
                                                     num_heads, list(window), list(shift), scale, float(mask_value),
                                                     bool(pad_first))
     return out
