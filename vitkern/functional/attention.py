@@ -71,15 +71,14 @@ def _prepare(q, k, v, qkv, num_heads, layout, scale, dropout_p):
         first, k, v, heads = qkv, None, None, num_heads
     else:
         first, heads = q, q.shape[1 if layout == "bhnd" else 2]
-    views = attn_op.qkv_views(first, k, v, layout, heads)
-    head_dim = views[0].shape[-1]
+    head_dim = first.shape[-1] // (3 * heads) if layout == "packed" else first.shape[-1]
     if head_dim == 0:
         raise ValueError(f"{_NAME}: head_dim is 0 (shape {tuple(first.shape)})")
     if scale is None:
         scale = head_dim ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{_NAME}: scale must be a float or None, got {type(scale).__name__}")
-    return layout, first, k, v, heads, views, float(scale), float(dropout_p)
+    return layout, first, k, v, heads, float(scale), float(dropout_p)
 
 
 def attention(
@@ -109,8 +108,9 @@ def attention(
         packed: [B, N, H·D] (proj-ready); bhnd: [B, H, N_Q, D]; bnhd: [B, N_Q, H, D]. Same dtype as the input.
     """
     q, k, v, qkv = cast_inputs(q, k, v, qkv)
-    layout, first, k, v, heads, views, scale, dropout_p = _prepare(q, k, v, qkv, num_heads, layout, scale, dropout_p)
+    layout, first, k, v, heads, scale, dropout_p = _prepare(q, k, v, qkv, num_heads, layout, scale, dropout_p)
     if dropout_p > 0:
+        views = attn_op.qkv_views(first, k, v, layout, heads)
         # Only the eager reference path drops. Eager asks the dispatcher anyway, so a strict use_backend("triton")
         # raises with its reason. That reads a ContextVar, which dynamo cannot trace (a graph break), and its only
         # answer that is not an error is this path: compiled code skips the question (whatever is forced).
@@ -120,7 +120,7 @@ def attention(
         if layout == "packed":
             return o4.transpose(1, 2).reshape(first.shape[0], first.shape[1], -1)
         return o4 if layout == "bhnd" else o4.transpose(1, 2)
-    out, _ = torch.ops.vitkern.attention_fwd(first, k, v, heads, layout, scale)
+    out, _ = attn_op.attention_fwd(first, k, v, heads, layout, scale)
     return out
 
 
@@ -128,8 +128,8 @@ attention.__vitkern_op__ = attn_op.OP  # type: ignore[attr-defined]
 
 
 def _describe(q=None, k=None, v=None, *, qkv=None, num_heads=None, layout=None, scale=None, dropout_p=0.0):
-    layout, _, _, _, _, views, _, dropout_p = _prepare(q, k, v, qkv, num_heads, layout, scale, dropout_p)
-    return attn_op.problem(dispatch.FORWARD, *views, layout, dropout_p)
+    layout, first, k, v, heads, _, dropout_p = _prepare(q, k, v, qkv, num_heads, layout, scale, dropout_p)
+    return attn_op.problem(dispatch.FORWARD, *attn_op.qkv_views(first, k, v, layout, heads), layout, dropout_p)
 
 
 dispatch.register_describer(attn_op.OP, _describe)

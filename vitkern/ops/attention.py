@@ -39,7 +39,7 @@ def head_views(t: Tensor, layout: str, num_heads: int) -> tuple[Tensor, ...]:
     """Strided [B, H, N, D] views (no copies): (q, k, v) of a packed tensor, or the one tensor of another layout."""
     if layout == "packed":
         B, N, C = t.shape
-        return tuple(t.view(B, N, 3, num_heads, C // (3 * num_heads))[:, :, i].transpose(1, 2) for i in range(3))
+        return t.view(B, N, 3, num_heads, C // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
     if layout == "bnhd":
         return (t.transpose(1, 2),)
     return (t,)
