@@ -42,7 +42,7 @@ from torch import Tensor
 
 from vitkern import dispatch, memory
 from vitkern.backends import ReferenceBackend, TritonBackend
-from vitkern.ops.layer_norm import LayerNormReference, LayerNormTriton
+from vitkern.ops.layer_norm import LayerNormReference, LayerNormTriton, aten_keeps_contract
 from vitkern.validation import MIXED_COMPUTE_DTYPES
 
 OP = "ln_linear"
@@ -68,15 +68,25 @@ class LnLinearReference(ReferenceBackend):
     ln = LayerNormReference()
 
     def stats(self, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        if aten_keeps_contract(x):  # aten's statistics are in x's dtype: fp32/fp64 only
+            # one fused pass (its normalised output is dropped): 2-3x faster than the four below on CPU
+            _, mean, rstd = torch.native_layer_norm(x, (x.shape[1],), None, None, eps)
+            return mean.view(-1), rstd.view(-1)
         xf = x.to(stat_dtype(x))
         mean = xf.mean(-1)
         xc = xf - mean[:, None]
         return mean, torch.rsqrt((xc * xc).mean(-1) + eps)
 
     def normalize(self, x, mean, rstd, w, b, dtype=None):
-        xn = (x.to(mean.dtype) - mean[:, None]) * rstd[:, None]
-        xn = xn * w.to(mean.dtype) if w is not None else xn
-        return (xn + b.to(mean.dtype) if b is not None else xn).to(dtype or x.dtype)
+        acc = mean.dtype
+        xn = (x.to(acc) - mean[:, None]).mul_(rstd[:, None])
+        if w is not None and b is not None:
+            xn = torch.addcmul(b.to(acc), xn, w.to(acc))
+        elif w is not None:
+            xn = xn.mul_(w.to(acc))
+        elif b is not None:
+            xn = xn.add_(b.to(acc))
+        return xn.to(dtype or x.dtype)
 
     def linear(self, a, b, *, ln=None, a_scale=None, bias=None, gelu=None, want_pre=False, pre=None, act_bwd=False,
                residual=None, layer_scale=None):
