@@ -75,12 +75,14 @@ def test_optimize_and_restore(benchmark, name):
     benchmark.pedantic(swap, setup=lambda: ((copy.deepcopy(model),), {}), rounds=3)
 
 
-def _tiny_calls():
-    """op -> (vitkern call, the torch call it replaces), on tiny inputs where the host work dominates."""
+def _tiny_calls(x=None, qkv=None):
+    """op -> (vitkern call, the torch call it replaces), on tiny inputs where the host work dominates (x [1, 4, 64]
+    and qkv [1, 4, 192] may be given, e.g. requiring gradients)."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x, w, b = r(1, 4, 64), r(64), r(64)
-    qkv = r(1, 4, 3 * 64)
+    w, b = r(64), r(64)
+    x = r(1, 4, 64) if x is None else x
+    qkv = r(1, 4, 3 * 64) if qkv is None else qkv
     w1, b1, w2, b2 = r(256, 64), r(256), r(64, 256), r(64)
 
     def sdpa(t):
@@ -97,9 +99,23 @@ def _tiny_calls():
 
 @pytest.mark.parametrize("provider", ["torch", "vitkern"])
 @pytest.mark.parametrize("op", ["layer_norm", "attention", "ln_mlp"])
-def test_per_call_overhead(benchmark, op, provider):
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])  # no_grad: the op's autograd key is live
+def test_per_call_overhead(benchmark, grad_mode, op, provider):
     mine, theirs = _tiny_calls()[op]
     torch.testing.assert_close(mine(), theirs(), rtol=1e-4, atol=1e-5)  # the rows time the same computation
-    benchmark.group = f"per call, tiny input: {op}"
-    with torch.inference_mode():
+    benchmark.group = f"per call, tiny input, {grad_mode}: {op}"
+    with getattr(torch, grad_mode)():
         benchmark(mine if provider == "vitkern" else theirs)
+
+
+@pytest.mark.parametrize("provider", ["torch", "vitkern"])
+@pytest.mark.parametrize("op", ["layer_norm", "attention"])
+def test_per_call_overhead_forward_backward(benchmark, op, provider):
+    """Forward and backward of one op whose input needs a gradient (the training path: autograd nodes, saved
+    tensors, the backward op)."""
+    g = torch.Generator().manual_seed(1)
+    width = 64 if op == "layer_norm" else 3 * 64
+    x = torch.randn(1, 4, width, generator=g).requires_grad_()
+    mine, theirs = _tiny_calls(x if op == "layer_norm" else None, x if op == "attention" else None)[op]
+    benchmark.group = f"per call, tiny input, forward + backward: {op}"
+    benchmark(lambda: (mine if provider == "vitkern" else theirs)().sum().backward())
