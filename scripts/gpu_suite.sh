@@ -49,7 +49,7 @@ budget="${SUITE_BUDGET_S:-570}"
 kernel_tests="tests/test_attention.py tests/test_window_attention.py tests/test_ln_mlp.py tests/test_patch_embed.py
   tests/test_layer_norm.py tests/test_linear_residual.py tests/test_attention_cuda.py tests/test_window_attention_cuda.py
   tests/test_ln_mlp_cuda.py tests/test_patch_embed_cuda.py tests/test_layer_norm_cuda.py tests/test_extension.py
-  tests/test_op_layouts.py tests/test_cuda_context.py"
+  tests/test_op_layouts.py tests/test_cuda_context.py tests/test_parallel_compile.py"
 model_tests="tests/test_integration_timm.py tests/test_integration_torchvision.py tests/test_integration_hf.py
   tests/test_cli_bench.py"
 cuda_test_files="tests/test_attention_cuda.py tests/test_window_attention_cuda.py tests/test_ln_mlp_cuda.py
@@ -172,10 +172,14 @@ if [ "$run_tests" = 1 ]; then
     if [ -d "$p" ]; then files+=("$p"/test_*.py); else files+=("$p"); fi
   done
   [ "$jobs" -lt 1 ] && jobs=1
+  # --autotune: each process compiles a new key's configs on threads (vitkern/kernels/triton/tuning.py); share the
+  # cores out between the processes instead of starting 16 threads in each
+  compile_threads=$(( $(nproc) / jobs )); [ "$compile_threads" -lt 1 ] && compile_threads=1
+  compile_threads="${VITKERN_COMPILE_THREADS:-$compile_threads}"
   pytest_counts=()  # "process g: rc=.. <pytest's last count line>", for the summary too
   if [ "$have_xdist" = 1 ]; then
     echo "tests autotune: VITKERN_AUTOTUNE=$test_autotune; ${#files[@]} files, pytest-xdist: $jobs workers, $dist"
-    VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.log" "$PY" -m pytest -m gpu "${files[@]}" \
+    VITKERN_AUTOTUNE=$test_autotune VITKERN_COMPILE_THREADS=$compile_threads run_capped "$cap" "$logs/pytest.log" "$PY" -m pytest -m gpu "${files[@]}" \
       -n "$jobs" --dist "$dist" --max-worker-restart 200 -q -rfEs -p no:cacheprovider "${per_test[@]}" \
       "${pytest_extra[@]}"
     pytest_rc=$?
@@ -190,7 +194,7 @@ if [ "$run_tests" = 1 ]; then
       group=()
       for ((i = g; i < ${#files[@]}; i += jobs)); do group+=("${files[$i]}"); done
       echo "  process $g: ${group[*]}"
-      VITKERN_AUTOTUNE=$test_autotune run_capped "$cap" "$logs/pytest.$g.log" \
+      VITKERN_AUTOTUNE=$test_autotune VITKERN_COMPILE_THREADS=$compile_threads run_capped "$cap" "$logs/pytest.$g.log" \
         "$PY" -m pytest -m gpu "${group[@]}" -q -rfEs -p no:cacheprovider "${per_test[@]}" "${pytest_extra[@]}" &
       pids+=($!)
     done

@@ -4,6 +4,8 @@ A tiny kernel writes its BLOCK constexpr to every element, so the output says wh
 counts how many configs were timed and makes a chosen one the fastest.
 """
 
+import os
+
 import pytest
 import torch
 import triton
@@ -61,6 +63,20 @@ def test_autotune_off_runs_the_first_kept_config_untimed(monkeypatch):
     assert run(100) == 64  # another key: the first config that survives the prune at n=100
     assert timed == []
     assert "VITKERN_AUTOTUNE=0" in tuning.describe()
+
+
+@pytest.mark.parametrize("threads, says", [("8", "compiled on 8 threads"), ("1", "compiled one at a time"),
+                                            ("0", "compiled one at a time")])
+def test_describe_says_how_new_keys_compile(monkeypatch, threads, says):
+    monkeypatch.delenv(tuning.ENV, raising=False)
+    monkeypatch.setenv(tuning.COMPILE_THREADS_ENV, threads)
+    assert tuning.compile_threads() == int(threads)
+    assert says in tuning.describe()
+
+
+def test_compile_threads_default_to_the_usable_cpus_at_most_16(monkeypatch):
+    monkeypatch.delenv(tuning.COMPILE_THREADS_ENV, raising=False)
+    assert tuning.compile_threads() == min(16, len(os.sched_getaffinity(0)))
 
 
 @pytest.mark.parametrize("value", ["2", "fast"])
