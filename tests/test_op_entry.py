@@ -65,3 +65,29 @@ def test_op_object_without_gradients_records_nothing(case, mode):
     assert all(o.grad_fn is None and not o.requires_grad for o in outs)
     for a, b in zip(outs, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_op_called_eagerly_inside_a_compiled_region_is_not_compiled_itself(case):
+    """A frame dynamo skips (``disable(recursive=False)``) still runs under dynamo's callback: frames it calls are
+    compiled as usual. The op's implementation must not be (dispatch.outside_dynamo): the only graph is the caller's
+    ``* 2``. Without that wrapper dynamo traced the implementation's frames (370 frames for one LayerNorm call)."""
+    op, _, args, n_out = CASES[case]("eager_in_compiled")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([n.op for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    def eager_part(*tensors):
+        out = torch.ops.vitkern.__getattr__(op.qualname.split("::")[1])(*tensors)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    skipped = torch._dynamo.disable(eager_part, recursive=False)
+    for _ in range(2):  # and again after a reset of dynamo's caches
+        torch._dynamo.reset()
+        graphs.clear()
+        got = torch.compile(lambda *a: skipped(*a) * 2, backend=backend)(*args)
+        want = eager_part(*args) * 2
+        assert torch.equal(got, want)
+        assert graphs == [["call_function"]], graphs  # the multiply, nothing from inside the op

@@ -3,27 +3,26 @@
 On the GPU, ``vitkern.kernels.triton.tuning`` compiles a key's pruned configs on ``VITKERN_COMPILE_THREADS``
 threads before the autotuner times them; the timed calls must then find every config in the kernel cache, or the
 work is done twice. That path never runs in the interpreter, so here Triton's real launch path runs against a
-stand-in driver: an sm_90 device that loads and launches nothing. Triton's own ``Autotuner.run`` drives it, the
-kernels compile for real (ptxas), and every compile is recorded with the thread it ran on. Those tests run in a
-fresh process (tests/test_sm90_compile_isolated.py), away from the interpreter's patches; on a GPU the same checks
-run on the device, with Triton's own timer.
+stand-in driver (vitkern.testing.standin_driver): an sm_90 device that loads and launches nothing. Triton's own
+``Autotuner.run`` drives it, the kernels compile for real (ptxas), and every compile is recorded with the thread it
+ran on. Those tests run in a fresh process (tests/test_sm90_compile_isolated.py), away from the interpreter's
+patches; on a GPU the same checks run on the device, with Triton's own timer.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 from vitkern.kernels.triton import tuning
-from vitkern.testing.sm90_compile import FRESH_PROCESS_ENV, SM90, SMEM_LIMIT_SM90, compile_env, real_jit
+from vitkern.testing.sm90_compile import FRESH_PROCESS_ENV, compile_env, real_jit
+from vitkern.testing.standin_driver import Sm90WithoutDevice, active_driver
 
 fresh_process = pytest.mark.skipif(
     os.environ.get(FRESH_PROCESS_ENV) != "1" or torch.cuda.is_available(),
@@ -38,39 +37,10 @@ def _scale_kernel(X, Y, n, scale, BLOCK: tl.constexpr):  # X, Y: [n] fp32; Y = X
     tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * scale, mask=offs < n)
 
 
-class _Sm90WithoutDevice:
-    """Triton's active driver: an sm_90 device whose kernels load and launch as no-ops (records the launches)."""
-
-    def __init__(self):
-        self.launched: list[str] = []
-        self.utils = SimpleNamespace(
-            load_binary=lambda name, cubin, shared, device: (object(), object(), 32, 0, 1024),
-            get_device_properties=lambda device: {"max_shared_mem": SMEM_LIMIT_SM90},
-        )
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return SM90
-
-    def launcher_cls(self, src, metadata):
-        return lambda *args: self.launched.append(metadata.name)
-
-
 @pytest.fixture
 def sm90_without_device():
-    fake = _Sm90WithoutDevice()
-    saved = driver._active  # DriverConfig.reset_active() would create the CUDA driver, which fails without a GPU
-    driver.set_active(fake)
-    try:
-        with compile_env():
-            yield fake
-    finally:
-        driver._active = saved
+    with compile_env(), active_driver(Sm90WithoutDevice()) as fake:
+        yield fake
 
 
 @pytest.fixture

@@ -127,3 +127,58 @@ def test_gemm_tuning_is_keyed_on_the_size_class_of_the_token_dimensions(monkeypa
         assert len(tuner.cache) == [1, 1, 2, 3, 3][i], (m, n, k, list(tuner.cache))
     tuner.cache.clear()
     assert [tuning.size_class(v) for v in (1, 2, 3, 197, 256, 257)] == [1, 2, 4, 256, 256, 512]
+
+
+@triton.jit
+def _many_args_kernel(X, Y, n, m, W, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr):  # only its signature is used
+    pass
+
+
+def _autotuners_key(tuner, args: tuple, kwargs: dict) -> tuple:
+    """Autotuner.run's key as Triton 3.6 builds it (runtime/autotuner.py), the reference for the fast one."""
+    all_args = {**dict(zip(tuner.arg_names, args)), **kwargs}
+    named = {k: v for k, v in all_args.items() if k in tuner.arg_names}
+    key = [named[k] for k in tuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+@pytest.mark.parametrize("call", ["positional", "tensor_by_keyword", "key_by_keyword", "all_by_keyword", "key_absent"])
+def test_fast_cache_key_is_the_autotuners_key(call):
+    x, y, w = torch.empty(4), torch.empty(4, dtype=torch.float16), torch.empty(4, dtype=torch.int32)
+    launch = dict(grid=(1,), warmup=False)  # what kernel[grid](...) passes to run besides the arguments
+    args, kwargs = {
+        "positional": ((x, y, 5, 7, w, 0.5), dict(BLOCK=16, FLAG=True)),
+        "tensor_by_keyword": ((x, y, 5, 7), dict(scale=0.5, W=w, BLOCK=16, FLAG=True)),
+        "key_by_keyword": ((x, y), dict(m=7, n=5, W=w, scale=0.5, BLOCK=16)),
+        "all_by_keyword": ((), dict(W=w, Y=y, X=x, n=5, m=7, scale=0.5, BLOCK=16)),
+        "key_absent": ((x, y, 5), dict(BLOCK=16)),  # m not given: the key leaves it out, as Triton's does
+    }[call]
+    kwargs = {**kwargs, **launch}
+    tuner = tuning.autotune(_many_args_kernel, [triton.Config({}), triton.Config({}, num_warps=8)], ["m", "n", "FLAG"])
+    expected = _autotuners_key(tuner, args, kwargs)
+    assert tuner.cache_key(args, kwargs) == expected
+    assert any(isinstance(v, str) and v.startswith("torch.") for v in expected)  # the dtypes are part of it
+
+
+def test_a_tuned_key_launches_without_autotuner_run(monkeypatch):
+    """After the first launch of a key, launches of that key go straight to the JIT with the cached config, and
+    give the same result; a new key goes through Autotuner.run (and is tuned)."""
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.delenv(tuning.ENV, raising=False)
+    run, timed = _tuner({16: 2.0, 32: 0.5})
+    slow_runs = []
+    slow_run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: slow_runs.append(1) or slow_run(self, *a, **k))
+    assert run(40) == 32 and len(slow_runs) == 1  # tuned
+    assert run(40) == 32 and run(40) == 32 and len(slow_runs) == 1 and timed == [16, 32]  # same key: fast path
+    assert run(20) == 16 and len(slow_runs) == 2  # another key (n is in it): tuned, and 32 > n is pruned
+    assert run(20) == 16 and run(40) == 32 and len(slow_runs) == 2
+
+
+def test_host_integer_helpers_match_tritons():
+    for n in range(0, 4100):
+        assert tuning.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 128):
+            assert tuning.cdiv(n, d) == triton.cdiv(n, d), (n, d)

@@ -4,7 +4,9 @@
   inference and a training step;
 - the swap: ``vitkern.optimize`` + ``vitkern.restore`` on ViT-B/16 and Swin-T;
 - the per-call overhead: one op at a tiny shape (custom op + dispatch + validation + the reference computation)
-  beside the torch call it replaces.
+  beside the torch call it replaces;
+- the GPU path's host time, without a GPU (``python -m benchmarks.cpu.launch_overhead``, in a process of its own):
+  here only run once, checking the launches each op and model makes.
 
     pytest benchmarks/cpu --benchmark-only                  # timings (--benchmark-json FILE to keep them)
     pytest benchmarks/cpu --benchmark-disable               # smoke: each function once (CI runs this)
@@ -119,3 +121,33 @@ def test_per_call_overhead_forward_backward(benchmark, op, provider):
     mine, theirs = _tiny_calls(x if op == "layer_norm" else None, x if op == "attention" else None)[op]
     benchmark.group = f"per call, tiny input, forward + backward: {op}"
     benchmark(lambda: (mine if provider == "vitkern" else theirs)().sum().backward())
+
+
+# launches each call makes on the GPU path (benchmarks/cpu/launch_overhead.py): ViT-S is 12 blocks of ln_linear (LN
+# statistics + GEMM), attention, linear_residual and ln_mlp (3 GEMMs with the LN prologue), plus the patch embedding
+# and the final LayerNorm; Swin-T adds the window attention per block and LN + GEMM per patch merging
+GPU_PATH_LAUNCHES = {
+    "layer_norm": 1, "ln_linear (norm1 + qkv)": 2, "attention (packed qkv)": 1, "linear_residual (proj)": 1,
+    "ln_mlp (norm2 + mlp)": 3, "window_attention (ws 7, shift 3)": 1, "patch_embed (p16 + pos + cls)": 1,
+    "vit_small_patch16_224 forward": 86, "swin_tiny_patch4_window7_224 forward": 90,
+}
+
+
+def test_gpu_path_host_time_runs_and_launches_what_it_should(tmp_path):
+    """The GPU-path host-time script (a process of its own: it needs compiled kernels, not the interpreter) runs
+    every row once here, and each row makes the launches the GPU path makes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.cpu.launch_overhead", "--calls", "2", "--repeats", "1",
+                        "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {name: row["launches_per_call"] for name, row in rows.items()} == GPU_PATH_LAUNCHES
+    assert all(row["us_per_call"] > 0 for row in rows.values())

@@ -33,15 +33,15 @@ MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2^31 - 1)
 
 
 def block_d(head_dim: int) -> int:
-    return max(MIN_BLOCK, triton.next_power_of_2(head_dim))
+    return max(MIN_BLOCK, tuning.next_power_of_2(head_dim))
 
 
 def head_dim_blocks(head_dim: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_D2): the head dim as one power-of-two tile, or as two when that covers less padding
     (80 -> 64 + 16, 72 -> 64 + 16, 88 / 96 -> 64 + 32, 160 -> 128 + 32; 112 stays 128). tl.dot needs >= 16."""
     whole = block_d(head_dim)
-    main = max(MIN_BLOCK, triton.next_power_of_2(head_dim) // 2)
-    tail = max(MIN_BLOCK, triton.next_power_of_2(head_dim - main)) if head_dim > main else 0
+    main = max(MIN_BLOCK, tuning.next_power_of_2(head_dim) // 2)
+    tail = max(MIN_BLOCK, tuning.next_power_of_2(head_dim - main)) if head_dim > main else 0
     return (main, tail) if tail and main + tail < whole else (whole, 0)
 
 
@@ -75,7 +75,7 @@ def _prune(configs, named_args, **kwargs):
     nq, nk = named_args["N_Q"], named_args["N_K"]
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) + kwargs.get("BLOCK_D2", named_args.get("BLOCK_D2", 0))
     widest = _max_tile(bd, named_args["Q"].element_size())
-    cap_m, cap_n = max(MIN_BLOCK, triton.next_power_of_2(nq)), max(MIN_BLOCK, triton.next_power_of_2(nk))
+    cap_m, cap_n = max(MIN_BLOCK, tuning.next_power_of_2(nq)), max(MIN_BLOCK, tuning.next_power_of_2(nk))
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n  # no tile wider than the sequence
             and max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= widest]
@@ -96,11 +96,11 @@ def _launch(name: str, kernel, t: torch.Tensor, grid_rows: int, b_h: int, args, 
     """Interpreter: fixed config; GPU: autotuned. ``grid_rows`` is the length the grid's axis 0 tiles."""
     if tuning.interpreted(t):
         blk = _interp_block(max(meta.pop("N_TILE_HINT"), 1))
-        kernel[(triton.cdiv(grid_rows, blk), b_h)](*args, BLOCK_M=blk, BLOCK_N=blk, **meta)
+        kernel[(tuning.cdiv(grid_rows, blk), b_h)](*args, BLOCK_M=blk, BLOCK_N=blk, **meta)
     else:
         meta.pop("N_TILE_HINT")
         axis0 = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
-        _tuned(name)[lambda cfg: (triton.cdiv(grid_rows, cfg[axis0]), b_h)](*args, **meta)
+        _tuned(name)[lambda cfg: (tuning.cdiv(grid_rows, cfg[axis0]), b_h)](*args, **meta)
 
 
 def _bh_pieces(*ts: torch.Tensor):
@@ -161,7 +161,7 @@ def attention_bwd(
     meta = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, PRECISION=_precision(q.dtype), N_TILE_HINT=max(nq, nk))
     for do, q, k, v, o, lse, delta, dq, dk, dv in _bh_pieces(do, q, k, v, o, lse, delta, dq, dk, dv):
         B, H = q.shape[:2]
-        attention_bwd_delta_kernel[(triton.cdiv(nq, delta_block), B * H)](
+        attention_bwd_delta_kernel[(tuning.cdiv(nq, delta_block), B * H)](
             o, do, delta, *o.stride(), *do.stride(), H, nq, HEAD_DIM=D, BLOCK_M=delta_block, BLOCK_D=block_d(D))
         common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
         _launch("dkdv", attention_bwd_dkdv_kernel, q, nk, B * H,

@@ -117,7 +117,7 @@ MAX_TILE = 16384  # elements per program: beyond this the tile spills registers 
 
 
 def _block_n(n: int) -> int:
-    return triton.next_power_of_2(n)
+    return tuning.next_power_of_2(n)
 
 
 def _gpu_configs() -> list[triton.Config]:
@@ -186,9 +186,9 @@ def layer_norm_fwd(
     flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_N=block_n)
     if tuning.interpreted(x):
         block_m = _interp_block_m(block_n)
-        layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](*args, **flags, BLOCK_M=block_m)
+        layer_norm_fwd_kernel[(tuning.cdiv(M, block_m),)](*args, **flags, BLOCK_M=block_m)
     else:
-        _tuned("fwd")[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](*args, **flags)
+        _tuned("fwd")[lambda meta: (tuning.cdiv(M, meta["BLOCK_M"]),)](*args, **flags)
 
 
 def layer_norm_bwd(
@@ -210,16 +210,16 @@ def layer_norm_bwd(
     weight = dense_vector(weight)
     if tuning.interpreted(xs):
         block_m = _interp_block_m(block_n)
-        programs = max(1, min(3, triton.cdiv(M, block_m)))  # several programs: exercises the partial reduction
+        programs = max(1, min(3, tuning.cdiv(M, block_m)))  # several programs: exercises the partial reduction
     else:
-        programs = max(1, min(2 * tuning.num_sms(xs.device.index), triton.cdiv(M, 1)))
+        programs = max(1, min(2 * tuning.num_sms(xs.device.index), tuning.cdiv(M, 1)))
     dw_part = memory.empty((programs, N), torch.float32, xs.device) if need_dw else mean
     db_part = memory.empty((programs, N), torch.float32, xs.device) if need_db else mean
     args = (
         dy, dsum if dsum is not None else dy, xs, weight if weight is not None else xs, mean, rstd,
         dx, dw_part, db_part,
         M, N, dy.stride(0), dsum.stride(0) if dsum is not None else 0, xs.stride(0), dx.stride(0),
-        triton.cdiv(M, programs),
+        tuning.cdiv(M, programs),
     )
     flags = dict(HAS_DSUM=dsum is not None, HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_N=block_n)
     if tuning.interpreted(xs):

@@ -243,9 +243,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _ln_rows(x, mean, rstd, eps, w=None, b=None, y=None) -> None:
     M, N = x.shape
     w, b = dense_vector(w), dense_vector(b)
-    block_n = triton.next_power_of_2(N)
+    block_n = tuning.next_power_of_2(N)
     block_m = max(1, min(4 if tuning.interpreted(x) else 16, 8192 // block_n))
-    ln_rows_kernel[(triton.cdiv(M, block_m),)](
+    ln_rows_kernel[(tuning.cdiv(M, block_m),)](
         x, mean, rstd, w if w is not None else x, b if b is not None else x, y if y is not None else x,
         M, N, x.stride(0), y.stride(0) if y is not None else 0, eps,
         STATS=y is None, HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
@@ -301,8 +301,8 @@ def fused_linear(
     )
     if tuning.interpreted(a):
         cfg = INTERP_CONFIG
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        grid = (tuning.cdiv(M, cfg["BLOCK_M"]) * tuning.cdiv(N, cfg["BLOCK_N"]),)
         fused_linear_kernel[grid](*args, **flags, **cfg)
     else:
-        _tuned_linear()[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+        _tuned_linear()[lambda meta: (tuning.cdiv(M, meta["BLOCK_M"]) * tuning.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
     return out

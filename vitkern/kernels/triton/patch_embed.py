@@ -246,8 +246,8 @@ def patch_embed_fwd(
     pos_row0 = num_prefix if flags["POS_PREFIX"] else 0
 
     def grid(meta):  # patch tiles, then the prefix-row tiles
-        rows = triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(B * num_prefix, meta["BLOCK_M"])
-        return rows, triton.cdiv(D, meta["BLOCK_N"])
+        rows = tuning.cdiv(M, meta["BLOCK_M"]) + tuning.cdiv(B * num_prefix, meta["BLOCK_M"])
+        return rows, tuning.cdiv(D, meta["BLOCK_N"])
 
     w, bias = _weight_matrix(weight), dense_vector(bias)
     args = (
@@ -273,7 +273,7 @@ def patch_embed_dx(
     flags = dict(**patch, NUM_PREFIX=num_prefix, NORMALIZE=norm is not None, DOT_PRECISION=_precision(dout.dtype))
 
     def grid(meta):
-        return triton.cdiv(geo[0], meta["BLOCK_M"]), triton.cdiv(geo[2], meta["BLOCK_K"])
+        return tuning.cdiv(geo[0], meta["BLOCK_M"]), tuning.cdiv(geo[2], meta["BLOCK_K"])
 
     if tuning.interpreted(dout):
         patch_embed_dx_kernel[grid(_INTERP)](*args, **flags, **_INTERP)
@@ -295,15 +295,15 @@ def patch_embed_dw(
     M, D, K = geo[0], geo[1], geo[2]
     if tuning.interpreted(dout):
         blocks, extra = _INTERP, {}
-        splits = max(1, min(3, triton.cdiv(M, blocks["BLOCK_M"])))  # several splits: exercises the partial sum
+        splits = max(1, min(3, tuning.cdiv(M, blocks["BLOCK_M"])))  # several splits: exercises the partial sum
     else:  # split M until the (D, K) tiles x splits fill the SMs twice (a fixed count per shape: deterministic)
         blocks = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
         extra = dict(num_warps=8, num_stages=3 if dout.dtype != torch.float32 else 2)
-        tiles = triton.cdiv(D, blocks["BLOCK_N"]) * triton.cdiv(K, blocks["BLOCK_K"])
-        splits = max(1, min(triton.cdiv(2 * tuning.num_sms(dout.device.index), tiles), triton.cdiv(M, 1024)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
+        tiles = tuning.cdiv(D, blocks["BLOCK_N"]) * tuning.cdiv(K, blocks["BLOCK_K"])
+        splits = max(1, min(tuning.cdiv(2 * tuning.num_sms(dout.device.index), tiles), tuning.cdiv(M, 1024)))
+    rows_per_split = tuning.cdiv(tuning.cdiv(M, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
     part = memory.empty((splits, D, K), torch.float32, dout.device)
-    grid = (triton.cdiv(D, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"]), splits)
+    grid = (tuning.cdiv(D, blocks["BLOCK_N"]), tuning.cdiv(K, blocks["BLOCK_K"]), splits)
     patch_embed_dw_kernel[grid](
         dout, x, norm if norm is not None else part, part, *geo, rows_per_split, **patch, NUM_PREFIX=num_prefix,
         NORMALIZE=norm is not None, DOT_PRECISION=_precision(dout.dtype), **blocks, **extra,

@@ -238,11 +238,11 @@ def window_attention_bwd_kernel(
 
 
 def _block_n(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))  # tl.dot needs every tile side >= 16
+    return max(16, tuning.next_power_of_2(n))  # tl.dot needs every tile side >= 16
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, tuning.next_power_of_2(d))
 
 
 def _block_m(n: int, interpreted: bool) -> int:
@@ -299,7 +299,7 @@ def _tuned(kernel_name: str):
 def _geometry(qkv: torch.Tensor, heads: int, window: tuple[int, int], shift: tuple[int, int]) -> dict:
     B, H, W, three_c = qkv.shape
     (wh, ww), (sh, sw) = window, shift
-    Hp, Wp = triton.cdiv(H, wh) * wh, triton.cdiv(W, ww) * ww
+    Hp, Wp = tuning.cdiv(H, wh) * wh, tuning.cdiv(W, ww) * ww
     return dict(B=B, H=H, W=W, Hp=Hp, Wp=Wp, sh=sh, sw=sw, nwx=Wp // ww, nw=(Hp // wh) * (Wp // ww),
                 D=three_c // (3 * heads))
 
@@ -323,7 +323,7 @@ def window_attention_fwd(
     flags = dict(WH=window[0], WW=window[1], HEAD_DIM=g["D"], HAS_QKV_BIAS=qkv_bias is not None,
                  HAS_MASK=any(shift), PAD_FIRST=pad_first, PRECISION=_precision(qkv.dtype),
                  BLOCK_M=block_m, BLOCK_N=_block_kv(n, interpreted), BLOCK_D=_block_d(g["D"]))
-    grid = (g["B"] * g["nw"] * heads * triton.cdiv(n, block_m),)
+    grid = (g["B"] * g["nw"] * heads * tuning.cdiv(n, block_m),)
     if interpreted:
         window_attention_fwd_kernel[grid](*args, **flags, num_warps=4)
     else:
@@ -349,9 +349,9 @@ def window_attention_bwd(
     if interpreted:
         chunks = min(3, num_windows)  # several chunks even in tests: exercises the partial reduction
     else:
-        chunks = max(1, min(num_windows, triton.cdiv(4 * tuning.num_sms(qkv.device.index), heads)))
-    per_chunk = triton.cdiv(num_windows, chunks)
-    chunks = triton.cdiv(num_windows, per_chunk)
+        chunks = max(1, min(num_windows, tuning.cdiv(4 * tuning.num_sms(qkv.device.index), heads)))
+    per_chunk = tuning.cdiv(num_windows, chunks)
+    chunks = tuning.cdiv(num_windows, per_chunk)
     need_dbias = need_dbias and qkv_bias is not None
     dtable_part = memory.empty((chunks, heads, n, n), torch.float32, qkv.device) if need_dtable else lse
     dbias_part = memory.empty((chunks, qkv.shape[-1]), torch.float32, qkv.device) if need_dbias else lse
