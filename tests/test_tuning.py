@@ -6,6 +6,7 @@ counts how many configs were timed and makes a chosen one the fastest.
 
 import os
 
+import numpy
 import pytest
 import torch
 import triton
@@ -143,7 +144,8 @@ def _autotuners_key(tuner, args: tuple, kwargs: dict) -> tuple:
     return tuple(key)
 
 
-@pytest.mark.parametrize("call", ["positional", "tensor_by_keyword", "key_by_keyword", "all_by_keyword", "key_absent"])
+@pytest.mark.parametrize("call", ["positional", "tensor_by_keyword", "key_by_keyword", "all_by_keyword", "key_absent",
+                                  "numpy_scalars"])
 def test_fast_cache_key_is_the_autotuners_key(call):
     x, y, w = torch.empty(4), torch.empty(4, dtype=torch.float16), torch.empty(4, dtype=torch.int32)
     launch = dict(grid=(1,), warmup=False)  # what kernel[grid](...) passes to run besides the arguments
@@ -153,12 +155,16 @@ def test_fast_cache_key_is_the_autotuners_key(call):
         "key_by_keyword": ((x, y), dict(m=7, n=5, W=w, scale=0.5, BLOCK=16)),
         "all_by_keyword": ((), dict(W=w, Y=y, X=x, n=5, m=7, scale=0.5, BLOCK=16)),
         "key_absent": ((x, y, 5), dict(BLOCK=16)),  # m not given: the key leaves it out, as Triton's does
+        # numpy.float64 subclasses float and has a dtype (Triton's key includes it); numpy.int64 is no int subclass
+        "numpy_scalars": ((x, y, numpy.int64(5), 7, w, numpy.float64(0.5)), dict(BLOCK=16)),
     }[call]
     kwargs = {**kwargs, **launch}
     tuner = tuning.autotune(_many_args_kernel, [triton.Config({}), triton.Config({}, num_warps=8)], ["m", "n", "FLAG"])
     expected = _autotuners_key(tuner, args, kwargs)
     assert tuner.cache_key(args, kwargs) == expected
     assert any(isinstance(v, str) and v.startswith("torch.") for v in expected)  # the dtypes are part of it
+    if call == "numpy_scalars":
+        assert expected.count("float64") == 1 and expected.count("int64") == 1
 
 
 def test_a_tuned_key_launches_without_autotuner_run(monkeypatch):

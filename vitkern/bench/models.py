@@ -4,7 +4,8 @@ Rows (``ENTRIES``, in run order: the time budget skips what does not fit): timm 
 ``swin_tiny_patch4_window7_224`` inference (B=256; the rows with targets), ``deit_base_distilled_patch16_224``,
 torchvision ``vit_b_16`` and ``swin_t`` (B=256), ``vit_large_patch16_384`` and ``swin_base_patch4_window12_384``
 (B=64), then the ViT-B training step (B=128) and the same step as AMP training runs it (``train-amp``: the fp32
-model under ``torch.autocast(bf16)``, fp32 weights and residual stream, bf16 GEMMs and attention); without
+model under ``torch.autocast(bf16)``, fp32 weights and residual stream, bf16 GEMMs and attention), and ViT-B
+inference at batch 1 (host-bound: the latency case); without
 ``--quick`` also training steps of the others (``FULL_ONLY``, Swin-T's AMP step among them). Models are random-init
 (``vitkern.models.create_model``, no download) and cast to bf16 (weights and activations), except the AMP rows. Timing: the harness's do_bench medians, with windows of at least ``MIN_REP_MS`` per measurement.
 
@@ -96,6 +97,10 @@ ENTRIES = [  # the two inference targets first, then the other models (no compil
     Entry("swin_base_patch4_window12_384", 64),
     Entry(VIT_B, 128, TRAIN, target=True),
     Entry(VIT_B, 128, TRAIN_AMP),
+    # batch 1, eager: where the host launches kernels more slowly than the GPU runs them. On CI's CPU, with the
+    # driver stubbed out, vitkern's host work for a ViT-S/16 forward is ~4.5 ms for 86 launches
+    # (benchmarks/cpu/launch_overhead.py); this row measures what that means on the GPU machine
+    Entry(VIT_B, 1, INFER),
 ]
 FULL_ONLY = [  # not with --quick
     Entry(SWIN_T, 128, TRAIN),

@@ -134,6 +134,9 @@ def compile_configs(fn, args: tuple, meta: dict, configs: list) -> None:
             fn.run(*args, **{**meta, **config.all_kwargs(), "warmup": True})
 
 
+_NO_DTYPE = frozenset({int, float, bool, str, type(None)})
+
+
 class VitkernAutotuner(Autotuner):
     """Triton's Autotuner with two changes, neither of which changes a choice or a result:
 
@@ -158,8 +161,11 @@ class VitkernAutotuner(Autotuner):
         argument that has one (positional ones first, then keyword ones in call order)."""
         n = len(args)
         key = [args[i] if i < n else kwargs[name] for name, i in self._key_slots if i < n or name in kwargs]
-        key += [str(a.dtype) for a in args if hasattr(a, "dtype")]
-        key += [str(v.dtype) for k, v in kwargs.items() if k in self._arg_names and hasattr(v, "dtype")]
+        # most arguments are ints (strides, sizes): their exact type rules out a dtype without hasattr's
+        # AttributeError (a subclass such as numpy.float64 may have one: it takes hasattr)
+        key += [str(a.dtype) for a in args if type(a) not in _NO_DTYPE and hasattr(a, "dtype")]
+        key += [str(v.dtype) for k, v in kwargs.items()
+                if type(v) not in _NO_DTYPE and k in self._arg_names and hasattr(v, "dtype")]
         return tuple(key)
 
     def run(self, *args, **kwargs):
