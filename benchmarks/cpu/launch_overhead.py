@@ -1,6 +1,7 @@
 """Host time per call of vitkern's GPU path, measured without a GPU:
 
     python -m benchmarks.cpu.launch_overhead [--calls N] [--repeats R] [--json FILE]
+    TRITON_CACHE_DIR=$(mktemp -d) python -m benchmarks.cpu.launch_overhead --first-call   # compile time instead
 
 Each op (and a whole timm model after ``vitkern.optimize``) runs at batch 1 in fp16 under inference mode inside
 ``vitkern.testing.standin_driver.standin_sm90``: functional → custom op → dispatch → launcher → Triton's autotuner and
@@ -13,6 +14,10 @@ machine's host CPU is another one.
 Keys are tuned on the first call (``VITKERN_AUTOTUNE=0`` here: one config per key, the per-call path of a tuned key
 is the same) and compiled for sm_90 then (seconds, once). Median over R repeats of N calls, ``time.perf_counter``.
 Needs real Triton JITFunctions: run it without ``TRITON_INTERPRET=1``.
+
+``--first-call`` times instead each model's first forward with autotuning on (every config of every new key is
+compiled for sm_90; the autotuner's timer is stubbed: it runs each config once and calls them equal), the cost
+``VITKERN_COMPILE_THREADS`` spreads over threads. Give it an empty ``TRITON_CACHE_DIR`` or it times cache hits.
 """
 
 from __future__ import annotations
@@ -87,6 +92,39 @@ def model_cases() -> dict[str, Callable[[], object]]:
     return out
 
 
+def first_calls() -> dict:
+    """Seconds of each model's first forward with autotuning on (compiles), and the sm_90 compiles it started."""
+    import triton.testing
+    from triton.runtime.jit import JITFunction
+
+    from vitkern.kernels.triton import tuning
+
+    def untimed(kernel_call, quantiles=None, **_):  # no device to time on: run once, all configs equal
+        kernel_call()
+        return [1.0] * len(quantiles or (0.5,))
+
+    compiles = []
+    do_compile = JITFunction._do_compile
+
+    def counting(self, *args, **kwargs):
+        compiles.append(self.fn.__name__)
+        return do_compile(self, *args, **kwargs)
+
+    os.environ["VITKERN_AUTOTUNE"] = "1"
+    rows = {}
+    with unittest.mock.patch.object(triton.testing, "do_bench", untimed), \
+            unittest.mock.patch.object(JITFunction, "_do_compile", counting):
+        for name, forward in model_cases().items():
+            compiles.clear()
+            start = time.perf_counter()
+            forward()
+            rows[name] = {"first_call_s": time.perf_counter() - start, "compiles": len(compiles),
+                          "compile_threads": tuning.compile_threads()}
+            print(f"{name:40s} first call {rows[name]['first_call_s']:7.1f} s  {len(compiles)} compiles  "
+                  f"on {rows[name]['compile_threads']} threads", flush=True)
+    return rows
+
+
 def measure(fn: Callable[[], object], calls: int, repeats: int, fake) -> dict:
     for _ in range(3):  # first call: dispatch caches, tuning choice, sm_90 compile; then warm
         fn()
@@ -108,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=600)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--models", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--first-call", action="store_true", help="time the models' first calls (compiles) instead")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rows = {}
     with standin_sm90() as fake, torch.inference_mode():
-        cases = {**op_cases(), **(model_cases() if args.models else {})}
+        rows = first_calls() if args.first_call else {}
+        cases = {} if args.first_call else {**op_cases(), **(model_cases() if args.models else {})}
         for name, fn in cases.items():
             rows[name] = measure(fn, args.calls if "forward" not in name else max(1, args.calls // 30),
                                  args.repeats, fake)

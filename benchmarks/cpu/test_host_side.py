@@ -151,3 +151,13 @@ def test_gpu_path_host_time_runs_and_launches_what_it_should(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {name: row["launches_per_call"] for name, row in rows.items()} == GPU_PATH_LAUNCHES
     assert all(row["us_per_call"] > 0 for row in rows.values())
+    # --first-call: the models' first forwards with autotuning on compile every config of every new key (an empty
+    # Triton cache, so that they do compile)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.cpu.launch_overhead", "--first-call", "--json", str(out)],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    first = json.loads(out.read_text())["rows"]
+    assert set(first) == {name for name in GPU_PATH_LAUNCHES if name.endswith("forward")}
+    # more compiles than a forward's distinct launch keys (each autotuned key compiles its whole config list)
+    assert all(row["compiles"] > 40 and row["first_call_s"] > 0 for row in first.values()), first
