@@ -3,7 +3,8 @@
     python -m benchmarks.cpu.launch_overhead [--calls N] [--repeats R] [--json FILE]
     TRITON_CACHE_DIR=$(mktemp -d) python -m benchmarks.cpu.launch_overhead --first-call   # compile time instead
 
-Each op (and a whole timm model after ``vitkern.optimize``) runs at batch 1 in fp16 under inference mode inside
+Each op (and a whole timm model after ``vitkern.optimize``) runs at batch 1 in fp16 under inference mode (and two
+ops forward + backward) inside
 ``vitkern.testing.standin_driver.standin_sm90``: functional → custom op → dispatch → launcher → Triton's autotuner and
 JIT run for real, the driver's launch is a no-op and nothing is computed. What is timed is the Python and torch work
 the host does per call before the GPU could start, the cost that decides eager speed at small batch, where a block's
@@ -66,6 +67,23 @@ def op_cases() -> dict[str, Callable[[], object]]:
         "window_attention (ws 7, shift 3)": lambda: F.window_attention(win_qkv, table, 3, 7, 3),
         "patch_embed (p16 + pos + cls)": lambda: F.patch_embed(image, pe_w, pe_b, pos, cls),
     }
+
+
+def training_cases() -> dict[str, Callable[[], object]]:
+    """Forward + backward (``torch.autograd.grad``) of the ops whose backward has no torch GEMM (which would compute
+    here): the training path's autograd nodes, saved tensors and backward launches. LayerNorm's backward also sums
+    its per-program dγ/dβ partials with torch ([197, 384] fp32, computed here: a few us of the row)."""
+    x, w, b = (_r(*s).requires_grad_() for s in ((1, N, C), (C,), (C,)))
+    qkv = _r(1, N, 3 * C).requires_grad_()
+    dy = _r(1, N, C)
+
+    def ln():
+        return torch.autograd.grad(F.layer_norm(x, C, w, b, 1e-6), (x, w, b), dy)
+
+    def attention():
+        return torch.autograd.grad(F.attention(qkv=qkv, num_heads=HEADS), (qkv,), dy)
+
+    return {"layer_norm fwd+bwd": ln, "attention fwd+bwd (packed qkv)": attention}
 
 
 def _output_of_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,6 +159,13 @@ def measure(fn: Callable[[], object], calls: int, repeats: int, fake) -> dict:
             "us_per_launch": statistics.median(per_call) / max(launches, 1)}
 
 
+def _row(name: str, fn: Callable[[], object], args, fake) -> dict:
+    row = measure(fn, args.calls if "forward" not in name else max(1, args.calls // 30), args.repeats, fake)
+    print(f"{name:40s} {row['us_per_call']:9.1f} us/call  {row['launches_per_call']:4d} launches  "
+          f"{row['us_per_launch']:6.1f} us/launch", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=600)
@@ -150,15 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    with standin_sm90() as fake, torch.inference_mode():
-        rows = first_calls() if args.first_call else {}
-        cases = {} if args.first_call else {**op_cases(), **(model_cases() if args.models else {})}
-        for name, fn in cases.items():
-            rows[name] = measure(fn, args.calls if "forward" not in name else max(1, args.calls // 30),
-                                 args.repeats, fake)
-            r = rows[name]
-            print(f"{name:40s} {r['us_per_call']:9.1f} us/call  {r['launches_per_call']:4d} launches  "
-                  f"{r['us_per_launch']:6.1f} us/launch", flush=True)
+    with standin_sm90() as fake:
+        with torch.inference_mode():
+            rows = first_calls() if args.first_call else {}
+            cases = {} if args.first_call else {**op_cases(), **(model_cases() if args.models else {})}
+            for name, fn in cases.items():
+                rows[name] = _row(name, fn, args, fake)
+        for name, fn in ({} if args.first_call else training_cases()).items():
+            rows[name] = _row(name, fn, args, fake)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dtype": str(DTYPE), "torch": torch.__version__, "rows": rows}, f, indent=1)

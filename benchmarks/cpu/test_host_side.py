@@ -130,6 +130,9 @@ GPU_PATH_LAUNCHES = {
     "layer_norm": 1, "ln_linear (norm1 + qkv)": 2, "attention (packed qkv)": 1, "linear_residual (proj)": 1,
     "ln_mlp (norm2 + mlp)": 3, "window_attention (ws 7, shift 3)": 1, "patch_embed (p16 + pos + cls)": 1,
     "vit_small_patch16_224 forward": 86, "swin_tiny_patch4_window7_224 forward": 90,
+    # training: LayerNorm's backward is one kernel (dx and per-program dγ/dβ partials, summed by torch); attention's
+    # is three (delta, dk/dv, dq)
+    "layer_norm fwd+bwd": 2, "attention fwd+bwd (packed qkv)": 4,
 }
 
 
