@@ -49,6 +49,7 @@ def jit(monkeypatch):
     (num_warps, BLOCK) per compile the launch path starts, ``jit.threads`` the thread each compile ran on."""
     import triton.compiler
 
+    monkeypatch.setenv(tuning.ENV, "1")  # autotuning on (the GPU suite's test processes run with it off)
     fresh = JITFunction(real_jit(_scale_kernel).fn)
     fresh.started, fresh.threads = [], []
     do_compile, compile_fn = JITFunction._do_compile, triton.compiler.compile
@@ -98,7 +99,7 @@ def test_new_key_compiles_every_config_on_the_pool_before_timing(sm90_without_de
     assert all(t.startswith("vitkern-compile") for t in jit.threads), jit.threads
     assert len(timed) == len(CONFIGS)
     assert sm90_without_device.launched == ["_scale_kernel"] * (len(CONFIGS) + 1)  # timed calls + the launch
-    # the next size of the same key: no compile, no timing
+    # the same key again: no compile, no timing
     _launch(tuner, 1000)
     assert len(jit.started) == len(CONFIGS) and len(timed) == len(CONFIGS)
 
@@ -133,7 +134,6 @@ def test_bad_thread_count_names_the_variable(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_new_key_compiles_on_the_pool_and_runs_the_fastest(jit, monkeypatch):
-    monkeypatch.setenv(tuning.ENV, "1")
     monkeypatch.setenv(tuning.COMPILE_THREADS_ENV, "4")
     tuner = tuning.autotune(jit, CONFIGS, ["n"])  # Triton's do_bench times each config on the device
     n = 1000
